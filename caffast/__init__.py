@@ -1,0 +1,9 @@
+"""caffast: L2-CAF attention maps, exact to the reference, batched and fast."""
+
+from .engine import Explanation, explain
+from .filters import L2_CAF, normalize_filter
+from .optim import polynomial_lr_decay
+from .zoo import load_architecture
+
+__all__ = ["Explanation", "L2_CAF", "explain", "load_architecture", "normalize_filter", "polynomial_lr_decay"]
+__version__ = "0.1.0"

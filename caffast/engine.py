@@ -1,0 +1,199 @@
+"""`explain`: one call from a model, images and a breakpoint to L2-CAF attention maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import resolve_backend
+from .backends.autograd import AutogradProblem
+from .filters import CONSTRAINTS, INITS, check_choice, constrained_filter, initial_parameters, normalize_filter
+from .guard import frozen
+from .losses import MODES, Objective, UserObjective, class_signs
+from .optim import OPTIMIZERS
+from .solve import solve
+from .split import Layer, split
+
+Targets = Union[None, int, Sequence[int], torch.Tensor]
+
+
+@dataclass
+class Explanation:
+    """The result for N images and T targets each; every tensor is on the model's device.
+
+    filters: (N, T, H, W) the raw filter (for "gauss", the Gaussian it stands for);
+    parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,));
+    maps: (N, T, H, W) the attention maps, as normalize_filter gives them;
+    iterations: (N, T) optimizer steps taken; loss: (N, T) the last loss;
+    output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
+    tail: "fx" (extracted graph) or "hook" (whole model rerun); backend: the backend that ran.
+    """
+
+    filters: torch.Tensor
+    parameters: torch.Tensor
+    maps: torch.Tensor
+    iterations: torch.Tensor
+    loss: torch.Tensor
+    output: torch.Tensor
+    targets: torch.Tensor
+    mode: str
+    constraint: str
+    tail: str
+    backend: str
+
+    def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
+        """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        n, t, h, w = self.maps.shape
+        resized = F.interpolate(self.maps.reshape(n * t, 1, h, w), size=size, mode="bilinear", align_corners=False)
+        resized = resized.reshape(n, t, *size)
+        low = resized.amin(dim=(-2, -1), keepdim=True)
+        high = resized.amax(dim=(-2, -1), keepdim=True)
+        return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_images(images: object) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), not {type(images).__name__}")
+    if images.dim() != 4:
+        hint = " (add the batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise ValueError(f"images must have shape (N, C, H, W); got {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch; pass at least one image")
+    return images
+
+
+def _check_settings(max_iter: int, lr: float, min_error: float, check_every: int) -> None:
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not min_error >= 0:
+        raise ValueError(f"min_error must be zero or positive, got {min_error!r}")
+
+
+def _resolve_targets(mode: str, targets: Targets, output: torch.Tensor) -> torch.Tensor:
+    """(N, T) class indices: the top-1 class when none are given."""
+    batch = output.shape[0]
+    if mode == "oblivious":
+        if targets is not None:
+            raise ValueError("targets apply to mode='specific'; class-oblivious explains the whole output")
+        if output.dim() == 2:
+            return output.argmax(dim=1, keepdim=True)
+        return torch.full((batch, 1), -1, dtype=torch.long, device=output.device)
+    if output.dim() != 2:
+        raise ValueError(
+            f"mode='specific' needs class scores of shape (N, K); the model outputs {tuple(output.shape)}: "
+            "use mode='oblivious' for other outputs"
+        )
+    classes = output.shape[1]
+    if targets is None:
+        resolved = output.argmax(dim=1, keepdim=True)
+    elif isinstance(targets, int):
+        resolved = torch.full((batch, 1), targets, dtype=torch.long)
+    elif isinstance(targets, torch.Tensor):
+        if targets.dim() != 2 or targets.shape[0] != batch or targets.dtype.is_floating_point:
+            raise ValueError(
+                f"a targets tensor must be integer with shape (N, T) = ({batch}, T); got {targets.dtype} "
+                f"{tuple(targets.shape)} (for one class per image use targets.view(-1, 1))"
+            )
+        resolved = targets.long()
+    else:
+        classes_each = list(targets)
+        if not classes_each or not all(isinstance(c, int) for c in classes_each):
+            raise ValueError(f"targets must be None, an int, a list of ints or an (N, T) tensor; got {targets!r}")
+        resolved = torch.tensor(classes_each, dtype=torch.long).repeat(batch, 1)
+    resolved = resolved.to(output.device)
+    if resolved.numel() == 0 or resolved.min() < 0 or resolved.max() >= classes:
+        raise ValueError(f"targets must be class indices in [0, {classes}); got {resolved.tolist()}")
+    return resolved
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: Layer,
+    mode: str = "oblivious",
+    targets: Targets = None,
+    max_iter: int = 1000,
+    lr: float = 0.5,
+    min_error: float = 1e-6,
+    check_every: int = 50,
+    optimizer: str = "sgd",
+    constraint: str = "l2norm",
+    init: str = "ones",
+    seed: Optional[int] = None,
+    objective: Optional[UserObjective] = None,
+    backend: str = "auto",
+) -> Explanation:
+    """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
+
+    Every (image, target) pair is its own problem with its own filter, schedule and stopping rule, all
+    solved in one batch; the result equals solving them one by one with the reference loop.  The model
+    is handed back unchanged.
+    """
+    check_choice("mode", mode, MODES)
+    check_choice("constraint", constraint, CONSTRAINTS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("init", init, INITS)
+    if objective is not None and mode != "oblivious":
+        raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
+    _check_settings(max_iter, lr, min_error, check_every)
+    images = _check_images(images)
+    device = _model_device(model)
+    backend = resolve_backend(backend, device)
+
+    with frozen(model):
+        images = images.to(device)
+        capture, tail = split(model, layer, images)
+        targets = _resolve_targets(mode, targets, capture.output)
+        batch, per_image = targets.shape
+        image_index = torch.arange(batch, device=device).repeat_interleave(per_image)
+        features = capture.features
+        grid = (features.shape[2], features.shape[3])
+        dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+
+        reference = capture.output.to(dtype).index_select(0, image_index)
+        signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
+        loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
+        problem = AutogradProblem(tail, features, image_index, loss, constraint, grid)
+        initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
+        solution = solve(
+            problem,
+            initial,
+            max_iter=max_iter,
+            lr=lr,
+            min_error=min_error,
+            check_every=check_every,
+            optimizer=optimizer,
+        )
+
+    params = solution.params
+    filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params
+    maps = normalize_filter(params, constraint, shape=grid)
+    shape = (batch, per_image)
+    return Explanation(
+        filters=filters.reshape(*shape, *grid),
+        parameters=params.reshape(*shape, *params.shape[1:]),
+        maps=maps.reshape(*shape, *grid),
+        iterations=solution.iterations.reshape(shape),
+        loss=solution.loss.reshape(shape),
+        output=capture.output,
+        targets=targets,
+        mode=mode,
+        constraint=constraint,
+        tail=tail.kind,
+        backend=backend,
+    )

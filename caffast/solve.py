@@ -1,0 +1,69 @@
+"""The optimization loop, written once for every backend.
+
+It reproduces the reference loop problem by problem: one update per iteration with the polynomial
+schedule, and every `check_every` iterations a check that stops a problem when its loss moved by less
+than `min_error` since the previous check (the first check compares with 32767).  The update of the
+stopping iteration is kept.  A stopped problem leaves the batch; the others go on unchanged, so the
+batch gives what solving each problem alone would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .optim import make_optimizer, polynomial_lr_decay
+
+INITIAL_PREVIOUS_LOSS = 32767.0
+
+
+class Problem(Protocol):
+    """What a backend supplies: the loss of each active problem and its gradient."""
+
+    def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`params` (A, *shape) are the parameters of problems `active` (A,); returns the loss (A,)
+        and the gradient with respect to `params`."""
+        ...
+
+
+@dataclass
+class Solution:
+    params: torch.Tensor
+    iterations: torch.Tensor
+    loss: torch.Tensor
+
+
+def solve(
+    problem: Problem,
+    initial: torch.Tensor,
+    *,
+    max_iter: int,
+    lr: float,
+    min_error: float,
+    check_every: int,
+    optimizer: str,
+) -> Solution:
+    params = initial.clone()
+    count = params.shape[0]
+    device = params.device
+    update = make_optimizer(optimizer, params)
+    active = torch.arange(count, device=device)
+    previous = torch.full((count,), INITIAL_PREVIOUS_LOSS, dtype=params.dtype, device=device)
+    last_loss = torch.zeros(count, dtype=params.dtype, device=device)
+    iterations = torch.zeros(count, dtype=torch.long, device=device)
+
+    for step in range(max_iter):
+        loss, grad = problem.loss_and_grad(params.index_select(0, active), active)
+        update.step(params, grad, active, polynomial_lr_decay(step, lr, max_iter))
+        last_loss.index_copy_(0, active, loss.detach().to(params.dtype))
+        iterations.index_fill_(0, active, step + 1)
+        if step % check_every == 0:
+            loss = last_loss.index_select(0, active)
+            converged = (loss - previous.index_select(0, active)).abs() < min_error
+            previous.index_copy_(0, active, loss)
+            active = active[~converged]
+            if active.numel() == 0:
+                break
+    return Solution(params=params, iterations=iterations, loss=last_loss)

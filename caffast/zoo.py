@@ -1,0 +1,109 @@
+"""torchvision models with offline weights, and the reference's `load_architecture`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models import WeightsEnum
+
+Weights = Union[None, str, os.PathLike, WeightsEnum]
+
+
+def _cached_path(weights: WeightsEnum) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _weights_enum(arch: str, name: str) -> Optional[WeightsEnum]:
+    """torchvision weights by name: "IMAGENET1K_V1", "DEFAULT" or "ResNet50_Weights.IMAGENET1K_V1"."""
+    try:
+        return torchvision.models.get_model_weights(arch)[name.split(".")[-1]]
+    except KeyError:
+        return None
+
+
+def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Tensor]]:
+    """The state dict named by `weights`: None (random weights), a local file, or torchvision weights
+    (an enum or its name such as "IMAGENET1K_V1") already in torchvision's cache.  Never downloads."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{os.fspath(weights)!r} does not hold a state dict (a dict of tensors)")
+        return state
+    enum = weights if isinstance(weights, WeightsEnum) else _weights_enum(arch, os.fspath(weights))
+    if enum is None:
+        raise FileNotFoundError(
+            f"weights {os.fspath(weights)!r} are neither a file nor torchvision weights of {arch!r}; pass a "
+            "local state-dict file (torch.save(model.state_dict(), PATH)) or a torchvision weights name"
+        )
+    path = _cached_path(enum)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"torchvision weights {enum} are not in the cache ({path}) and nothing is downloaded: copy the "
+            f"file there, or save a state dict and pass its path"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
+    """A torchvision classification model in eval mode, with random or offline-loaded weights."""
+    try:
+        builder: Callable[..., nn.Module] = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
+        raise ValueError(f"unknown architecture {arch!r}; torchvision classification models: {known}") from None
+    state = load_state_dict(arch, weights)
+    if arch in ("googlenet", "inception_v3"):
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", state is None)
+        kwargs.setdefault("transform_input", state is not None)
+    model = builder(weights=None, **kwargs)
+    if state is not None:
+        if not model_has_aux(model):
+            state = {key: value for key, value in state.items() if not key.startswith(("aux1.", "aux2.", "AuxLogits."))}
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def model_has_aux(model: nn.Module) -> bool:
+    return any(getattr(model, name, None) is not None for name in ("aux1", "aux2", "AuxLogits"))
+
+
+_REFERENCE_BREAKPOINTS = {"resnet50": "layer4", "googlenet": "inception5b", "densenet169": "features"}
+
+
+def _reference_head(arch: str, model: nn.Module) -> nn.Sequential:
+    if arch == "densenet169":
+        return nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.classifier)
+    return nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
+
+
+def load_architecture(arch_name: str, weights: Weights = None) -> tuple[nn.Module, list[torch.Tensor], nn.Sequential]:
+    """The reference triple: (model, feature_maps, post_conv_subnet).
+
+    A forward hook on the last convolutional block appends its detached output to `feature_maps`;
+    `post_conv_subnet` is the head after it.  The model is in eval mode with frozen parameters, on the
+    GPU when there is one, as in the reference.
+    """
+    if arch_name not in _REFERENCE_BREAKPOINTS:
+        raise ValueError(
+            f"load_architecture knows {', '.join(_REFERENCE_BREAKPOINTS)}, not {arch_name!r}; for another "
+            "torchvision model use caffast.explain(model, images, layer) directly"
+        )
+    model = build_model(arch_name, weights)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    feature_maps: list[torch.Tensor] = []
+    breakpoint = model.get_submodule(_REFERENCE_BREAKPOINTS[arch_name])
+    breakpoint.register_forward_hook(lambda _module, _inputs, output: feature_maps.append(output.detach()))
+    for param in model.parameters():
+        param.requires_grad = False
+    head = _reference_head(arch_name, model).eval()
+    return model, feature_maps, head

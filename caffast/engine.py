@@ -9,13 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import resolve_backend
+from .backends import filter_multiply, resolve_backend, solve_fused
 from .backends.autograd import AutogradProblem
 from .filters import CONSTRAINTS, INITS, check_choice, constrained_filter, initial_parameters, normalize_filter
 from .guard import frozen
+from .heads import detect_head, precompute
 from .losses import MODES, Objective, UserObjective, class_signs
 from .optim import OPTIMIZERS
-from .solve import solve
+from .solve import LoopSettings, solve
 from .split import Layer, split
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
@@ -30,7 +31,8 @@ class Explanation:
     maps: (N, T, H, W) the attention maps, as normalize_filter gives them;
     iterations: (N, T) optimizer steps taken; loss: (N, T) the last loss;
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
-    tail: "fx" (extracted graph) or "hook" (whole model rerun); backend: the backend that ran.
+    tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
+    form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran.
     """
 
     filters: torch.Tensor
@@ -43,6 +45,7 @@ class Explanation:
     mode: str
     constraint: str
     tail: str
+    path: str
     backend: str
 
     def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
@@ -137,12 +140,13 @@ def explain(
     seed: Optional[int] = None,
     objective: Optional[UserObjective] = None,
     backend: str = "auto",
+    fused: bool = True,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
     Every (image, target) pair is its own problem with its own filter, schedule and stopping rule, all
     solved in one batch; the result equals solving them one by one with the reference loop.  The model
-    is handed back unchanged.
+    is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused.
     """
     check_choice("mode", mode, MODES)
     check_choice("constraint", constraint, CONSTRAINTS)
@@ -165,22 +169,21 @@ def explain(
         grid = (features.shape[2], features.shape[3])
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
+        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer)
         reference = capture.output.to(dtype).index_select(0, image_index)
         signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
-        loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
-        problem = AutogradProblem(tail, features, image_index, loss, constraint, grid)
+        head = detect_head(tail, grid) if fused and objective is None else None
         initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
-        solution = solve(
-            problem,
-            initial,
-            max_iter=max_iter,
-            lr=lr,
-            min_error=min_error,
-            check_every=check_every,
-            optimizer=optimizer,
-        )
+        if head is not None:
+            fused_head = precompute(head, features, image_index, mode, signs)
+            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+        else:
+            loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
+            multiply = filter_multiply(backend, constraint)
+            problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
+            solution = solve(problem, initial, settings)
 
-    params = solution.params
+    params = solution.params.to(dtype)
     filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params
     maps = normalize_filter(params, constraint, shape=grid)
     shape = (batch, per_image)
@@ -189,11 +192,12 @@ def explain(
         parameters=params.reshape(*shape, *params.shape[1:]),
         maps=maps.reshape(*shape, *grid),
         iterations=solution.iterations.reshape(shape),
-        loss=solution.loss.reshape(shape),
+        loss=solution.loss.to(dtype).reshape(shape),
         output=capture.output,
         targets=targets,
         mode=mode,
         constraint=constraint,
         tail=tail.kind,
+        path="generic" if head is None else "fused",
         backend=backend,
     )

@@ -72,9 +72,9 @@ def gaussian_filter(mean: torch.Tensor, grid: Grid) -> torch.Tensor:
     rows = torch.arange(height, dtype=mean.dtype, device=mean.device) - (height - 1) / 2
     dx = cols - mean[..., 0, None]
     dy = rows - mean[..., 1, None]
-    squared = dy[..., :, None] ** 2 + dx[..., None, :] ** 2
-    density = torch.exp(-0.5 * squared)
-    return density / density.sum(dim=(-2, -1), keepdim=True)
+    log_density = -0.5 * (dy[..., :, None] ** 2 + dx[..., None, :] ** 2)
+    # a softmax of the log-density: the same normalized Gaussian, and no 0 / 0 once the mean is far off
+    return torch.softmax(log_density.flatten(-2), dim=-1).view(log_density.shape)
 
 
 def constrained_filter(params: torch.Tensor, constraint: str, grid: Grid) -> torch.Tensor:

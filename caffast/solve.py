@@ -28,6 +28,15 @@ class Problem(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    max_iter: int
+    lr: float
+    min_error: float
+    check_every: int
+    optimizer: str
+
+
 @dataclass
 class Solution:
     params: torch.Tensor
@@ -35,33 +44,24 @@ class Solution:
     loss: torch.Tensor
 
 
-def solve(
-    problem: Problem,
-    initial: torch.Tensor,
-    *,
-    max_iter: int,
-    lr: float,
-    min_error: float,
-    check_every: int,
-    optimizer: str,
-) -> Solution:
+def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> Solution:
     params = initial.clone()
     count = params.shape[0]
     device = params.device
-    update = make_optimizer(optimizer, params)
+    update = make_optimizer(settings.optimizer, params)
     active = torch.arange(count, device=device)
     previous = torch.full((count,), INITIAL_PREVIOUS_LOSS, dtype=params.dtype, device=device)
     last_loss = torch.zeros(count, dtype=params.dtype, device=device)
     iterations = torch.zeros(count, dtype=torch.long, device=device)
 
-    for step in range(max_iter):
+    for step in range(settings.max_iter):
         loss, grad = problem.loss_and_grad(params.index_select(0, active), active)
-        update.step(params, grad, active, polynomial_lr_decay(step, lr, max_iter))
+        update.step(params, grad, active, polynomial_lr_decay(step, settings.lr, settings.max_iter))
         last_loss.index_copy_(0, active, loss.detach().to(params.dtype))
         iterations.index_fill_(0, active, step + 1)
-        if step % check_every == 0:
+        if step % settings.check_every == 0:
             loss = last_loss.index_select(0, active)
-            converged = (loss - previous.index_select(0, active)).abs() < min_error
+            converged = (loss - previous.index_select(0, active)).abs() < settings.min_error
             previous.index_copy_(0, active, loss)
             active = active[~converged]
             if active.numel() == 0:

@@ -10,8 +10,9 @@ forward hook substituting the filtered map for the layer's output.
 from __future__ import annotations
 
 import difflib
+import weakref
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -199,36 +200,58 @@ def _tail_graph(root: fx.GraphModule, breakpoint: fx.Node) -> tuple[fx.GraphModu
     return tail_module, captured
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the traced model once, keeping the values of the nodes asked for."""
-
-    def __init__(self, module: fx.GraphModule, wanted: set[fx.Node]):
-        super().__init__(module)
-        self.wanted = wanted
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
-        if node in self.wanted:
-            self.values[node] = value
-        return value
+def _capture_module(root: fx.GraphModule, breakpoint: fx.Node, captured: list[fx.Node]) -> fx.GraphModule:
+    """The traced model, returning (breakpoint value, captured values, output) in one forward."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(root.graph, env)
+    graph.output((env[breakpoint], tuple(env[node] for node in captured), output))
+    return fx.GraphModule(root, graph)
 
 
-def _fx_split(model: nn.Module, name: str, module: nn.Module, images: torch.Tensor) -> tuple[Capture, FxTail]:
-    root, breakpoint = _trace(model, name, module)
-    tail_module, captured_nodes = _tail_graph(root, breakpoint)
-    recorder = _Recorder(root, {breakpoint, *captured_nodes})
+@dataclass
+class _Plan:
+    """How to split one model at one layer: traced once, reused while the model's modules stay."""
+
+    capture: fx.GraphModule
+    tail: fx.GraphModule
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], Optional[_Plan]]]]"
+_PLANS = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module, name: str, module: nn.Module) -> Optional[_Plan]:
+    """The fx plan for `name`, or None when the model cannot be split with fx (use the hook tail).
+
+    Tracing costs about as much as a forward pass, so plans are cached per model; the cache entry
+    is dropped when any submodule of the model is replaced.
+    """
+    signature = tuple(map(id, model.modules()))
+    plans = _PLANS.setdefault(model, {})
+    if name in plans and plans[name][0] == signature:
+        return plans[name][1]
+    try:
+        root, breakpoint = _trace(model, name, module)
+        tail_module, captured = _tail_graph(root, breakpoint)
+        plan: Optional[_Plan] = _Plan(_capture_module(root, breakpoint, captured), tail_module)
+    except _Untraceable:
+        plan = None
+    plans[name] = (signature, plan)
+    return plan
+
+
+def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, FxTail]:
     with torch.no_grad():
-        output = recorder.run(images)
-    capture = check_capture(name, recorder.values[breakpoint], output)
-    captured = [recorder.values[node] for node in captured_nodes]
+        features, captured, output = plan.capture(images)
+    capture = check_capture(name, features, output)
     batch = images.shape[0]
     for value in captured:
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
             raise _Untraceable("the tail needs a value from before the layer that is not a per-image tensor")
-    tail = FxTail(tail_module, [value.detach() for value in captured])
+    tail = FxTail(plan.tail, [value.detach() for value in captured])
     with torch.no_grad():
-        replay = tail(capture.features, torch.arange(batch, device=images.device))
+        replay = tail(capture.features.clone(), torch.arange(batch, device=images.device))
     scale = capture.output.abs().max().clamp_min(1.0)
     if replay.shape != capture.output.shape or (replay - capture.output).abs().max() > 1e-4 * scale:
         raise _Untraceable("the extracted tail does not reproduce the model output")
@@ -238,8 +261,11 @@ def _fx_split(model: nn.Module, name: str, module: nn.Module, images: torch.Tens
 def split(model: nn.Module, layer: Layer, images: torch.Tensor) -> tuple[Capture, Tail]:
     """Capture A and NT for `images` and build the tail after `layer` (an fx graph when possible)."""
     name, module = resolve_layer(model, layer)
-    try:
-        return _fx_split(model, name, module, images)
-    except _Untraceable:
-        return capture_with_hook(model, name, module, images), HookTail(model, module, images)
+    plan = _plan(model, name, module)
+    if plan is not None:
+        try:
+            return _fx_split(plan, name, images)
+        except _Untraceable:
+            pass
+    return capture_with_hook(model, name, module, images), HookTail(model, module, images)
 

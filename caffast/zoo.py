@@ -79,7 +79,7 @@ def model_has_aux(model: nn.Module) -> bool:
 _REFERENCE_BREAKPOINTS = {"resnet50": "layer4", "googlenet": "inception5b", "densenet169": "features"}
 
 
-def _reference_head(arch: str, model: nn.Module) -> nn.Sequential:
+def reference_head(arch: str, model: nn.Module) -> nn.Sequential:
     if arch == "densenet169":
         return nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.classifier)
     return nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
@@ -105,5 +105,5 @@ def load_architecture(arch_name: str, weights: Weights = None) -> tuple[nn.Modul
     breakpoint.register_forward_hook(lambda _module, _inputs, output: feature_maps.append(output.detach()))
     for param in model.parameters():
         param.requires_grad = False
-    head = _reference_head(arch_name, model).eval()
+    head = reference_head(arch_name, model).eval()
     return model, feature_maps, head

@@ -50,3 +50,20 @@ def test_fx_tail_captures_the_skip_connection_that_crosses_the_breakpoint():
     torch.testing.assert_close(replay, capture.output[[1, 0, 1]], atol=1e-12, rtol=0)
     scaled = tail(capture.features * 0.5, torch.arange(2))
     assert not torch.allclose(scaled, capture.output)
+
+
+def test_plans_are_reused_until_a_submodule_is_replaced():
+    from caffast.split import _PLANS
+
+    torch.manual_seed(6)
+    model = Plain().eval()
+    images = torch.randn(2, 3, 20, 20)
+    split(model, "body", images)
+    first = _PLANS[model]["body"][1]
+    split(model, "body", images)
+    assert _PLANS[model]["body"][1] is first
+    model.fc = torch.nn.Linear(8, 4)
+    capture, tail = split(model, "body", images)
+    assert _PLANS[model]["body"][1] is not first
+    torch.testing.assert_close(capture.output, model(images).detach())
+    torch.testing.assert_close(tail(capture.features, torch.arange(2)), model(images).detach())

@@ -1,6 +1,8 @@
-"""The "torch" backend: the real tail and autograd, for any model and any breakpoint."""
+"""The generic path: the real tail and autograd, for any model and any breakpoint."""
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +22,7 @@ class AutogradProblem:
         objective: Objective,
         constraint: str,
         grid: Grid,
+        multiply: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ):
         self.tail = tail
         self.features = features
@@ -27,14 +30,17 @@ class AutogradProblem:
         self.objective = objective
         self.constraint = constraint
         self.grid = grid
+        self.multiply = multiply or self._multiply
+
+    def _multiply(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        multiplier = constrained_filter(params, self.constraint, self.grid)
+        return (features * multiplier[:, None]).to(features.dtype)
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
-            multiplier = constrained_filter(params, self.constraint, self.grid)
             images = self.image_index.index_select(0, active)
-            features = self.features.index_select(0, images)
-            filtered = (features * multiplier[:, None]).to(features.dtype)
+            filtered = self.multiply(self.features.index_select(0, images), params)
             loss = self.objective(self.tail(filtered, images), active)
             (grad,) = torch.autograd.grad(loss.sum(), params)
         return loss.detach(), grad

@@ -1,0 +1,43 @@
+"""Grad-CAM (Selvaraju et al., 2017) at a breakpoint: the baseline L2-CAF is compared with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .engine import Targets, _check_images, _model_device, _resolve_targets
+from .guard import frozen
+from .split import Layer, check_capture, resolve_layer
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targets = None) -> torch.Tensor:
+    """Grad-CAM maps (N, T, H, W) at the breakpoint's resolution, one per (image, target).
+
+    One forward pass; one backward pass per target column.  The breakpoint's output is cut from the
+    graph before it (a leaf that requires grad), so no parameter gradient is ever computed.
+    """
+    images = _check_images(images)
+    name, module = resolve_layer(model, layer)
+    captured: list[torch.Tensor] = []
+
+    def cut(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf
+
+    with frozen(model), torch.enable_grad():
+        handle = module.register_forward_hook(cut)
+        try:
+            output = model(images.to(_model_device(model)))
+        finally:
+            handle.remove()
+        check_capture(name, captured[0] if len(captured) == 1 else None, output)
+        targets = _resolve_targets("specific", targets, output.detach())
+        features = captured[0]
+        maps = []
+        for column in range(targets.shape[1]):
+            score = output.gather(1, targets[:, column : column + 1]).sum()
+            (grad,) = torch.autograd.grad(score, features, retain_graph=column + 1 < targets.shape[1])
+            weights = grad.mean(dim=(2, 3), keepdim=True)
+            maps.append(torch.relu((weights * features).sum(dim=1)).detach())
+    return torch.stack(maps, dim=1)

@@ -1,0 +1,219 @@
+"""Fused heads: tails of the form [ReLU] -> global average pool -> flatten -> [Dropout] -> Linear.
+
+For such a tail the filtered output is an explicit function of the filter g (DESIGN.md section 3):
+FT = M_s g / HW + b, with M = W A (K x HW) and, after a ReLU, M_s choosing per cell between
+M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  One batched product and
+the HW x HW Grams are computed once; after that no iteration touches the C channels or the K outputs.
+Everything here is float64: the Grams are small and the loss differences that decide stopping stay
+exact at the 1e-6 level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .filters import Grid, constrained_filter
+from .split import FxTail, Tail
+
+
+@dataclass
+class HeadSpec:
+    """A recognised head: whether a ReLU precedes the pooling, and the final Linear layer."""
+
+    relu: bool
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+_RELUS = (F.relu, torch.relu, torch.relu_)
+_FUSED_FORMS = (
+    ["pool", "flatten", "linear"],
+    ["relu", "pool", "flatten", "linear"],
+    ["pool", "linear"],
+    ["relu", "pool", "linear"],
+)
+
+
+def _is_unit(size: Any) -> bool:
+    return size == 1 or tuple(size) == (1, 1) if isinstance(size, (int, tuple, list)) else False
+
+
+def _is_spatial_dims(dims: Any) -> bool:
+    return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3]
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module], grid: Grid) -> Optional[str]:
+    """The role of one tail node in a fused head: relu, pool, flatten, identity or linear."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, nn.ReLU):
+            return "relu"
+        if isinstance(module, nn.AdaptiveAvgPool2d) and _is_unit(module.output_size):
+            return "pool"
+        if isinstance(module, nn.AvgPool2d) and module.padding == 0 and tuple(_pair(module.kernel_size)) == grid:
+            return "pool"
+        if isinstance(module, nn.Flatten) and module.start_dim == 1:
+            return "flatten"
+        if isinstance(module, (nn.Dropout, nn.Identity)):
+            return "identity"
+        if isinstance(module, nn.Linear):
+            return "linear"
+        return None
+    args = node.args[1:]
+    kwargs = node.kwargs
+    if node.op == "call_function":
+        if node.target in _RELUS:
+            return "relu"
+        if node.target is F.adaptive_avg_pool2d and _is_unit(args[0] if args else kwargs.get("output_size")):
+            return "pool"
+        if node.target is torch.mean and _is_spatial_dims(args[0] if args else kwargs.get("dim")):
+            return "pool"
+        if node.target is F.avg_pool2d:
+            kernel = args[0] if args else kwargs.get("kernel_size")
+            if tuple(_pair(kernel)) == grid and not kwargs.get("padding"):
+                return "pool"
+        if node.target is torch.flatten and (args[0] if args else kwargs.get("start_dim", 0)) == 1:
+            return "flatten"
+        if node.target is F.dropout:
+            return "identity"
+        return None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return "relu"
+        if node.target == "mean" and _is_spatial_dims(args[0] if args else kwargs.get("dim")):
+            return "pool"
+        if node.target == "flatten" and (args[0] if args else kwargs.get("start_dim", 0)) == 1:
+            return "flatten"
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def detect_head(tail: Tail, grid: Grid) -> Optional[HeadSpec]:
+    """The fused form of `tail`, or None when it is anything else (the generic path then runs)."""
+    if not isinstance(tail, FxTail) or tail.captured:
+        return None
+    graph_module = tail.graph_module
+    modules = dict(graph_module.named_modules())
+    nodes = [n for n in graph_module.graph.nodes if n.op not in ("placeholder", "output")]
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    roles: list[str] = []
+    previous = next(n for n in graph_module.graph.nodes if n.op == "placeholder")
+    for node in nodes:
+        role = _classify(node, modules, grid)
+        if role is None or node.all_input_nodes != [previous] or len(previous.users) != 1:
+            return None
+        roles.append(role)
+        previous = node
+    if output.args[0] is not previous or len(previous.users) != 1:
+        return None
+    core = [r for r in roles if r != "identity"]
+    if core not in _FUSED_FORMS:
+        return None
+    pool = nodes[roles.index("pool")]
+    if "flatten" not in core and not _pool_drops_spatial(pool):
+        return None
+    linear = modules[nodes[roles.index("linear")].target]
+    return HeadSpec(relu="relu" in roles, weight=linear.weight, bias=linear.bias)
+
+
+def _pool_drops_spatial(node: fx.Node) -> bool:
+    """A mean over (2, 3) without keepdim already gives (N, C): no flatten is needed."""
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return node.op in ("call_method", "call_function") and node.target in ("mean", torch.mean) and not keepdim
+
+
+@dataclass
+class FusedHead:
+    """Everything an iteration needs, precomputed (float64).
+
+    gram (I, S, S, HW, HW): gram[i, a, b] = M_a^T M_b for image i, S = 2 after a ReLU (a = 0: the
+    cells where g >= 0 use M+, a = 1: the cells where g < 0 use M-), else 1.  Class-oblivious needs
+    nothing else: FT - NT = [M+ | M-] z / HW with z = [g+ - 1, g-] (g+ and g- the filter on its
+    non-negative and negative cells), so the loss z^T G z / (K HW^2) is a sum over the Grams with no
+    large constant to cancel.  Class-specific: linear (P, S, HW) = M_a^T s and constant (P,) = s . b,
+    the loss being sum_a g_a . linear_a / HW + constant.  image (P,): each problem's image.
+    """
+
+    gram: torch.Tensor
+    linear: Optional[torch.Tensor]
+    constant: Optional[torch.Tensor]
+    image: torch.Tensor
+    mode: str
+    classes: int
+    grid: Grid
+
+
+def precompute(
+    spec: HeadSpec,
+    features: torch.Tensor,
+    image_index: torch.Tensor,
+    mode: str,
+    signs: Optional[torch.Tensor],
+) -> FusedHead:
+    """The truncated forward: M (or M+ and M-) by one batched product, then the Grams and vectors."""
+    _, _, height, width = features.shape
+    # M in the network's own precision (float32 for float32 features, as the tail would compute it);
+    # the Grams, the loop and the stopping decisions in float64
+    cells = features.flatten(2)
+    weight = spec.weight.detach().to(cells.dtype)
+    parts = [cells.clamp_min(0), cells.clamp_max(0)] if spec.relu else [cells]
+    products = torch.stack([weight @ part for part in parts], dim=1).to(torch.float64)  # (N, S, K, HW)
+    gram = torch.einsum("naki,nbkj->nabij", products, products)
+    linear = constant = None
+    if mode == "specific":
+        weights = signs.to(torch.float64)
+        linear = torch.einsum("pskj,pk->psj", products.index_select(0, image_index), weights)
+        bias = torch.zeros_like(weights[0]) if spec.bias is None else spec.bias.detach().to(torch.float64)
+        constant = weights @ bias
+    return FusedHead(gram, linear, constant, image_index, mode, spec.weight.shape[0], (height, width))
+
+
+def filter_parts(g: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """The filter split by sign, one part per Gram block: [g] for a plain head, [g+, g-] after a ReLU."""
+    if parts == 1:
+        return [g]
+    positive = g >= 0
+    return [torch.where(positive, g, 0), torch.where(positive, 0, g)]
+
+
+class FusedProblem:
+    """The fused head's loss as an explicit function of the filter, differentiated by autograd.
+
+    This is the plain PyTorch twin of the compiled fused solvers.
+    """
+
+    def __init__(self, head: FusedHead, constraint: str):
+        self.head = head
+        self.constraint = constraint
+
+    def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.head
+        cells = head.grid[0] * head.grid[1]
+        with torch.enable_grad():
+            params = params.detach().requires_grad_(True)
+            g = constrained_filter(params, self.constraint, head.grid).flatten(1)
+            parts = filter_parts(g, head.gram.shape[1])
+            if head.mode == "specific":
+                linear = head.linear.index_select(0, active)
+                projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))
+                loss = projection / cells + head.constant.index_select(0, active)
+            else:
+                z = [parts[0] - 1, *parts[1:]]
+                gram = head.gram.index_select(0, head.image.index_select(0, active))
+                quadratic = sum(
+                    torch.einsum("pi,pij,pj->p", left, gram[:, a, b], right)
+                    for a, left in enumerate(z)
+                    for b, right in enumerate(z)
+                )
+                loss = quadratic / (head.classes * cells**2)
+            (grad,) = torch.autograd.grad(loss.sum(), params)
+        return loss.detach(), grad

@@ -1,0 +1,170 @@
+// The Python face of caffast._C: parses the option strings, validates every buffer (arrays.h) and
+// releases the GIL around the kernels. The kernels themselves know nothing about Python.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "arrays.h"
+#include "hadamard.h"
+#include "parallel.h"
+#include "projected_update.h"
+#include "solve_fused.h"
+
+namespace caffast {
+namespace {
+
+template <class Enum>
+Enum parse_choice(const std::string& kind, const std::string& value,
+                  std::initializer_list<std::pair<const char*, Enum>> choices) {
+  std::string names;
+  for (const auto& choice : choices) {
+    if (value == choice.first) return choice.second;
+    names += (names.empty() ? "'" : ", '") + std::string(choice.first) + "'";
+  }
+  throw py::value_error("unknown " + kind + " '" + value + "'; choose one of " + names);
+}
+
+py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_obj,
+                         const py::handle& constant_obj, const py::handle& image_obj,
+                         const py::handle& params_obj, const std::string& mode,
+                         const std::string& constraint, const std::string& optimizer, int64_t height,
+                         int64_t width, int64_t classes, int64_t max_iter, double lr, double min_error,
+                         int64_t check_every, int threads) {
+  FusedSettings s{};
+  s.mode = parse_choice<Mode>("mode", mode, {{"oblivious", Mode::Oblivious}, {"specific", Mode::Specific}});
+  s.constraint = parse_choice<Constraint>(
+      "constraint", constraint,
+      {{"l2norm", Constraint::L2Norm}, {"softmax", Constraint::Softmax}, {"gauss", Constraint::Gauss}});
+  s.optimizer = parse_choice<Optimizer>("optimizer", optimizer, {{"sgd", Optimizer::Sgd}, {"adam", Optimizer::Adam}});
+  require(height >= 1 && width >= 1, "the grid must have at least one cell in each direction");
+  require(classes >= 1, "classes must be at least 1");
+  require(max_iter >= 0, "max_iter must be non-negative");
+  require(check_every >= 1, "check_every must be at least 1");
+  s.grid = Grid{height, width};
+  s.classes = classes;
+  s.max_iter = max_iter;
+  s.lr = lr;
+  s.min_error = min_error;
+  s.check_every = check_every;
+  s.threads = threads;
+
+  const int64_t cells = s.grid.cells();
+  auto linear = as_array<double>(linear_obj, "linear", 3);
+  const int64_t problems = linear.shape(0);
+  s.signs = linear.shape(1);
+  require(s.signs == 1 || s.signs == 2, "linear must have shape (P, S, HW) with S = 1 (plain head) or 2 (ReLU head)");
+  require_shape(linear, "linear", {problems, s.signs, cells});
+  auto gram = as_array<double>(gram_obj, "gram", 5);
+  require_shape(gram, "gram", {-1, s.signs, s.signs, cells, cells});
+  auto constant = as_array<double>(constant_obj, "constant", 1);
+  require_shape(constant, "constant", {problems});
+  auto image = as_array<int64_t>(image_obj, "image", 1);
+  require_shape(image, "image", {problems});
+  auto params = as_array<double>(params_obj, "params", 2, /*writable=*/true);
+  require_shape(params, "params", {problems, parameter_count(s.constraint, s.grid)});
+  if (s.mode == Mode::Oblivious) {
+    const int64_t images = gram.shape(0);
+    for (int64_t p = 0; p < problems; ++p) {
+      require(image.data()[p] >= 0 && image.data()[p] < images,
+              "image[" + std::to_string(p) + "] = " + std::to_string(image.data()[p]) +
+                  " is not an index into gram's " + std::to_string(images) + " images");
+    }
+  }
+
+  py::array_t<int64_t> iterations(problems);
+  py::array_t<double> loss(problems);
+  const FusedBatch batch{problems,       gram.data(),         linear.data(),    constant.data(), image.data(),
+                         params.mutable_data(), iterations.mutable_data(), loss.mutable_data()};
+  {
+    py::gil_scoped_release release;
+    solve_fused(s, batch);
+  }
+  return py::make_tuple(iterations, loss);
+}
+
+// Calls body(T{}) with T the floating type of a (float32 or float64), else TypeError.
+template <class Body>
+auto dispatch_floating(const py::handle& a, const char* name, Body&& body) {
+  if (py::isinstance<py::array_t<float>>(a)) return body(float{});
+  if (py::isinstance<py::array_t<double>>(a)) return body(double{});
+  throw py::type_error(std::string(name) + " must be a float32 or float64 numpy array");
+}
+
+py::array hadamard_forward_py(const py::handle& features_obj, const py::handle& filter_obj, int threads) {
+  return dispatch_floating(features_obj, "features", [&](auto zero) -> py::array {
+    using T = decltype(zero);
+    auto features = as_array<T>(features_obj, "features", 4);
+    const int64_t problems = features.shape(0), channels = features.shape(1);
+    const int64_t height = features.shape(2), width = features.shape(3);
+    auto filter = as_array<T>(filter_obj, "filter", 3);
+    require_shape(filter, "filter", {problems, height, width});
+    py::array_t<T> out({problems, channels, height, width});
+    const T* in = features.data();
+    const T* f = filter.data();
+    T* o = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      hadamard_forward<T>(in, f, problems, channels, height * width, o, threads);
+    }
+    return out;
+  });
+}
+
+py::array hadamard_backward_py(const py::handle& features_obj, const py::handle& filter_obj,
+                               const py::handle& grad_out_obj, int threads) {
+  return dispatch_floating(features_obj, "features", [&](auto zero) -> py::array {
+    using T = decltype(zero);
+    auto features = as_array<T>(features_obj, "features", 4);
+    const int64_t problems = features.shape(0), channels = features.shape(1);
+    const int64_t height = features.shape(2), width = features.shape(3);
+    auto filter = as_array<T>(filter_obj, "filter", 3);
+    require_shape(filter, "filter", {problems, height, width});
+    auto grad_out = as_array<T>(grad_out_obj, "grad_out", 4);
+    require_shape(grad_out, "grad_out", {problems, channels, height, width});
+    py::array_t<T> grad_filter({problems, height, width});
+    const T* a = features.data();
+    const T* f = filter.data();
+    const T* go = grad_out.data();
+    T* out = grad_filter.mutable_data();
+    {
+      py::gil_scoped_release release;
+      hadamard_backward<T>(a, f, go, problems, channels, height * width, out, threads);
+    }
+    return grad_filter;
+  });
+}
+
+void projected_update_py(const py::handle& params_obj, const py::handle& grad_obj, double lr, int threads) {
+  dispatch_floating(params_obj, "params", [&](auto zero) {
+    using T = decltype(zero);
+    auto params = as_array<T>(params_obj, "params", 2, /*writable=*/true);
+    auto grad = as_array<T>(grad_obj, "grad", 2);
+    require_shape(grad, "grad", {params.shape(0), params.shape(1)});
+    T* f = params.mutable_data();
+    const T* g = grad.data();
+    py::gil_scoped_release release;
+    projected_update<T>(f, g, params.shape(0), params.shape(1), lr, threads);
+  });
+}
+
+}  // namespace
+}  // namespace caffast
+
+PYBIND11_MODULE(_C, m) {
+  using namespace caffast;
+  namespace py = pybind11;
+  m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter and the projected update.";
+  m.def("solve_fused", &solve_fused_py, py::arg("gram"), py::arg("linear"), py::arg("constant"), py::arg("image"),
+        py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
+        py::arg("height"), py::arg("width"), py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
+        py::arg("min_error"), py::arg("check_every"), py::arg("threads") = 0,
+        "Optimize P fused-head problems; params (P, D) is updated in place. Returns (iterations, loss).");
+  m.def("hadamard_forward", &hadamard_forward_py, py::arg("features"), py::arg("filter"), py::kw_only(),
+        py::arg("threads") = 0, "features (P, C, H, W) * filter (P, H, W) / ||filter||.");
+  m.def("hadamard_backward", &hadamard_backward_py, py::arg("features"), py::arg("filter"), py::arg("grad_out"),
+        py::kw_only(), py::arg("threads") = 0, "The gradient of hadamard_forward with respect to filter.");
+  m.def("projected_update", &projected_update_py, py::arg("params"), py::arg("grad"), py::arg("lr"), py::kw_only(),
+        py::arg("threads") = 0, "params (P, D) -= lr * the sphere-projected gradient, in place.");
+  m.def("openmp", &built_with_openmp, "Whether the module was built with OpenMP.");
+}

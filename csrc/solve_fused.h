@@ -1,0 +1,40 @@
+// The whole fused-head optimization for a batch of independent problems in one call.
+#pragma once
+
+#include <cstdint>
+
+#include "constraints.h"
+#include "fused_objective.h"
+#include "optimizer.h"
+
+namespace caffast {
+
+struct FusedSettings {
+  Mode mode;
+  Constraint constraint;
+  Optimizer optimizer;
+  Grid grid;
+  int64_t signs;    // S
+  int64_t classes;  // K
+  int64_t max_iter;
+  double lr;
+  double min_error;
+  int64_t check_every;
+  int threads;  // <= 0: OpenMP default
+};
+
+// Buffers of a batch, all C-contiguous; shapes validated by the caller.
+struct FusedBatch {
+  int64_t problems;         // P
+  const double* gram;       // (I, S, S, HW, HW)
+  const double* linear;     // (P, S, HW)
+  const double* constant;   // (P,)
+  const int64_t* image;     // (P,) into gram
+  double* params;           // (P, D), updated in place
+  int64_t* iterations;      // (P,) out
+  double* loss;             // (P,) out: the loss of the last iteration run (NaN if none ran)
+};
+
+void solve_fused(const FusedSettings& settings, const FusedBatch& batch);
+
+}  // namespace caffast

@@ -1,0 +1,112 @@
+"""Fused heads: detected on the torchvision families, and equal to autograd through the real tail."""
+
+import pytest
+import torch
+import torchvision
+
+import caffast
+from caffast.heads import detect_head
+from caffast.split import split
+
+# (architecture, last layer, input size); every one ends in [ReLU] -> global average pool -> Linear
+FUSED_FAMILIES = [
+    ("resnet18", "layer4", 64),
+    ("googlenet", "inception5b", 64),
+    ("inception_v3", "Mixed_7c", 128),
+    ("densenet121", "features", 64),
+    ("mobilenet_v2", "features", 64),
+    ("efficientnet_b0", "features", 64),
+    ("regnet_x_400mf", "trunk_output", 64),
+    ("shufflenet_v2_x0_5", "conv5", 64),
+    ("mnasnet0_5", "layers", 64),
+]
+
+
+class ReluHead(torch.nn.Module):
+    """A small net whose breakpoint features take both signs and whose head starts with a ReLU."""
+
+    def __init__(self, classes=12):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2)
+        )
+        self.classifier = torch.nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.features(x))
+        return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, (1, 1)), 1))
+
+
+def build(arch, classes=12):
+    torch.manual_seed(5)
+    if arch == "relu_head":
+        return ReluHead(classes).double().eval()
+    kwargs = {"num_classes": classes}
+    if arch in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    return getattr(torchvision.models, arch)(**kwargs).double().eval()
+
+
+@pytest.mark.parametrize("arch,layer,size", FUSED_FAMILIES)
+def test_fused_head_equals_autograd_through_the_tail(arch, layer, size):
+    model = build(arch)
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for mode, targets in (("oblivious", None), ("specific", [3, 7])):
+        settings = dict(mode=mode, targets=targets, max_iter=25, check_every=5, min_error=1e-9, backend="torch")
+        fused = caffast.explain(model, images, layer, **settings)
+        generic = caffast.explain(model, images, layer, fused=False, **settings)
+        assert (fused.path, generic.path) == ("fused", "generic")
+        torch.testing.assert_close(fused.maps, generic.maps, atol=1e-10, rtol=0)
+        torch.testing.assert_close(fused.loss, generic.loss, atol=1e-10, rtol=1e-10)
+        assert torch.equal(fused.iterations, generic.iterations)
+
+
+@pytest.mark.parametrize("constraint", ["l2norm", "softmax", "gauss"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("arch,layer,size", [("resnet18", "layer4", 64), ("relu_head", "features", 24)])
+def test_fused_head_every_constraint_and_optimizer(constraint, optimizer, arch, layer, size):
+    model = build(arch)
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for mode, targets in (("oblivious", None), ("specific", [1, 2])):
+        settings = dict(
+            mode=mode, targets=targets, max_iter=30, check_every=5, min_error=1e-9, backend="torch",
+            constraint=constraint, optimizer=optimizer, init="normal", seed=11,
+        )
+        fused = caffast.explain(model, images, layer, **settings)
+        generic = caffast.explain(model, images, layer, fused=False, **settings)
+        torch.testing.assert_close(fused.maps, generic.maps, atol=1e-10, rtol=0)
+        assert torch.equal(fused.iterations, generic.iterations)
+
+
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "wide_resnet50_2"])
+def test_resnet_variants_are_fused(arch):
+    capture, tail = split(build(arch), "layer4", torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert detect_head(tail, tuple(capture.features.shape[2:])) is not None
+
+
+@pytest.mark.parametrize(
+    "arch,layer",
+    [("vgg11", "features"), ("resnet18", "layer3"), ("resnet18", "layer4.1.conv2"), ("mobilenet_v2", "features.17")],
+)
+def test_other_tails_take_the_generic_path(arch, layer):
+    model = build(arch)
+    capture, tail = split(model, layer, torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    grid = tuple(capture.features.shape[2:])
+    assert detect_head(tail, grid) is None
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "relu_head"])
+def test_head_with_relu_before_the_pool_is_recognised(arch):
+    model = build(arch)
+    capture, tail = split(model, "features", torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    spec = detect_head(tail, tuple(capture.features.shape[2:]))
+    assert spec is not None and spec.relu and spec.weight is model.classifier.weight
+
+
+def test_custom_objective_takes_the_generic_path():
+    model = build("resnet18")
+    exp = caffast.explain(
+        model, torch.randn(1, 3, 64, 64, dtype=torch.float64), "layer4", max_iter=3, backend="torch",
+        objective=lambda ft, nt: (ft - nt).abs().sum(dim=1),
+    )
+    assert exp.path == "generic"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -32,7 +32,8 @@ class Explanation:
     iterations: (N, T) optimizer steps taken; loss: (N, T) the last loss;
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
     tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
-    form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran.
+    form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran;
+    history: (iteration, maps) at every check when explain(history=True).
     """
 
     filters: torch.Tensor
@@ -47,16 +48,22 @@ class Explanation:
     tail: str
     path: str
     backend: str
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
         """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        n, t, h, w = self.maps.shape
-        resized = F.interpolate(self.maps.reshape(n * t, 1, h, w), size=size, mode="bilinear", align_corners=False)
-        resized = resized.reshape(n, t, *size)
-        low = resized.amin(dim=(-2, -1), keepdim=True)
-        high = resized.amax(dim=(-2, -1), keepdim=True)
-        return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
+        return upsample_maps(self.maps, size)
+
+
+def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torch.Tensor:
+    """(N, T, h, w) maps resized bilinearly to `size` and min-max scaled to [0, 1] per map."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    n, t, h, w = maps.shape
+    resized = F.interpolate(maps.reshape(n * t, 1, h, w), size=size, mode="bilinear", align_corners=False)
+    resized = resized.reshape(n, t, *size)
+    low = resized.amin(dim=(-2, -1), keepdim=True)
+    high = resized.amax(dim=(-2, -1), keepdim=True)
+    return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -141,12 +148,15 @@ def explain(
     objective: Optional[UserObjective] = None,
     backend: str = "auto",
     fused: bool = True,
+    history: bool = False,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
     Every (image, target) pair is its own problem with its own filter, schedule and stopping rule, all
     solved in one batch; the result equals solving them one by one with the reference loop.  The model
-    is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused.
+    is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused;
+    `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
+    the convergence.
     """
     check_choice("mode", mode, MODES)
     check_choice("constraint", constraint, CONSTRAINTS)
@@ -169,7 +179,7 @@ def explain(
         grid = (features.shape[2], features.shape[3])
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
-        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer)
+        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history)
         reference = capture.output.to(dtype).index_select(0, image_index)
         signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
         head = detect_head(tail, grid) if fused and objective is None else None
@@ -185,12 +195,15 @@ def explain(
 
     params = solution.params.to(dtype)
     filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params
-    maps = normalize_filter(params, constraint, shape=grid)
     shape = (batch, per_image)
+
+    def final_maps(values: torch.Tensor) -> torch.Tensor:
+        return normalize_filter(values.to(dtype), constraint, shape=grid).reshape(*shape, *grid)
+
     return Explanation(
         filters=filters.reshape(*shape, *grid),
         parameters=params.reshape(*shape, *params.shape[1:]),
-        maps=maps.reshape(*shape, *grid),
+        maps=final_maps(params),
         iterations=solution.iterations.reshape(shape),
         loss=solution.loss.to(dtype).reshape(shape),
         output=capture.output,
@@ -200,4 +213,5 @@ def explain(
         tail=tail.kind,
         path="generic" if head is None else "fused",
         backend=backend,
+        history=[(step, final_maps(values)) for step, values in solution.history],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -10,8 +12,13 @@ from .guard import frozen
 from .split import Layer, check_capture, resolve_layer
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targets = None) -> torch.Tensor:
-    """Grad-CAM maps (N, T, H, W) at the breakpoint's resolution, one per (image, target).
+class GradCamResult(NamedTuple):
+    maps: torch.Tensor  # (N, T, H, W) at the breakpoint's resolution
+    output: torch.Tensor  # the model output
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targets = None) -> GradCamResult:
+    """Grad-CAM maps, one per (image, target): targets as in caffast.explain(mode="specific").
 
     One forward pass; one backward pass per target column.  The breakpoint's output is cut from the
     graph before it (a leaf that requires grad), so no parameter gradient is ever computed.
@@ -40,4 +47,4 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
             (grad,) = torch.autograd.grad(score, features, retain_graph=column + 1 < targets.shape[1])
             weights = grad.mean(dim=(2, 3), keepdim=True)
             maps.append(torch.relu((weights * features).sum(dim=1)).detach())
-    return torch.stack(maps, dim=1)
+    return GradCamResult(torch.stack(maps, dim=1), output.detach())

@@ -9,7 +9,7 @@ batch gives what solving each problem alone would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -35,6 +35,7 @@ class LoopSettings:
     min_error: float
     check_every: int
     optimizer: str
+    record: bool = False  # keep the parameters at every check, for pictures of the convergence
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Solution:
     params: torch.Tensor
     iterations: torch.Tensor
     loss: torch.Tensor
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> Solution:
@@ -53,6 +55,7 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
     previous = torch.full((count,), INITIAL_PREVIOUS_LOSS, dtype=params.dtype, device=device)
     last_loss = torch.zeros(count, dtype=params.dtype, device=device)
     iterations = torch.zeros(count, dtype=torch.long, device=device)
+    history: list[tuple[int, torch.Tensor]] = []
 
     for step in range(settings.max_iter):
         loss, grad = problem.loss_and_grad(params.index_select(0, active), active)
@@ -60,10 +63,12 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
         last_loss.index_copy_(0, active, loss.detach().to(params.dtype))
         iterations.index_fill_(0, active, step + 1)
         if step % settings.check_every == 0:
+            if settings.record:
+                history.append((step + 1, params.clone()))
             loss = last_loss.index_select(0, active)
             converged = (loss - previous.index_select(0, active)).abs() < settings.min_error
             previous.index_copy_(0, active, loss)
             active = active[~converged]
             if active.numel() == 0:
                 break
-    return Solution(params=params, iterations=iterations, loss=last_loss)
+    return Solution(params=params, iterations=iterations, loss=last_loss, history=history)

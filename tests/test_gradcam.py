@@ -10,7 +10,8 @@ def test_grad_cam_equals_the_definition():
     torch.manual_seed(2)
     model = torchvision.models.resnet18(num_classes=9).double().eval()
     images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
-    maps = grad_cam(model, images, "layer4", targets=[2, 6])
+    maps, output = grad_cam(model, images, "layer4", targets=[2, 6])
+    torch.testing.assert_close(output, model(images).detach())
     assert maps.shape == (3, 2, 2, 2)
     for column, target in enumerate([2, 6]):
         for n in range(3):

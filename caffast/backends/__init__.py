@@ -34,8 +34,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.Tensor, settings: LoopSettings) -> Solution:
-    """The whole optimization of a fused head."""
-    if backend != "cpp":
+    """The whole optimization of a fused head (the Python loop when the history is recorded)."""
+    if backend != "cpp" or settings.record:
         return solve(FusedProblem(head, constraint), initial, settings)
     from . import cpp
 

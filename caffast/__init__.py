@@ -3,7 +3,16 @@
 from .engine import Explanation, explain
 from .filters import L2_CAF, normalize_filter
 from .optim import polynomial_lr_decay
+from .viz import apply_heatmap
 from .zoo import load_architecture
 
-__all__ = ["Explanation", "L2_CAF", "explain", "load_architecture", "normalize_filter", "polynomial_lr_decay"]
+__all__ = [
+    "Explanation",
+    "L2_CAF",
+    "apply_heatmap",
+    "explain",
+    "load_architecture",
+    "normalize_filter",
+    "polynomial_lr_decay",
+]
 __version__ = "0.1.0"

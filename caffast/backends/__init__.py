@@ -1,12 +1,14 @@
 """Backends: how the loss of a batch of problems and its gradient are computed.
 
 "torch" works everywhere: autograd through the real tail, or the fused head's closed form driven by
-the shared loop.  "cpp" is the compiled CPU module: the fused-head loop in one call and the Hadamard
-filter of the generic tail.  "auto" picks "cpp" for CPU models.
+the shared loop.  "cpp" (the compiled CPU module) and "triton" (GPU kernels) run the whole fused-head
+loop in one call and supply the Hadamard filter of the generic tail.  "auto" picks "triton" for CUDA
+models, "cpp" for CPU models.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -15,34 +17,45 @@ from ..filters import check_choice
 from ..heads import FusedHead, FusedProblem
 from ..solve import LoopSettings, Solution, solve
 
-BACKENDS = ("auto", "torch", "cpp")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 Multiply = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _compiled(backend: str) -> ModuleType:
+    if backend == "cpp":
+        from . import cpp
+
+        return cpp
+    from . import triton_kernels
+
+    return triton_kernels
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
     check_choice("backend", name, BACKENDS)
     if name == "auto":
+        if device.type == "cuda" and _compiled("triton").available():
+            return "triton"
         return "cpp" if device.type == "cpu" else "torch"
-    if name == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend 'cpp' runs on the CPU but the model is on {device}; use backend='torch'")
     if name == "cpp":
-        from . import cpp
-
-        cpp.require()
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU but the model is on {device}; use backend='triton' or 'torch'")
+        _compiled("cpp").require()
+    if name == "triton":
+        _compiled("triton").require(device)
     return name
 
 
 def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.Tensor, settings: LoopSettings) -> Solution:
     """The whole optimization of a fused head (the Python loop when the history is recorded)."""
-    if backend != "cpp" or settings.record:
+    if backend == "torch" or settings.record:
         return solve(FusedProblem(head, constraint), initial, settings)
-    from . import cpp
 
     def dense(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.contiguous()
 
-    params, iterations, loss = cpp.solve_fused(
+    params, iterations, loss = _compiled(backend).solve_fused(
         dense(head.gram), dense(head.linear), dense(head.constant), dense(head.image),
         initial.reshape(initial.shape[0], -1).contiguous(),
         mode=head.mode, constraint=constraint, optimizer=settings.optimizer, grid=head.grid,
@@ -54,8 +67,6 @@ def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.T
 
 def filter_multiply(backend: str, constraint: str) -> Optional[Multiply]:
     """A compiled `features * filter / ||filter||` for the generic tail, or None for plain torch."""
-    if backend == "cpp" and constraint == "l2norm":
-        from . import cpp
-
-        return cpp.Hadamard.apply
+    if backend in ("cpp", "triton") and constraint == "l2norm":
+        return _compiled(backend).Hadamard.apply
     return None

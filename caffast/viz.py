@@ -1,0 +1,135 @@
+"""Pictures of attention maps, drawn as the reference draws them, with pillow and numpy only.
+
+The reference output (DESIGN.md section 2): the map resized to the image bilinearly, min-max scaled,
+coloured with 'bwr' and laid over the image with alpha 0.6.  The resize and scaling are those of
+caffast.engine.upsample_maps, so a picture shows exactly what Explanation.upsample returns.
+Colormaps are 256-entry lookup tables built from matplotlib's segment definitions and indexed as
+matplotlib indexes them (floor(v * 256), clipped), so colours match matplotlib's to the byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .engine import upsample_maps
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+ImageLike = Union[np.ndarray, torch.Tensor, Image.Image]
+Size = Union[int, tuple[int, int]]
+
+# (x, value) anchors per channel, piecewise linear in between (matplotlib's _bwr_data and _jet_data).
+_SEGMENTS = {
+    "bwr": (
+        ((0.0, 0.0), (0.5, 1.0), (1.0, 1.0)),
+        ((0.0, 0.0), (0.5, 1.0), (1.0, 0.0)),
+        ((0.0, 1.0), (0.5, 1.0), (1.0, 0.0)),
+    ),
+    "jet": (
+        ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+        ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+        ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+    ),
+}
+LUT_SIZE = 256
+
+
+def colormap(name: str) -> np.ndarray:
+    """The (256, 3) float64 RGB lookup table of 'bwr' or 'jet', entry i at x = i / 255."""
+    if name not in _SEGMENTS:
+        raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(map(repr, _SEGMENTS))}")
+    x = np.linspace(0.0, 1.0, LUT_SIZE)
+    return np.stack([np.interp(x, *zip(*anchors)) for anchors in _SEGMENTS[name]], axis=1)
+
+
+def apply_colormap(values: ArrayLike, name: str = "bwr") -> np.ndarray:
+    """RGB colours (..., 3) in [0, 1] of values in [0, 1] (clipped), looked up as matplotlib does."""
+    values = np.asarray(_as_array(values), dtype=np.float64)
+    index = np.clip((values * LUT_SIZE).astype(np.int64), 0, LUT_SIZE - 1)
+    return colormap(name)[index]
+
+
+def _as_array(data: ArrayLike) -> np.ndarray:
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu().double().numpy()
+    return np.asarray(data, dtype=np.float64)
+
+
+def _size(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_bilinear(heatmap: ArrayLike, size: Size) -> np.ndarray:
+    """A (h, w) map resized to size (H, W), float64: bilinear with half-pixel centres and clamped
+    edges (torch align_corners=False, cv2.INTER_LINEAR; PIL's bilinear when enlarging)."""
+    tensor = torch.from_numpy(_as_array(heatmap))
+    return F.interpolate(tensor[None, None], size=_size(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def scale_map(heatmap: ArrayLike, size: Size) -> np.ndarray:
+    """A (h, w) map as it is drawn: resized to size (H, W) and min-max scaled to [0, 1].
+
+    A constant map becomes all zeros (the low end of the colormap), as matplotlib draws a flat image.
+    """
+    tensor = torch.from_numpy(_as_array(heatmap))
+    if tensor.dim() != 2:
+        raise ValueError(f"heatmap must have shape (h, w); got {tuple(tensor.shape)}")
+    return upsample_maps(tensor[None, None], _size(size))[0, 0].numpy()
+
+
+def to_rgb(image: ImageLike) -> np.ndarray:
+    """An image as (H, W, 3) float64 in [0, 1].
+
+    Accepts a PIL image, a uint8 array (H, W, 3), a float array (H, W, 3) in [0, 1], a (3, H, W)
+    tensor or array (channel-first when the first axis has 3 entries and the last does not), or a
+    grey (H, W) array.
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    scale = 255.0 if array.dtype == np.uint8 else 1.0
+    array = array.astype(np.float64) / scale
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    elif array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        array = array.transpose(1, 2, 0)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3), (3, H, W) or (H, W); got shape {array.shape}")
+    return np.clip(array, 0.0, 1.0)
+
+
+def apply_heatmap(
+    image: ImageLike,
+    heatmap: ArrayLike,
+    alpha: float = 0.6,
+    save: Optional[Union[str, Path]] = None,
+    cmap: str = "bwr",
+) -> Image.Image:
+    """The map laid over the image as the reference draws it: alpha * colour + (1 - alpha) * image.
+
+    The map is resized to the image, min-max scaled and coloured; the result is rounded to uint8,
+    written to `save` when given (format from the suffix), and returned.
+    """
+    rgb = to_rgb(image)
+    colours = apply_colormap(scale_map(heatmap, rgb.shape[:2]), cmap)
+    blended = alpha * colours + (1.0 - alpha) * rgb
+    picture = Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
+    if save is not None:
+        picture.save(save)
+    return picture
+
+
+def save_gif(frames: Sequence[Image.Image], path: Union[str, Path], duration_ms: int = 100) -> None:
+    """Write frames (for instance a filter converging) as a looping GIF, duration_ms per frame.
+
+    Pillow merges identical consecutive frames into one that lasts as long as they did together.
+    """
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    first.save(path, save_all=True, append_images=rest, duration=duration_ms, loop=0)

@@ -41,9 +41,9 @@ def test_cpp_equals_torch_for_every_constraint_and_optimizer(constraint, optimiz
 def test_cpp_hadamard_on_the_generic_tail(dtype):
     model = build("resnet18").to(dtype)
     images = torch.randn(2, 3, 64, 64, dtype=dtype)
-    settings = dict(mode="specific", targets=[1, 4], max_iter=30, check_every=10, min_error=0.0)
-    torch_run = caffast.explain(model, images, "layer3", backend="torch", **settings)
-    cpp_run = caffast.explain(model, images, "layer3", backend="cpp", **settings)
+    settings = dict(mode="specific", targets=[1, 4], max_iter=8, check_every=5, min_error=0.0)
+    torch_run = caffast.explain(model, images, "layer4.1.conv2", backend="torch", **settings)
+    cpp_run = caffast.explain(model, images, "layer4.1.conv2", backend="cpp", **settings)
     assert cpp_run.path == "generic"
     tolerance = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(cpp_run.maps, torch_run.maps, atol=tolerance, rtol=0)

@@ -1,0 +1,97 @@
+"""The Triton tests under the Triton interpreter, so that a run without a GPU covers the kernels.
+
+TRITON_INTERPRET=1 only takes effect if it is set before triton is imported, hence a subprocess.
+On a machine with a CUDA GPU, tests/test_triton.py runs the compiled kernels directly instead.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_GPU = not torch.cuda.is_available()
+INTERPRETED = ("tests/test_triton.py", "tests/test_triton_explain.py")  # the files that run under the interpreter, in one subprocess
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the GPU runs tests/test_triton.py directly")
+def test_triton_kernels_pass_under_the_interpreter():
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETED],
+        cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    summary = result.stdout.strip().splitlines()[-1:] or [""]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in summary[0] and "skipped" not in summary[0], summary[0]
+
+
+@pytest.mark.skipif(not NO_GPU or os.environ.get("TRITON_INTERPRET") == "1", reason="the kernels can run here")
+def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
+    pytest.importorskip("triton")
+    from caffast.backends import triton_kernels
+
+    assert not triton_kernels.available()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_kernels.hadamard_forward(torch.ones(1, 2, 3, 3), torch.ones(1, 3, 3))
+
+
+def _signature(kernel, dtype: str, ints: tuple = (), int64_pointers: tuple = (), **constexprs) -> dict:
+    """Argument types for triton.compile: pointers to `dtype` unless named otherwise."""
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        return "i32" if name in ints else "*i64" if name in int64_pointers else f"*{dtype}"
+
+    return {name: kind(name) for name in kernel.arg_names}
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the GPU compiles and runs the kernels in tests/test_triton.py")
+def test_kernels_compile_for_a_cuda_gpu():
+    """The interpreter runs kernels as Python and skips the compiler's checks (types of loop-carried
+    values and of returns, which globals a kernel may read): compile for sm_90, which needs no GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from caffast.backends import triton_kernels as tk
+
+    def compile_(kernel, dtype, ints=(), int64_pointers=(), num_warps=4, **constexprs):
+        signature = _signature(kernel, dtype, ints, int64_pointers, **constexprs)
+        source = ASTSource(kernel, signature, constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    sizes = ("channels", "cells")
+    for dtype in ("fp32", "fp64"):
+        compile_(tk._hadamard_forward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
+        compile_(tk._hadamard_backward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
+        for signs in (1, 2):
+            heads = dict(ints=("classes", "cells"), SIGNS=signs, BLOCK_K=64, BLOCK_J=64)
+            compile_(tk._fused_head_forward_kernel, dtype, HAS_BIAS=signs == 2, **heads)
+            compile_(tk._fused_head_backward_kernel, dtype, **heads)
+        for optimizer in ("sgd", "adam"):
+            compile_(tk._projected_step_kernel, dtype, ("dim",), ("active",), BLOCK_D=64, OPTIMIZER=optimizer)
+
+    # every branch of the solver: each (mode, constraint) once, with both optimizers and part counts
+    cases = [
+        ("oblivious", "l2norm", "sgd", 1, "fp64", (7, 7)),
+        ("oblivious", "softmax", "adam", 2, "fp64", (7, 7)),
+        ("oblivious", "gauss", "sgd", 2, "fp64", (7, 7)),
+        ("specific", "l2norm", "adam", 2, "fp64", (7, 7)),
+        ("specific", "softmax", "sgd", 1, "fp64", (7, 7)),
+        ("specific", "gauss", "adam", 1, "fp64", (7, 7)),
+        ("oblivious", "l2norm", "adam", 2, "fp64", (14, 14)),
+        ("oblivious", "softmax", "sgd", 2, "fp32", (3, 4)),
+    ]
+    for mode, constraint, optimizer, signs, dtype, grid in cases:
+        cells = grid[0] * grid[1]
+        block_n, block_r = tk._solver_tiles(cells)
+        compile_(
+            tk._solve_fused_kernel, dtype, int64_pointers=("image", "iterations"),
+            num_warps=tk._solver_warps(block_n), HEIGHT=grid[0], WIDTH=grid[1],
+            DIM=2 if constraint == "gauss" else cells, SIGNS=signs, MODE=mode, CONSTRAINT=constraint,
+            OPTIMIZER=optimizer, BLOCK_N=block_n, BLOCK_R=block_r,
+        )  # fmt: skip

@@ -1,0 +1,182 @@
+"""Independent oracle for caffast: the official L2-CAF PyTorch loop, one problem at a time.
+
+This module deliberately does NOT import caffast.  It restates the reference release
+(ahmdtaha/l2_caf_pytorch, class_oblivious.py / class_specific.py) as plainly as possible:
+one image, one target, a fresh filter, torch.optim + LambdaLR(polynomial decay), autograd
+through the *whole* model, the breakpoint output replaced by a forward hook.  It is slow
+but obviously right.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MAX_INT16 = 32767  # np.iinfo(np.int16).max, the reference's initial "previous loss"
+
+
+def polynomial_lr_decay(global_step, init_learning_rate, max_iter, min_learning_rate=1e-5):
+    """utils/lr_utils.py of the reference (power 1)."""
+    power = 1
+    return (init_learning_rate - min_learning_rate) * ((1 - global_step / max_iter) ** power) \
+        + min_learning_rate
+
+
+def get_module(model, layer):
+    if isinstance(layer, torch.nn.Module):
+        return layer
+    return model.get_submodule(layer)
+
+
+def gaussian_multiplier(mu, H, W):
+    """exp(-((x - mu0)^2 + (y - mu1)^2) / 2) normalized to sum 1.
+
+    x_j = j - (W - 1) / 2 for column j, y_i = i - (H - 1) / 2 for row i.
+    """
+    x = torch.arange(W, dtype=mu.dtype, device=mu.device) - (W - 1) / 2.0
+    y = torch.arange(H, dtype=mu.dtype, device=mu.device) - (H - 1) / 2.0
+    g = torch.exp(-((x[None, :] - mu[0]) ** 2 + (y[:, None] - mu[1]) ** 2) / 2.0)
+    return g / g.sum()
+
+
+def multiplier_of(param, constraint, H, W):
+    """The forward multiplier applied to A (broadcast over channels)."""
+    if constraint == "l2norm":
+        return F.normalize(param, dim=[0, 1])
+    if constraint == "softmax":
+        return torch.softmax(param.flatten(), dim=0).view(H, W)
+    if constraint == "gauss":
+        return gaussian_multiplier(param, H, W)
+    raise ValueError(constraint)
+
+
+def final_map(param, constraint, H, W):
+    """normalize_filter of the reference for l2norm; the softmax / gaussian for the others."""
+    with torch.no_grad():
+        if constraint == "l2norm":
+            a = param.abs()
+            return a / torch.linalg.norm(a)
+        return multiplier_of(param, constraint, H, W)
+
+
+def capture(model, layer, image):
+    """One no-grad forward: NT (the unfiltered output) and A (the breakpoint output)."""
+    module = get_module(model, layer)
+    store = []
+    h = module.register_forward_hook(lambda m, i, o: store.append(o.detach()))
+    try:
+        with torch.no_grad():
+            NT = model(image)
+    finally:
+        h.remove()
+    assert len(store) == 1, "breakpoint module must run exactly once per forward"
+    return NT.detach(), store[0]
+
+
+def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objective=None,
+                    max_iter=1000, lr=0.5, min_error=1e-6, check_every=50, optimizer="sgd",
+                    constraint="l2norm", init=None):
+    """Solve ONE L2-CAF problem exactly as the reference loop does.
+
+    image: (C, H, W) or (1, C, H, W).  target: int class (mode="specific").
+    objective: optional callable(FT, NT) -> per-sample loss (shape (1,)); replaces the built-in
+    loss (the problem's loss is its sum).
+    init: optional initial parameter ((H, W) for l2norm/softmax, (2,) for gauss); default ones /
+    zeros (gauss).
+    Returns a dict: param (raw optimized variable), filter (raw filter; gaussian multiplier for
+    gauss), map, iterations, loss (last computed loss), history [(i, loss_i)] at check iterations,
+    NT, A, target.
+    """
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    assert image.shape[0] == 1
+    module = get_module(model, layer)
+    NT, A = capture(model, layer, image)
+    H, W = A.shape[-2], A.shape[-1]
+    dtype = A.dtype
+
+    if constraint == "gauss":
+        p0 = torch.zeros(2, dtype=dtype) if init is None else init
+    else:
+        p0 = torch.ones((H, W), dtype=dtype) if init is None else init
+    param = torch.nn.Parameter(p0.detach().clone().to(dtype=dtype, device=A.device))
+
+    if objective is not None:
+        def loss_fn(FT):
+            return objective(FT, NT).sum()
+    elif mode == "oblivious":
+        mse = torch.nn.MSELoss()
+
+        def loss_fn(FT):
+            return mse(FT, NT)
+    elif mode == "specific":
+        assert target is not None
+        s = torch.ones_like(NT)
+        s[0, int(target)] = -1
+
+        def loss_fn(FT):
+            return torch.sum(FT * s)
+    else:
+        raise ValueError(mode)
+
+    if optimizer == "sgd":
+        opt = torch.optim.SGD([param], lr=lr)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam([param], lr=lr)
+    else:
+        raise ValueError(optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda=lambda step: polynomial_lr_decay(step, lr, max_iter) / lr)
+
+    current = {}
+    hook = module.register_forward_hook(lambda m, i, o: A * current["mult"])
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved_flags:
+        p.requires_grad_(False)
+    history = []
+    last_loss = None
+    taken = 0
+    try:
+        prev_loss = float(MAX_INT16)
+        i = 0
+        while i < max_iter:
+            current["mult"] = multiplier_of(param, constraint, H, W)
+            FT = model(image)
+            loss = loss_fn(FT)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            last_loss = loss.item()
+            taken = i + 1
+            if i % check_every == 0:
+                history.append((i, last_loss))
+                if abs(last_loss - prev_loss) < min_error:
+                    break
+                prev_loss = last_loss
+            i += 1
+    finally:
+        hook.remove()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+
+    param = param.detach()
+    with torch.no_grad():
+        filt = gaussian_multiplier(param, H, W) if constraint == "gauss" else param.clone()
+    return {
+        "param": param,
+        "filter": filt,
+        "map": final_map(param, constraint, H, W),
+        "iterations": taken,
+        "loss": last_loss,
+        "history": history,
+        "NT": NT,
+        "A": A,
+        "target": target,
+    }
+
+
+def min_check_delta(history):
+    """Smallest |loss_i - loss_(i - check_every)| over the checks after the first one."""
+    d = [abs(b[1] - a[1]) for a, b in zip(history, history[1:])]
+    return min(d) if d else math.inf

@@ -23,7 +23,7 @@ from reference_fast import reference_fast_loop
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+ROUNDS = dict(rounds=2, iterations=1, warmup_rounds=1)
 
 
 def layer_module(model, arch):

@@ -21,7 +21,6 @@ from conftest import ARCHITECTURES, STOPPING
 from reference_fast import reference_fast_loop
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 ROUNDS = dict(rounds=2, iterations=1, warmup_rounds=1)
 

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from caffast.cli import class_names, evaluate_scenes, main

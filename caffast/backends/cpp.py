@@ -8,7 +8,7 @@ in-place update vanish and a hidden cast would change the numbers).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

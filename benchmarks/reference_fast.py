@@ -10,7 +10,7 @@ from caffast import L2_CAF, polynomial_lr_decay
 
 
 def reference_fast_loop(head, features, output, target=None, max_iter=1000, lr=0.5, min_error=1e-6):
-    """features (1, C, H, W), output (1, K); returns the iterations taken."""
+    """features (1, C, H, W), output (1, K); returns the optimizer steps taken."""
     caf = L2_CAF(tuple(features.shape[-2:])).to(features.device)
     optimizer = torch.optim.SGD(caf.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -33,7 +33,7 @@ def reference_fast_loop(head, features, output, target=None, max_iter=1000, lr=0
         schedule.step()
         if iteration % 50 == 0:
             if torch.abs(loss.item() - previous) < min_error:
-                break
+                return iteration + 1
             previous = loss.detach()
         iteration += 1
     return iteration

@@ -20,11 +20,11 @@ def main(path: str) -> None:
         rows = sorted(groups[group], key=lambda b: b["stats"]["mean"])
         baseline = next((b for b in rows if "GradCAM" in b["name"] or "reference" in b["name"]), None)
         print(f"### {group}\n")
-        print("| what | mean (s) | min (s) | rounds | iterations | vs " + (baseline["name"] if baseline else "-") + " |")
+        print("| what | mean (s) | min (s) | rounds | iterations | speed-up over " + (baseline["name"] if baseline else "-") + " |")
         print("|---|---|---|---|---|---|")
         for bench in rows:
             stats = bench["stats"]
-            ratio = f"{stats['mean'] / baseline['stats']['mean']:.3f}x" if baseline else "-"
+            ratio = f"{baseline['stats']['mean'] / stats['mean']:.1f}x" if baseline else "-"
             iterations = bench.get("extra_info", {}).get("iterations", "")
             print(f"| {bench['name']} | {stats['mean']:.4f} | {stats['min']:.4f} | {stats['rounds']} | {iterations} | {ratio} |")
         print()

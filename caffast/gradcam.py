@@ -25,12 +25,15 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
     """
     images = _check_images(images)
     name, module = resolve_layer(model, layer)
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def cut(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        # the rest of the network runs on a copy of the leaf, so that an in-place op after the
+        # breakpoint (densenet's ReLU) changes the copy, as it changes the activations a hook sees
         leaf = output.detach().requires_grad_(True)
-        captured.append(leaf)
-        return leaf
+        passed = leaf.clone()
+        captured.append((leaf, passed))
+        return passed
 
     with frozen(model), torch.enable_grad():
         handle = module.register_forward_hook(cut)
@@ -38,13 +41,13 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
             output = model(images.to(_model_device(model)))
         finally:
             handle.remove()
-        check_capture(name, captured[0] if len(captured) == 1 else None, output)
+        check_capture(name, captured[0][0] if len(captured) == 1 else None, output)
         targets = _resolve_targets("specific", targets, output.detach())
-        features = captured[0]
+        leaf, activations = captured[0][0], captured[0][1].detach()
         maps = []
         for column in range(targets.shape[1]):
             score = output.gather(1, targets[:, column : column + 1]).sum()
-            (grad,) = torch.autograd.grad(score, features, retain_graph=column + 1 < targets.shape[1])
+            (grad,) = torch.autograd.grad(score, leaf, retain_graph=column + 1 < targets.shape[1])
             weights = grad.mean(dim=(2, 3), keepdim=True)
-            maps.append(torch.relu((weights * features).sum(dim=1)).detach())
+            maps.append(torch.relu((weights * activations).sum(dim=1)).detach())
     return GradCamResult(torch.stack(maps, dim=1), output.detach())

@@ -23,3 +23,12 @@ def test_grad_cam_equals_the_definition():
             expected = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * stash["a"]).sum(dim=1))[0]
             torch.testing.assert_close(maps[n, column], expected.detach(), atol=1e-12, rtol=1e-10)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_cam_with_an_in_place_op_after_the_breakpoint():
+    """densenet applies ReLU in place to the breakpoint's output."""
+    torch.manual_seed(3)
+    model = torchvision.models.densenet121(num_classes=5).eval()
+    maps, output = grad_cam(model, torch.randn(2, 3, 64, 64), "features", targets=[1])
+    assert maps.shape == (2, 1, 2, 2) and torch.isfinite(maps).all()
+    assert all(p.grad is None for p in model.parameters())

@@ -15,6 +15,8 @@ import torch
 
 from .cam import GradCAM
 from .engine import Explanation, explain, upsample_maps
+from .exact import SOLVERS
+from .filters import MAPS, normalize_filter
 from .gradcam import grad_cam
 from .zoo import build_model
 
@@ -94,19 +96,26 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
     """One overlay per target of image `index` (and a GIF of its convergence when asked)."""
     from .viz import apply_heatmap, save_gif
 
+    symmetric = exp.map == "signed"
     for column, path in enumerate(paths):
-        apply_heatmap(rgb, exp.maps[index, column].cpu().numpy(), alpha=0.6, save=str(path), cmap="bwr")
+        apply_heatmap(rgb, exp.maps[index, column].cpu().numpy(), alpha=0.6, save=str(path), cmap="bwr", symmetric=symmetric)
         if gif and exp.history:
-            frames = [apply_heatmap(rgb, maps[index, column].cpu().numpy(), alpha=0.6, cmap="bwr") for _, maps in exp.history]
+            frames = [apply_heatmap(rgb, maps[index, column].cpu().numpy(), alpha=0.6, cmap="bwr", symmetric=symmetric)
+                      for _, maps in exp.history]
             save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
 
 
+def _explain_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of caffast.explain that the command's flags set."""
+    return {"mode": args.mode, "targets": _parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
+            "lr": args.lr, "min_error": args.min_error, "backend": args.backend, "map": args.map, "solver": args.solver}
+
+
 def _explain_files(
-    images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], mode: str,
-    classes: Optional[list[int]], max_iter: int, lr: float, min_error: float, out: Path, gif: bool,
-    device: str, name_of, backend: str = "auto",
+    images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], options: dict, out: Path,
+    gif: bool, device: str, name_of,
 ) -> list[Path]:
-    """Explain each image file and write its overlays; returns the files written."""
+    """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
     model = _load_model(arch, weights, device)
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +124,7 @@ def _explain_files(
         _progress(done, len(images), "explaining")
         rgb, tensor = load_image(path)
         try:
-            exp = explain(model, tensor[None].to(device), layer, mode=mode, targets=classes, max_iter=max_iter,
-                          lr=lr, min_error=min_error, history=gif, backend=backend)
+            exp = explain(model, tensor[None].to(device), layer, history=gif, **options)
         except (ValueError, TypeError) as error:
             raise CliError(str(error)) from None
         names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
@@ -136,9 +144,8 @@ def _command_explain(args: argparse.Namespace) -> None:
         label = names[target] if target < len(names) else str(target)
         return f"{stem}_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png"
 
-    written = _explain_files(args.images, args.arch, args.weights, args.layer, mode, _parse_classes(args.classes),
-                             args.max_iter, args.lr, args.min_error, Path(args.out), args.gif, args.device, name_of,
-                             args.backend)
+    written = _explain_files(args.images, args.arch, args.weights, args.layer, _explain_options(args), Path(args.out),
+                             args.gif, args.device, name_of)
     print(f"wrote {len(written)} overlays to {args.out}")
 
 
@@ -150,9 +157,9 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
             return f"{stem}_cls_oblivious_{args.arch}.png"
         return f"{stem}_cls_specific_{target}_{names[target]}_{args.arch}.png"
 
-    classes = _parse_classes(getattr(args, "cls_logits", None))
-    written = _explain_files([args.input_img], args.arch, args.weights, None, mode, classes, args.max_iter, args.lr,
-                             args.min_error, Path(args.output_dir), False, args.device, name_of)
+    args.classes = getattr(args, "cls_logits", None)
+    written = _explain_files([args.input_img], args.arch, args.weights, None, _explain_options(args),
+                             Path(args.output_dir), False, args.device, name_of)
     for path in written:
         print(f"saved {path}")
 
@@ -183,26 +190,31 @@ def _localization(maps: torch.Tensor, scenes, targets: torch.Tensor) -> dict[str
 def evaluate_scenes(
     count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
 ) -> dict[str, dict[str, float]]:
-    """Class-specific L2-CAF and Grad-CAM on synthetic scenes, each class scored against its mask."""
+    """Class-specific L2-CAF with every solver and map, and Grad-CAM, on synthetic scenes: each class's
+    map scored against that class's mask."""
     from .demo_model import load_demo_model
 
     model = load_demo_model()
     scenes, images = _scene_batch(count, first_seed, objects)
     targets = torch.tensor([list(scene.labels) for scene in scenes], dtype=torch.long)
     size = tuple(images.shape[-2:])
-    l2caf = explain(model, images, "features", mode="specific", targets=targets, max_iter=max_iter)
+    results = {}
+    for solver in SOLVERS:
+        l2caf = explain(model, images, "features", mode="specific", targets=targets, max_iter=max_iter, solver=solver)
+        for kind in MAPS:
+            maps = normalize_filter(l2caf.filters, map=kind)
+            results[f"L2-CAF {solver} {kind}"] = _localization(upsample_maps(maps, size), scenes, targets)
     gradcam = grad_cam(model, images, "features", targets).maps
-    return {
-        "L2-CAF": _localization(upsample_maps(l2caf.maps, size), scenes, targets),
-        "Grad-CAM": _localization(upsample_maps(gradcam, size), scenes, targets),
-    }
+    results["Grad-CAM"] = _localization(upsample_maps(gradcam, size), scenes, targets)
+    return results
 
 
 def _print_table(results: dict[str, dict[str, float]]) -> None:
     metrics = list(next(iter(results.values())))
-    print(f"{'method':10s}" + "".join(f"{m:>15s}" for m in metrics))
+    width = max(len(method) for method in results) + 2
+    print(f"{'method':{width}s}" + "".join(f"{m:>15s}" for m in metrics))
     for method, values in results.items():
-        print(f"{method:10s}" + "".join(f"{values[m]:15.3f}" for m in metrics))
+        print(f"{method:{width}s}" + "".join(f"{values[m]:15.3f}" for m in metrics))
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
@@ -266,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--lr", type=float, default=0.5)
         command.add_argument(f"--min{dash}error", dest="min_error", type=float, default=1e-6)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument("--map", default="abs", choices=MAPS,
+                             help="abs: |f| (the reference); positive: the cells that raise the class; signed: f, "
+                                  "drawn around zero")
+        command.add_argument("--solver", default="gd", choices=SOLVERS,
+                             help="gd: the reference loop; exact: the minimizer (closed form for plain heads)")
+        command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
 
     explain_command = commands.add_parser("explain", help="explain image files")
     explain_command.add_argument("images", nargs="+")
@@ -275,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     explain_command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
     explain_command.add_argument("--out", default="caffast-out")
     explain_command.add_argument("--gif", action="store_true", help="also write a GIF of the filter converging")
-    explain_command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp"])
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(name, help=f"the reference's {name}.py, same flags and file names")

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 from .backends import filter_multiply, resolve_backend, solve_fused
 from .backends.autograd import AutogradProblem
-from .filters import CONSTRAINTS, INITS, check_choice, constrained_filter, initial_parameters, normalize_filter
+from .exact import SOLVERS, closed_form, descend, has_closed_form, stationarity
+from .filters import CONSTRAINTS, INITS, MAPS, check_choice, constrained_filter, initial_parameters, normalize_filter
 from .guard import frozen
-from .heads import detect_head, precompute
+from .heads import FusedProblem, detect_head, precompute
 from .losses import MODES, Objective, UserObjective, class_signs
 from .optim import OPTIMIZERS
-from .solve import LoopSettings, solve
+from .solve import LoopSettings, Solution, solve
 from .split import Layer, split
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
@@ -28,8 +29,11 @@ class Explanation:
 
     filters: (N, T, H, W) the raw filter (for "gauss", the Gaussian it stands for);
     parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,));
-    maps: (N, T, H, W) the attention maps, as normalize_filter gives them;
-    iterations: (N, T) optimizer steps taken; loss: (N, T) the last loss;
+    maps: (N, T, H, W) the attention maps, as normalize_filter gives them for `map`;
+    iterations: (N, T) optimizer steps taken; loss: (N, T) the loss at the last step (for "exact",
+    the objective);
+    objective: (N, T) the loss at the returned filter and gradient_norm: (N, T) the norm of its
+    projected gradient there (float64), to compare solvers: a minimizer has a vanishing one;
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
     tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
     form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran;
@@ -43,8 +47,12 @@ class Explanation:
     loss: torch.Tensor
     output: torch.Tensor
     targets: torch.Tensor
+    objective: torch.Tensor
+    gradient_norm: torch.Tensor
     mode: str
     constraint: str
+    map: str
+    solver: str
     tail: str
     path: str
     backend: str
@@ -83,7 +91,7 @@ def _check_images(images: object) -> torch.Tensor:
     return images
 
 
-def _check_settings(max_iter: int, lr: float, min_error: float, check_every: int) -> None:
+def _check_settings(max_iter: int, lr: float, min_error: float, check_every: int, tolerance: float) -> None:
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not isinstance(check_every, int) or check_every < 1:
@@ -92,6 +100,8 @@ def _check_settings(max_iter: int, lr: float, min_error: float, check_every: int
         raise ValueError(f"lr must be positive, got {lr!r}")
     if not min_error >= 0:
         raise ValueError(f"min_error must be zero or positive, got {min_error!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance!r}")
 
 
 def _resolve_targets(mode: str, targets: Targets, output: torch.Tensor) -> torch.Tensor:
@@ -149,6 +159,9 @@ def explain(
     backend: str = "auto",
     fused: bool = True,
     history: bool = False,
+    map: str = "abs",
+    solver: str = "gd",
+    tolerance: float = 1e-8,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
@@ -156,15 +169,20 @@ def explain(
     solved in one batch; the result equals solving them one by one with the reference loop.  The model
     is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused;
     `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
-    the convergence.
+    the convergence.  `map` picks how the filter becomes a map (normalize_filter).  `solver="exact"`
+    returns the minimizer instead of where the reference loop stops: in closed form for plain fused
+    heads with the l2norm constraint, otherwise by descending from the loop's answer until the
+    projected gradient is below `tolerance` (caffast.exact).
     """
     check_choice("mode", mode, MODES)
     check_choice("constraint", constraint, CONSTRAINTS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("init", init, INITS)
+    check_choice("map", map, MAPS)
+    check_choice("solver", solver, SOLVERS)
     if objective is not None and mode != "oblivious":
         raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
-    _check_settings(max_iter, lr, min_error, check_every)
+    _check_settings(max_iter, lr, min_error, check_every, tolerance)
     images = _check_images(images)
     device = _model_device(model)
     backend = resolve_backend(backend, device)
@@ -184,21 +202,37 @@ def explain(
         signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
         head = detect_head(tail, grid) if fused and objective is None else None
         initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
-        if head is not None:
-            fused_head = precompute(head, features, image_index, mode, signs)
-            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+        fused_head = None if head is None else precompute(head, features, image_index, mode, signs)
+        if fused_head is not None:
+            problem = FusedProblem(fused_head, constraint)
         else:
             loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
             multiply = filter_multiply(backend, constraint)
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
+
+        if solver == "exact" and has_closed_form(fused_head, constraint):
+            solution = Solution(
+                params=closed_form(fused_head).view(initial.shape),
+                iterations=torch.zeros(initial.shape[0], dtype=torch.long, device=device),
+                loss=torch.zeros(initial.shape[0], dtype=torch.float64, device=device),
+            )
+        elif fused_head is not None:
+            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+        else:
             solution = solve(problem, initial, settings)
+        if solver == "exact" and not has_closed_form(fused_head, constraint):
+            params, steps = descend(problem, solution.params, constraint, tolerance)
+            solution.params, solution.iterations = params, solution.iterations + steps
+        final_objective, gradient_norm = stationarity(problem, solution.params, constraint)
+        if solver == "exact":
+            solution.loss = final_objective
 
     params = solution.params.to(dtype)
     filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params
     shape = (batch, per_image)
 
     def final_maps(values: torch.Tensor) -> torch.Tensor:
-        return normalize_filter(values.to(dtype), constraint, shape=grid).reshape(*shape, *grid)
+        return normalize_filter(values.to(dtype), constraint, shape=grid, map=map).reshape(*shape, *grid)
 
     return Explanation(
         filters=filters.reshape(*shape, *grid),
@@ -208,8 +242,12 @@ def explain(
         loss=solution.loss.to(dtype).reshape(shape),
         output=capture.output,
         targets=targets,
+        objective=final_objective.double().reshape(shape),
+        gradient_norm=gradient_norm.double().reshape(shape),
         mode=mode,
         constraint=constraint,
+        map=map,
+        solver=solver,
         tail=tail.kind,
         path="generic" if head is None else "fused",
         backend=backend,

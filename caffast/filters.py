@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 CONSTRAINTS = ("l2norm", "softmax", "gauss")
 INITS = ("ones", "normal")
+MAPS = ("abs", "positive", "signed")  # how a signed l2norm filter becomes a map
 
 Grid = tuple[int, int]
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -90,21 +91,25 @@ def constrained_filter(params: torch.Tensor, constraint: str, grid: Grid) -> tor
 
 
 def normalize_filter(
-    filter: ArrayLike, filter_type: str = "l2norm", shape: Grid | None = None
+    filter: ArrayLike, filter_type: str = "l2norm", shape: Grid | None = None, map: str = "abs"
 ) -> ArrayLike:
-    """The attention map of a converged filter, as the reference finalizes it.
+    """The attention map of a converged filter; the default is the reference's finalization.
 
-    l2norm: |f| / || |f| ||; softmax: softmax over the cells; gauss: `filter` is the Gaussian's mean and
-    the map is the Gaussian on a `shape` grid (7 x 7 unless given).  Works on the last two axes (the
-    last one for a gauss mean) of a numpy array or a tensor and returns the same kind.
+    l2norm: `map` "abs" gives |f| / || |f| || (the reference), "positive" max(f, 0) / ||max(f, 0)|| (the
+    cells that raise the objective's output, all zeros when there are none), "signed" f / ||f|| (for a
+    diverging colormap); softmax: softmax over the cells; gauss: `filter` is the Gaussian's mean and the
+    map is the Gaussian on a `shape` grid (7 x 7 unless given).  softmax and Gaussian filters are
+    positive, so `map` changes nothing there.  Works on the last two axes (the last one for a gauss
+    mean) of a numpy array or a tensor and returns the same kind.
     """
     check_choice("filter_type", filter_type, CONSTRAINTS)
+    check_choice("map", map, MAPS)
     is_numpy = isinstance(filter, np.ndarray)
     values = torch.from_numpy(filter) if is_numpy else filter
     if filter_type == "l2norm":
-        magnitude = values.abs()
-        norm = torch.linalg.vector_norm(magnitude, dim=(-2, -1), keepdim=True)
-        result = magnitude / norm
+        kept = {"abs": values.abs(), "positive": values.clamp_min(0), "signed": values}[map]
+        norm = torch.linalg.vector_norm(kept, dim=(-2, -1), keepdim=True)
+        result = kept / norm.clamp_min(torch.finfo(kept.dtype).tiny)
     elif filter_type == "softmax":
         result = torch.softmax(values.flatten(-2), dim=-1).view(values.shape)
     else:

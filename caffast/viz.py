@@ -71,15 +71,21 @@ def resize_bilinear(heatmap: ArrayLike, size: Size) -> np.ndarray:
     return F.interpolate(tensor[None, None], size=_size(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def scale_map(heatmap: ArrayLike, size: Size) -> np.ndarray:
+def scale_map(heatmap: ArrayLike, size: Size, symmetric: bool = False) -> np.ndarray:
     """A (h, w) map as it is drawn: resized to size (H, W) and min-max scaled to [0, 1].
 
     A constant map becomes all zeros (the low end of the colormap), as matplotlib draws a flat image.
+    `symmetric` scales by the largest magnitude instead, so that zero lands on 0.5, the centre of a
+    diverging colormap (for signed maps: negative cells blue, positive red, zero white with 'bwr').
     """
     tensor = torch.from_numpy(_as_array(heatmap))
     if tensor.dim() != 2:
         raise ValueError(f"heatmap must have shape (h, w); got {tuple(tensor.shape)}")
-    return upsample_maps(tensor[None, None], _size(size))[0, 0].numpy()
+    if not symmetric:
+        return upsample_maps(tensor[None, None], _size(size))[0, 0].numpy()
+    resized = F.interpolate(tensor[None, None], size=_size(size), mode="bilinear", align_corners=False)[0, 0]
+    magnitude = resized.abs().max().clamp_min(torch.finfo(resized.dtype).tiny)
+    return (0.5 + 0.5 * resized / magnitude).numpy()
 
 
 def to_rgb(image: ImageLike) -> np.ndarray:
@@ -109,14 +115,16 @@ def apply_heatmap(
     alpha: float = 0.6,
     save: Optional[Union[str, Path]] = None,
     cmap: str = "bwr",
+    symmetric: bool = False,
 ) -> Image.Image:
     """The map laid over the image as the reference draws it: alpha * colour + (1 - alpha) * image.
 
-    The map is resized to the image, min-max scaled and coloured; the result is rounded to uint8,
-    written to `save` when given (format from the suffix), and returned.
+    The map is resized to the image, min-max scaled (scaled around zero when `symmetric`, for signed
+    maps) and coloured; the result is rounded to uint8, written to `save` when given (format from the
+    suffix), and returned.
     """
     rgb = to_rgb(image)
-    colours = apply_colormap(scale_map(heatmap, rgb.shape[:2]), cmap)
+    colours = apply_colormap(scale_map(heatmap, rgb.shape[:2], symmetric), cmap)
     blended = alpha * colours + (1.0 - alpha) * rgb
     picture = Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
     if save is not None:

@@ -46,6 +46,18 @@ class TestEndToEnd:
         assert result.path == "fused"
         benchmark.extra_info["iterations"] = result.iterations.float().mean().item()
 
+    @pytest.mark.parametrize("mode", ["oblivious", "specific"])
+    def test_caffast_explain_exact(self, benchmark, models, images, arch, batch, mode):
+        """solver="exact": the minimizer without the loop (closed forms on these heads)."""
+        model, x = models(arch), images[:batch]
+        benchmark.group = f"{arch}-b{batch}-end-to-end"
+        benchmark.name = f"caffast exact {mode}"
+        result = benchmark.pedantic(
+            caffast.explain, args=(model, x, ARCHITECTURES[arch]), kwargs=dict(mode=mode, solver="exact"), **ROUNDS,
+        )
+        assert result.path == "fused"
+        benchmark.extra_info["iterations"] = result.iterations.float().mean().item()
+
     def test_pytorch_grad_cam(self, benchmark, models, images, arch, batch):
         model, x = models(arch), images[:batch]
         benchmark.group = f"{arch}-b{batch}-end-to-end"

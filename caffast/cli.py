@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(mode=mode)
 
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
-    evaluate.add_argument("--scenes", type=int, default=200)
+    evaluate.add_argument("--scenes", type=int, default=2000)
     evaluate.add_argument("--max-iter", type=int, default=1000)
     return parser
 

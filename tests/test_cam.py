@@ -65,3 +65,12 @@ def test_bad_targets(model):
             cam(input_tensor=torch.randn(1, 3, 64, 64), targets=["cat"])
     with pytest.raises(ValueError, match="target_layers is empty"):
         GradCAM(model, target_layers=[])
+
+
+def test_l2caf_takes_the_map_and_solver_options(model):
+    images = torch.randn(2, 3, 64, 64)
+    with L2CAF(model, target_layers=[model.layer4], map="positive", solver="exact") as cam:
+        maps = cam(input_tensor=images, targets=[3, 1])
+    exp = caffast.explain(model, images, model.layer4, mode="specific", targets=torch.tensor([[3], [1]]),
+                          map="positive", solver="exact")
+    np.testing.assert_allclose(maps, exp.upsample(64)[:, 0].numpy(), atol=1e-6)

@@ -78,3 +78,23 @@ def test_l2caf_points_at_the_object():
     """Single-object scenes from the shipped model: L2-CAF's maximum lies on the object."""
     results = evaluate_scenes(50, max_iter=1000, objects=1)
     assert results["L2-CAF gd abs"]["pointing game"] >= 0.8
+
+
+def test_map_and_solver_options(tmp_path, photo):
+    out = tmp_path / "out"
+    code = main(["explain", str(photo), "--arch", "resnet18", "--weights", "random", "--classes", "3",
+                 "--map", "signed", "--solver", "exact", "--out", str(out)])
+    assert code == 0
+    (picture,) = out.iterdir()
+    assert Image.open(picture).size == (224, 224)
+    with pytest.raises(SystemExit):
+        main(["explain", str(photo), "--map", "bogus"])
+
+
+def test_evaluate_reports_every_solver_and_map(capsys):
+    assert main(["evaluate", "--scenes", "3", "--max-iter", "50"]) == 0
+    printed = capsys.readouterr().out
+    for solver in ("gd", "exact"):
+        for kind in ("abs", "positive", "signed"):
+            assert f"L2-CAF {solver} {kind}" in printed
+    assert "Grad-CAM" in printed and "IoU AUC" in printed

@@ -77,3 +77,11 @@ def test_files_are_written(tmp_path):
     save_gif(frames, tmp_path / "run.gif", duration_ms=50)
     with Image.open(tmp_path / "run.gif") as gif:
         assert gif.n_frames == 3 and gif.size == (8, 8)
+
+
+def test_symmetric_scaling_puts_zero_at_the_centre():
+    heatmap = np.array([[-1.0, 0.0], [0.5, 2.0]])
+    scaled = scale_map(heatmap, (2, 2), symmetric=True)
+    np.testing.assert_allclose(scaled, 0.5 + 0.5 * heatmap / 2.0)
+    picture = np.asarray(apply_heatmap(np.zeros((2, 2, 3)), heatmap, alpha=1.0, symmetric=True))
+    assert (picture[0, 1] >= 250).all() and (picture[1, 1] == [255, 0, 0]).all()  # zero white, top red

@@ -39,7 +39,7 @@ def has_closed_form(head: FusedHead | None, constraint: str) -> bool:
     """Fused heads with the unit-sphere filter, class-specific or plain: solved without iterating."""
     if head is None or constraint != "l2norm":
         return False
-    return head.mode == "specific" or head.gram.shape[1] == 1
+    return head.mode == "specific" or head.parts == 1
 
 
 def closed_form(head: FusedHead) -> torch.Tensor:

@@ -135,21 +135,25 @@ def _pool_drops_spatial(node: fx.Node) -> bool:
 class FusedHead:
     """Everything an iteration needs, precomputed (float64).
 
-    gram (I, S, S, HW, HW): gram[i, a, b] = M_a^T M_b for image i, S = 2 after a ReLU (a = 0: the
-    cells where g >= 0 use M+, a = 1: the cells where g < 0 use M-), else 1.  Class-oblivious needs
-    nothing else: FT - NT = [M+ | M-] z / HW with z = [g+ - 1, g-] (g+ and g- the filter on its
+    S parts (`parts`): 2 after a ReLU (a = 0: the cells where g >= 0 use M+, a = 1: the cells where
+    g < 0 use M-), else 1.  Class-oblivious reads only gram (I, S, S, HW, HW), gram[i, a, b] =
+    M_a^T M_b for image i: FT - NT = [M+ | M-] z / HW with z = [g+ - 1, g-] (g+ and g- the filter on its
     non-negative and negative cells), so the loss z^T G z / (K HW^2) is a sum over the Grams with no
     large constant to cancel.  Class-specific: linear (P, S, HW) = M_a^T s and constant (P,) = s . b,
     the loss being sum_a g_a . linear_a / HW + constant.  image (P,): each problem's image.
     """
 
-    gram: torch.Tensor
+    gram: Optional[torch.Tensor]
     linear: Optional[torch.Tensor]
     constant: Optional[torch.Tensor]
     image: torch.Tensor
     mode: str
     classes: int
     grid: Grid
+
+    @property
+    def parts(self) -> int:
+        return (self.gram if self.mode == "oblivious" else self.linear).shape[1]
 
 
 def precompute(
@@ -159,7 +163,8 @@ def precompute(
     mode: str,
     signs: Optional[torch.Tensor],
 ) -> FusedHead:
-    """The truncated forward: M (or M+ and M-) by one batched product, then the Grams and vectors."""
+    """The truncated forward: M (or M+ and M-) by one batched product, then what the mode reads: the
+    Grams (class-oblivious) or the linear terms (class-specific)."""
     _, _, height, width = features.shape
     # M in the network's own precision (float32 for float32 features, as the tail would compute it);
     # the Grams, the loop and the stopping decisions in float64
@@ -167,9 +172,10 @@ def precompute(
     weight = spec.weight.detach().to(cells.dtype)
     parts = [cells.clamp_min(0), cells.clamp_max(0)] if spec.relu else [cells]
     products = torch.stack([weight @ part for part in parts], dim=1).to(torch.float64)  # (N, S, K, HW)
-    gram = torch.einsum("naki,nbkj->nabij", products, products)
-    linear = constant = None
-    if mode == "specific":
+    gram = linear = constant = None
+    if mode == "oblivious":
+        gram = torch.einsum("naki,nbkj->nabij", products, products)
+    else:
         weights = signs.to(torch.float64)
         linear = torch.einsum("pskj,pk->psj", products.index_select(0, image_index), weights)
         bias = torch.zeros_like(weights[0]) if spec.bias is None else spec.bias.detach().to(torch.float64)
@@ -201,7 +207,7 @@ class FusedProblem:
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
             g = constrained_filter(params, self.constraint, head.grid).flatten(1)
-            parts = filter_parts(g, head.gram.shape[1])
+            parts = filter_parts(g, head.parts)
             if head.mode == "specific":
                 linear = head.linear.index_select(0, active)
                 projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))

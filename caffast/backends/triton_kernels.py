@@ -534,11 +534,6 @@ def solve_fused_torch(
     check_every: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of `solve_fused`: caffast.solve.solve on caffast.heads.FusedProblem, same arguments."""
-    cells = grid[0] * grid[1]
-    if mode == "specific":  # FusedProblem reads the part count off the Gram's shape
-        signs = linear.shape[1]
-        gram = torch.empty((0, signs, signs, cells, cells), dtype=params.dtype, device=params.device)
-        image = torch.zeros(params.shape[0], dtype=torch.int64, device=params.device)
     head = FusedHead(gram, linear, constant, image, mode, classes, tuple(grid))
     settings = LoopSettings(max_iter=max_iter, lr=lr, min_error=min_error, check_every=check_every, optimizer=optimizer)
     solution = solve(FusedProblem(head, constraint), params, settings)

@@ -189,7 +189,8 @@ def explain(
             solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
         else:
             loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
-            multiply = filter_multiply(backend, constraint)
+            # the compiled filters take float32/64 features; half-precision ones get the torch multiply
+            multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
             solution = solve(problem, initial, settings)
 

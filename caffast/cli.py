@@ -4,9 +4,9 @@ own flags, and a localization evaluation on synthetic scenes."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,10 +16,9 @@ import torch
 from .cam import GradCAM
 from .engine import Explanation, explain, upsample_maps
 from .gradcam import grad_cam
+from .imagefiles import IMAGENET, ImageReadError, read_image
 from .zoo import build_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
                   "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
                   "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers"}
@@ -39,19 +38,10 @@ def _progress(done: int, total: int, label: str) -> None:
 def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
     """The reference's preprocessing: shorter side to 256, centre crop 224, ImageNet normalization.
     Returns the crop as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import functional as TF
-
-    if not os.path.isfile(path):
-        raise CliError(f"image {path!r} does not exist")
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CliError(f"cannot read image {path!r}: {error}") from None
-    crop = TF.center_crop(TF.resize(image, round(size * 256 / 224)), [size, size])
-    tensor = TF.to_tensor(crop)
-    return tensor.permute(1, 2, 0).numpy(), TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+        return read_image(path, replace(IMAGENET, size=size))
+    except ImageReadError as error:
+        raise CliError(str(error)) from None
 
 
 def default_layer(arch: str) -> str:

@@ -132,6 +132,14 @@ def _command_explain(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} overlays to {args.out}")
 
 
+def _command_run(args: argparse.Namespace) -> None:
+    from .runner import run_dataset
+
+    summary = run_dataset(args)
+    if summary is not None:  # rank 0 of a torchrun run, or the only process
+        print(summary)
+
+
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
     """The reference scripts' flags and file names (class_oblivious.py / class_specific.py)."""
 
@@ -257,15 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(f"--min{dash}error", dest="min_error", type=float, default=1e-6)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
+    def explain_settings(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
+        command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
+        command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
+        command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp"])
+
     explain_command = commands.add_parser("explain", help="explain image files")
     explain_command.add_argument("images", nargs="+")
     model_options(explain_command, reference=False)
-    explain_command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
-    explain_command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
-    explain_command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
+    explain_settings(explain_command)
     explain_command.add_argument("--out", default="caffast-out")
     explain_command.add_argument("--gif", action="store_true", help="also write a GIF of the filter converging")
-    explain_command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp"])
+
+    run = commands.add_parser(
+        "run", help="explain every image of a folder tree; resumable, and split over processes under torchrun",
+        description="Explain every image under DATA_DIR into OUT: a .npz per image, optional overlays and "
+        "OUT/index.jsonl. Rerun the same command after an interruption to finish the rest. --arch demo "
+        "runs the shipped demo model (64 x 64 inputs, layer 'features').",
+    )  # fmt: skip
+    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+    run.add_argument("--out", required=True, help="output folder; rerunning into it finishes an interrupted run")
+    model_options(run, reference=False)
+    explain_settings(run)
+    run.add_argument("--batch-size", type=int, default=16, help="images per explain call (halved on out-of-memory)")
+    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="the model's precision (the filters are float32 whatever it is)")
+    run.add_argument("--overlays", action="store_true", help="also write an overlay PNG per image and target")
+    run.add_argument("--retry-failed", action="store_true", help="explain again the images that failed before")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(name, help=f"the reference's {name}.py, same flags and file names")
@@ -289,6 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_demo(args)
         elif args.command == "explain":
             _command_explain(args)
+        elif args.command == "run":
+            _command_run(args)
         elif args.command in ("class_oblivious", "class_specific"):
             _command_reference(args, args.mode)
         else:

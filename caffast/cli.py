@@ -4,9 +4,9 @@ own flags, and a localization evaluation on synthetic scenes."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,10 +18,9 @@ from .engine import Explanation, explain, upsample_maps
 from .exact import SOLVERS
 from .filters import MAPS, normalize_filter
 from .gradcam import grad_cam
+from .imagefiles import IMAGENET, ImageReadError, read_image
 from .zoo import build_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
                   "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
                   "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers"}
@@ -41,19 +40,10 @@ def _progress(done: int, total: int, label: str) -> None:
 def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
     """The reference's preprocessing: shorter side to 256, centre crop 224, ImageNet normalization.
     Returns the crop as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import functional as TF
-
-    if not os.path.isfile(path):
-        raise CliError(f"image {path!r} does not exist")
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CliError(f"cannot read image {path!r}: {error}") from None
-    crop = TF.center_crop(TF.resize(image, round(size * 256 / 224)), [size, size])
-    tensor = TF.to_tensor(crop)
-    return tensor.permute(1, 2, 0).numpy(), TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+        return read_image(path, replace(IMAGENET, size=size))
+    except ImageReadError as error:
+        raise CliError(str(error)) from None
 
 
 def default_layer(arch: str) -> str:
@@ -105,10 +95,15 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
             save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
 
 
-def _explain_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of caffast.explain that the command's flags set."""
+def explain_options(args: argparse.Namespace) -> dict:
+    """caffast.explain's keyword arguments that shape the results, from the command's flags.
+
+    The one place they are built: an option added here reaches every command, and `caffast run`'s
+    config.json (which refuses to mix results of different values).  The backend is not among them:
+    every backend gives the same results.
+    """
     return {"mode": args.mode, "targets": _parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
-            "lr": args.lr, "min_error": args.min_error, "backend": args.backend, "map": args.map, "solver": args.solver}
+            "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver}
 
 
 def _explain_files(
@@ -144,9 +139,18 @@ def _command_explain(args: argparse.Namespace) -> None:
         label = names[target] if target < len(names) else str(target)
         return f"{stem}_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png"
 
-    written = _explain_files(args.images, args.arch, args.weights, args.layer, _explain_options(args), Path(args.out),
-                             args.gif, args.device, name_of)
+    options = {**explain_options(args), "backend": args.backend}
+    written = _explain_files(args.images, args.arch, args.weights, args.layer, options, Path(args.out), args.gif,
+                             args.device, name_of)
     print(f"wrote {len(written)} overlays to {args.out}")
+
+
+def _command_run(args: argparse.Namespace) -> None:
+    from .runner import run_dataset
+
+    summary = run_dataset(args)
+    if summary is not None:  # rank 0 of a torchrun run, or the only process
+        print(summary)
 
 
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
@@ -158,8 +162,9 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         return f"{stem}_cls_specific_{target}_{names[target]}_{args.arch}.png"
 
     args.classes = getattr(args, "cls_logits", None)
-    written = _explain_files([args.input_img], args.arch, args.weights, None, _explain_options(args),
-                             Path(args.output_dir), False, args.device, name_of)
+    options = {**explain_options(args), "backend": args.backend}
+    written = _explain_files([args.input_img], args.arch, args.weights, None, options, Path(args.output_dir), False,
+                             args.device, name_of)
     for path in written:
         print(f"saved {path}")
 
@@ -285,14 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
                              help="gd: the reference loop; exact: the minimizer (closed form for plain heads)")
         command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
 
+    def explain_settings(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
+        command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
+        command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
+
     explain_command = commands.add_parser("explain", help="explain image files")
     explain_command.add_argument("images", nargs="+")
     model_options(explain_command, reference=False)
-    explain_command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
-    explain_command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
-    explain_command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
+    explain_settings(explain_command)
     explain_command.add_argument("--out", default="caffast-out")
     explain_command.add_argument("--gif", action="store_true", help="also write a GIF of the filter converging")
+
+    run = commands.add_parser(
+        "run", help="explain every image of a folder tree; resumable, and split over processes under torchrun",
+        description="Explain every image under DATA_DIR into OUT: a .npz per image, optional overlays and "
+        "OUT/index.jsonl. Rerun the same command after an interruption to finish the rest. --arch demo "
+        "runs the shipped demo model (64 x 64 inputs, layer 'features').",
+    )  # fmt: skip
+    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+    run.add_argument("--out", required=True, help="output folder; rerunning into it finishes an interrupted run")
+    model_options(run, reference=False)
+    explain_settings(run)
+    run.add_argument("--batch-size", type=int, default=16, help="images per explain call (halved on out-of-memory)")
+    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="the model's precision (the filters are float32 whatever it is)")
+    run.add_argument("--overlays", action="store_true", help="also write an overlay PNG per image and target")
+    run.add_argument("--retry-failed", action="store_true", help="explain again the images that failed before")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(name, help=f"the reference's {name}.py, same flags and file names")
@@ -316,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_demo(args)
         elif args.command == "explain":
             _command_explain(args)
+        elif args.command == "run":
+            _command_run(args)
         elif args.command in ("class_oblivious", "class_specific"):
             _command_reference(args, args.mode)
         else:

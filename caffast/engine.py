@@ -207,7 +207,8 @@ def explain(
             problem = FusedProblem(fused_head, constraint)
         else:
             loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
-            multiply = filter_multiply(backend, constraint)
+            # the compiled filters take float32/64 features; half-precision ones get the torch multiply
+            multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
 
         if solver == "exact" and has_closed_form(fused_head, constraint):

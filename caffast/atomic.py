@@ -1,0 +1,83 @@
+"""Atomic file writes: a reader, or a run started again after a kill, sees a whole file or none.
+
+Each file is written to a temporary file in its own directory, flushed and fsynced, then renamed over
+the destination with os.replace (atomic on POSIX and Windows within one file system); the directory is
+fsynced too, so a rename that returned survives a power cut.  A killed writer leaves at most a hidden
+``.NAME.*.tmp`` file, which `remove_temporaries` deletes and nothing ever reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Union
+
+import numpy as np
+
+TEMPORARY_SUFFIX = ".tmp"
+
+PathLike = Union[str, os.PathLike]
+
+
+def _fsync_directory(directory: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: directories cannot be opened; the rename is durable
+        return
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Create or replace `path` with what `write(file)` writes to a binary file object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    write_atomically(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def write_json(path: PathLike, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def write_npz(path: PathLike, arrays: dict[str, np.ndarray]) -> None:
+    write_atomically(path, lambda file: np.savez(file, **arrays))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of write_atomically's temporaries."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def remove_temporaries(root: PathLike) -> int:
+    """Delete the temporaries a killed writer left under `root`; returns how many.  Call it only while
+    nothing writes under `root`."""
+    removed = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if is_temporary(name):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    continue
+                removed += 1
+    return removed

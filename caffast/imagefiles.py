@@ -1,0 +1,85 @@
+"""Image files: finding them in a folder tree and turning one into a model input."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import data
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PathLike = Union[str, os.PathLike]
+
+
+class ImageReadError(Exception):
+    """An image file that is missing or cannot be decoded; the message names the file and the cause."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes a model input.
+
+    crop: the reference's resize (shorter side to size * 256 / 224, then a centre crop of size x size);
+    otherwise the whole picture is resized to size x size.  Then each channel becomes (x - mean) / std.
+    """
+
+    size: int
+    crop: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# the shipped demo model's input: a 64 x 64 scene normalized as caffast.data.normalize does
+DEMO = Preprocessing(64, crop=False, mean=(data.MEAN,) * 3, std=(data.STD,) * 3)
+
+
+def find_images(root: PathLike, exclude: Optional[PathLike] = None) -> list[str]:
+    """The image files under `root`, recursively, as '/'-separated paths relative to it, sorted.
+
+    An image is a file whose suffix is one of IMAGE_SUFFIXES, in any letter case; hidden files and
+    folders (a leading '.') are left out, and so is the folder `exclude` (an output folder inside
+    `root` must not feed its own pictures back in).
+    """
+    skipped = os.path.realpath(exclude) if exclude is not None else None
+    found = []
+    for directory, folders, names in os.walk(root):
+        folders[:] = [
+            folder for folder in folders
+            if not folder.startswith(".") and os.path.realpath(os.path.join(directory, folder)) != skipped
+        ]  # fmt: skip
+        relative = Path(directory).relative_to(root)
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append((relative / name).as_posix())
+    return sorted(found)
+
+
+def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
+    """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
+    normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image {os.fspath(path)!r} does not exist")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
+    size = preprocessing.size
+    if preprocessing.crop:
+        image = TF.center_crop(TF.resize(image, round(size * 256 / 224)), [size, size])
+    else:
+        image = TF.resize(image, [size, size])
+    tensor = TF.to_tensor(image)
+    return tensor.permute(1, 2, 0).numpy(), TF.normalize(tensor, list(preprocessing.mean), list(preprocessing.std))

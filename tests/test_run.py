@@ -1,0 +1,257 @@
+"""`caffast run`: folder runs that resume after a kill, refuse mixed settings, split batches that do
+not fit, record broken images, and give the same results under torchrun."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caffast import runner
+from caffast.cli import main
+from caffast.data import make_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["--arch", "demo", "--max-iter", "100"]
+IMAGES = 12  # plus one broken file
+
+
+def _env() -> dict:
+    """Subprocesses import this checkout's caffast and compute on one thread, as the reference run
+    does (thread counts may change the last bit of a convolution)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _run_args(data: Path, out: Path, *options: str) -> list[str]:
+    return ["run", str(data), "--out", str(out), *SETTINGS, *options]
+
+
+def _outputs(out: Path) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    arrays = {
+        path.relative_to(out).as_posix(): dict(np.load(path)) for path in sorted((out / "results").rglob("*.npz"))
+    }
+    return index, arrays
+
+
+def _assert_same_outputs(out: Path, expected: Path, atol: float = 0.0) -> None:
+    """Same index rows and result files; integer arrays equal, float arrays equal or within atol."""
+    index, arrays = _outputs(out)
+    expected_index, expected_arrays = _outputs(expected)
+    assert sorted(arrays) == sorted(expected_arrays)
+    for name, values in arrays.items():
+        for key, value in values.items():
+            wanted = expected_arrays[name][key]
+            assert value.dtype == wanted.dtype and value.shape == wanted.shape, (name, key)
+            if value.dtype.kind == "f" and atol:
+                np.testing.assert_allclose(value, wanted, rtol=0, atol=atol, err_msg=f"{name} {key}")
+            else:
+                np.testing.assert_array_equal(value, wanted, err_msg=f"{name} {key}")
+    if atol:
+        for row, wanted in zip(index, expected_index):
+            for key in ("loss", "objective"):
+                assert row.pop(key, 0.0) == pytest.approx(wanted.pop(key, 0.0), abs=atol)
+    assert index == expected_index
+
+
+def _save(scene_image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((scene_image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Scenes as .png, .PNG, .bmp and .jpg in nested folders, a broken .png and a text file."""
+    root = tmp_path_factory.mktemp("data")
+    names = ["a.png", "b.PNG", "c.bmp", "d.jpg", "sub/e.png", "sub/f.png", "sub/deeper/g.png", "h.png",
+             "i.png", "sub/j.png", "k.png", "l.png"]  # fmt: skip
+    for seed, name in enumerate(names):
+        _save(make_scene(seed, size=80 if seed % 4 == 0 else 64).image, root / name)
+    (root / "sub" / "broken.png").write_bytes(b"this is not a picture")
+    (root / "notes.txt").write_text("not an image")
+    assert len(names) == IMAGES
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted run, one image per batch, on one thread."""
+    out = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_run_args(dataset, out, "--batch-size", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_every_image_has_a_result_and_the_broken_one_is_recorded(reference):
+    index, arrays = _outputs(reference)
+    assert len(index) == IMAGES + 1 and len(arrays) == IMAGES
+    failed = [row for row in index if row["status"] == "failed"]
+    assert [row["image"] for row in failed] == ["sub/broken.png"]
+    assert "cannot read image" in failed[0]["error"] and "broken.png" in failed[0]["error"]
+    images = [row["image"] for row in index]
+    assert images == sorted(images) and "sub/deeper/g.png" in images and "b.PNG" in images
+    row = next(row for row in index if row["image"] == "sub/e.png")
+    assert row["status"] == "done" and row["result"] == "results/sub/e.png.npz" and row["iterations"] == 100
+    result = arrays["results/sub/e.png.npz"]
+    assert result["maps"].dtype == np.float32 and result["filters"].dtype == np.float32
+    assert result["maps"].shape == (1, 8, 8) and result["targets"].tolist() == [row["target"]]
+    assert float(result["loss"][0]) == row["loss"]
+    config = json.loads((reference / "config.json").read_text())
+    assert config["arch"] == "demo" and config["layer"] == "features" and config["explain"]["max_iter"] == 100
+
+
+def test_killed_run_resumes_without_redoing_anything(dataset, reference, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("records/**/*.json"))) < 2:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    finished = {path: path.stat().st_mtime_ns for path in out.glob("records/**/*.json")}
+    results = {path: path.stat().st_mtime_ns for path in out.glob("results/**/*.npz")}
+    assert 2 <= len(finished) < IMAGES + 1
+    stale = out / "results" / ".a.png.npz.x1y2z3.tmp"  # what a kill during a write leaves
+    stale.write_bytes(b"half a file")
+
+    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    skipped = int(re.search(r"(\d+) skipped", rerun.stdout).group(1))
+    assert skipped == len(finished)
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished  # records untouched
+    for path, mtime in results.items():  # results of finished images untouched
+        if out / "records" / path.relative_to(out / "results").with_suffix(".json") in finished:
+            assert path.stat().st_mtime_ns == mtime
+    assert not stale.exists() and not list(out.rglob("*.tmp"))
+    index, _ = _outputs(out)
+    assert len({(row["image"], row["target"]) for row in index}) == len(index) == IMAGES + 1
+    _assert_same_outputs(out, reference)
+
+
+def test_other_settings_are_refused(dataset, reference, capsys):
+    config = (reference / "config.json").read_text()
+    for option, value, setting in (("--mode", "oblivious", "explain.mode"), ("--lr", "0.1", "explain.lr")):
+        assert main(_run_args(dataset, reference, "--batch-size", "1", option, value)) == 2
+        error = capsys.readouterr().err
+        assert setting in error and "--out" in error and str(reference) in error
+    assert (reference / "config.json").read_text() == config
+    # batch size, device and backend do not change results: the same folder takes them
+    assert main(_run_args(dataset, reference, "--batch-size", "4", "--backend", "torch")) == 0
+    assert f"{IMAGES + 1} skipped" in capsys.readouterr().out
+
+
+def _failing_for_large_batches(monkeypatch, largest: int) -> list[int]:
+    """Make the runner's explain raise out-of-memory for batches above `largest`; returns the sizes seen."""
+    sizes = []
+    explain = runner.explain
+    error = getattr(torch, "OutOfMemoryError", RuntimeError)
+
+    def explain_or_run_out(model, images, *args, **kwargs):
+        sizes.append(images.shape[0])
+        if images.shape[0] > largest:
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return explain(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain", explain_or_run_out)
+    return sizes
+
+
+def test_batches_that_do_not_fit_are_split(dataset, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    assert main(_run_args(dataset, whole, "--batch-size", "8")) == 0
+    sizes = _failing_for_large_batches(monkeypatch, largest=2)
+    split = tmp_path / "split"
+    assert main(_run_args(dataset, split, "--batch-size", "8")) == 0
+    assert max(sizes[1:]) > 2 and sizes[-1] <= 2  # it tried the big batch, then kept to what fitted
+    _assert_same_outputs(split, whole, atol=1e-6)  # other batch compositions round differently
+
+
+def test_an_image_that_never_fits_fails_and_is_retried_on_request(dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _failing_for_large_batches(monkeypatch, largest=0)
+    monkeypatch.setattr(runner.Runner, "check_settings", lambda self: None)
+    assert main(_run_args(dataset, out, "--batch-size", "4")) == 0
+    index, _ = _outputs(out)
+    assert {row["status"] for row in index} == {"failed"}
+    assert all("out of memory" in row["error"] for row in index if row["image"] != "sub/broken.png")
+    assert f"0 images done, {IMAGES + 1} failed" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(_run_args(dataset, out, "--batch-size", "4")) == 0  # failed counts as finished
+    assert f"{IMAGES + 1} skipped" in capsys.readouterr().out
+    assert main(_run_args(dataset, out, "--batch-size", "4", "--retry-failed")) == 0
+    assert f"{IMAGES} images done, 1 failed, 0 skipped" in capsys.readouterr().out
+    index, _ = _outputs(out)
+    assert [row["image"] for row in index if row["status"] == "failed"] == ["sub/broken.png"]
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert runner.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert runner.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    if hasattr(torch, "OutOfMemoryError"):
+        assert runner.is_out_of_memory(torch.OutOfMemoryError("no more"))
+    assert not runner.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not runner.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")]  # fmt: skip
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{IMAGES} images done, 1 failed, 0 skipped" in result.stdout
+    _assert_same_outputs(out, reference)
+
+
+def test_bfloat16_model_gives_float32_results_close_to_float32(dataset, reference, tmp_path):
+    out = tmp_path / "out"
+    assert main(_run_args(dataset, out, "--dtype", "bfloat16")) == 0
+    _, arrays = _outputs(out)
+    _, expected = _outputs(reference)
+    for name, values in arrays.items():
+        assert values["maps"].dtype == values["filters"].dtype == values["loss"].dtype == np.float32
+        if np.array_equal(values["targets"], expected[name]["targets"]):
+            np.testing.assert_allclose(values["maps"], expected[name]["maps"], rtol=0, atol=0.05)
+
+
+def test_torchvision_model_with_random_weights_and_overlays(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for seed in range(2):
+        pixels = np.random.default_rng(seed).integers(0, 255, size=(240, 300, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"photo{seed}.jpg")
+    out = tmp_path / "out"
+    argv = ["run", str(data), "--out", str(out), "--arch", "resnet18", "--weights", "random", "--max-iter", "5",
+            "--classes", "3,7", "--overlays"]  # fmt: skip
+    assert main(argv) == 0
+    index, arrays = _outputs(out)
+    assert [(row["image"], row["target"]) for row in index] == [(f"photo{s}.jpg", k) for s in range(2) for k in (3, 7)]
+    assert arrays["results/photo0.jpg.npz"]["maps"].shape == (2, 7, 7)
+    for row in index:
+        assert Image.open(out / row["overlay"]).size == (224, 224)
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer"] == "layer4" and config["input"]["size"] == 224 and config["explain"]["targets"] == [3, 7]
+
+
+@pytest.mark.parametrize("folder,message", [("missing", "does not exist"), ("empty", "no images")])
+def test_data_folder_errors(folder, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["run", str(tmp_path / folder), "--out", str(tmp_path / "out"), "--arch", "demo"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -224,7 +224,9 @@ def explain(
         if solver == "exact" and not has_closed_form(fused_head, constraint):
             params, steps = descend(problem, solution.params, constraint, tolerance)
             solution.params, solution.iterations = params, solution.iterations + steps
-        final_objective, gradient_norm = stationarity(problem, solution.params, constraint)
+        kinked = fused_head is not None and fused_head.parts == 2 and constraint == "l2norm"
+        mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
+        final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
         if solver == "exact":
             solution.loss = final_objective
 

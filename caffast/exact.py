@@ -21,6 +21,8 @@ search until the projected gradient is below a tolerance, so its objective never
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -170,11 +172,24 @@ def descend(
     return params, steps
 
 
-def stationarity(problem: Problem, params: torch.Tensor, constraint: str) -> tuple[torch.Tensor, torch.Tensor]:
+def stationarity(
+    problem: Problem, params: torch.Tensor, constraint: str, mirrored: Optional[Problem] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss at `params` and the norm of its projected gradient (the gradient on the sphere's
-    tangent plane for l2norm, the plain gradient for the other parameterizations)."""
+    tangent plane for l2norm, the plain gradient for the other parameterizations).
+
+    `mirrored` is the same problem differentiated from the other side of a ReLU head's kink.  At a
+    cell where the filter is exactly zero the loss has two one-sided slopes; the gradient takes the
+    one of least magnitude between them (zero when they straddle zero), the minimal-norm subgradient,
+    so that a minimizer with zero cells reports a vanishing norm too.
+    """
     at = _on_sphere(params.clone(), constraint)
-    loss, grad = problem.loss_and_grad(at, torch.arange(at.shape[0], device=at.device))
+    everyone = torch.arange(at.shape[0], device=at.device)
+    loss, grad = problem.loss_and_grad(at, everyone)
+    if mirrored is not None:
+        _, other = mirrored.loss_and_grad(at, everyone)
+        least = torch.minimum(grad, other).clamp_min(0) + torch.maximum(grad, other).clamp_max(0)
+        grad = torch.where(at == 0, least, grad)
     return loss, _norms(grad)
 
 

@@ -183,23 +183,29 @@ def precompute(
     return FusedHead(gram, linear, constant, image_index, mode, spec.weight.shape[0], (height, width))
 
 
-def filter_parts(g: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """The filter split by sign, one part per Gram block: [g] for a plain head, [g+, g-] after a ReLU."""
+def filter_parts(g: torch.Tensor, parts: int, zeros_negative: bool = False) -> list[torch.Tensor]:
+    """The filter split by sign, one part per Gram block: [g] for a plain head, [g+, g-] after a ReLU.
+
+    Cells at exactly zero count as non-negative, or as negative with `zeros_negative`: the loss is
+    the same either way, its gradient is that of the piece on the chosen side of the ReLU's kink.
+    """
     if parts == 1:
         return [g]
-    positive = g >= 0
+    positive = g > 0 if zeros_negative else g >= 0
     return [torch.where(positive, g, 0), torch.where(positive, 0, g)]
 
 
 class FusedProblem:
     """The fused head's loss as an explicit function of the filter, differentiated by autograd.
 
-    This is the plain PyTorch twin of the compiled fused solvers.
+    This is the plain PyTorch twin of the compiled fused solvers.  `zeros_negative` differentiates
+    at zero cells from the negative side (see filter_parts).
     """
 
-    def __init__(self, head: FusedHead, constraint: str):
+    def __init__(self, head: FusedHead, constraint: str, zeros_negative: bool = False):
         self.head = head
         self.constraint = constraint
+        self.zeros_negative = zeros_negative
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.head
@@ -207,7 +213,7 @@ class FusedProblem:
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
             g = constrained_filter(params, self.constraint, head.grid).flatten(1)
-            parts = filter_parts(g, head.parts)
+            parts = filter_parts(g, head.parts, self.zeros_negative)
             if head.mode == "specific":
                 linear = head.linear.index_select(0, active)
                 projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))

@@ -163,9 +163,24 @@ def test_exact_is_lower_than_the_loop_and_stationary(mode, relu_head):
     found = caffast.explain(model, images, "2", mode=mode, targets=targets, max_iter=300, solver="exact")
     assert found.path == "fused" and found.solver == "exact"
     assert (found.objective <= loop.objective + 1e-10 * loop.objective.abs().clamp_min(1)).all()
-    if not relu_head:
+    if not relu_head or mode == "specific":  # the closed forms
         assert (found.iterations == 0).all()
         assert (found.gradient_norm < 1e-10 * loop.gradient_norm.clamp_min(1)).all()
+    else:
+        assert (found.gradient_norm < 1e-8).all()
+
+
+def test_gradient_norm_at_a_kink_is_the_least_subgradient():
+    """After a ReLU the class-specific minimizer leaves cells at exactly zero, where the loss has two
+    one-sided slopes; both straddle zero there, so the reported norm vanishes."""
+    torch.manual_seed(0)
+    model = small_cnn(9, relu_head=True)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    found = caffast.explain(model, images, "2", mode="specific", targets=[2], solver="exact")
+    assert (found.filters == 0).any()
+    assert (found.gradient_norm < 1e-12).all()
+    nudged = caffast.explain(model, images, "2", mode="specific", targets=[2], max_iter=5)
+    assert (nudged.gradient_norm > 1e-6).all()
 
 
 def test_exact_agrees_across_backends_and_paths():

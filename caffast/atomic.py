@@ -3,7 +3,8 @@
 Each file is written to a temporary file in its own directory, flushed and fsynced, then renamed over
 the destination with os.replace (atomic on POSIX and Windows within one file system); the directory is
 fsynced too, so a rename that returned survives a power cut.  A killed writer leaves at most a hidden
-``.NAME.*.tmp`` file, which `remove_temporaries` deletes and nothing ever reads.
+``.caffast-*.tmp`` file (a short name, so any destination name that fits fits its temporary too),
+which `remove_temporaries` deletes and nothing ever reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
 
+TEMPORARY_PREFIX = ".caffast-"
 TEMPORARY_SUFFIX = ".tmp"
 
 PathLike = Union[str, os.PathLike]
@@ -35,7 +37,7 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Create or replace `path` with what `write(file)` writes to a binary file object."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
@@ -65,14 +67,16 @@ def write_npz(path: PathLike, arrays: dict[str, np.ndarray]) -> None:
 
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of write_atomically's temporaries."""
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+    return name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)
 
 
-def remove_temporaries(root: PathLike) -> int:
-    """Delete the temporaries a killed writer left under `root`; returns how many.  Call it only while
-    nothing writes under `root`."""
+def remove_temporaries(root: PathLike, recursive: bool = True) -> int:
+    """Delete the temporaries a killed writer left in `root` (and below it when `recursive`); returns
+    how many.  Call it only while nothing writes there."""
     removed = 0
-    for directory, _, names in os.walk(root):
+    for directory, subdirectories, names in os.walk(root):
+        if not recursive:
+            subdirectories.clear()
         for name in names:
             if is_temporary(name):
                 try:

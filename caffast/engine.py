@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .backends import filter_multiply, resolve_backend, solve_fused
 from .backends.autograd import AutogradProblem
-from .exact import SOLVERS, closed_form, descend, has_closed_form, stationarity
+from .exact import DESCENT_STEPS_PER_ITERATION, SOLVERS, closed_form, descend, has_closed_form, stationarity
 from .filters import CONSTRAINTS, INITS, MAPS, check_choice, constrained_filter, initial_parameters, normalize_filter
 from .guard import frozen
 from .heads import FusedProblem, detect_head, precompute
@@ -170,9 +170,10 @@ def explain(
     is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused;
     `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
     the convergence.  `map` picks how the filter becomes a map (normalize_filter).  `solver="exact"`
-    returns the minimizer instead of where the reference loop stops: in closed form for plain fused
-    heads with the l2norm constraint, otherwise by descending from the loop's answer until the
-    projected gradient is below `tolerance` (caffast.exact).
+    goes past where the reference loop stops: the minimizer in closed form for fused heads with the
+    l2norm constraint (class-specific, or class-oblivious without a ReLU), otherwise a descent from
+    the loop's answer until the projected gradient is below `tolerance`, no step lowers the loss any
+    more, or 10 * max_iter steps were tried (caffast.exact); `gradient_norm` says where it ended.
     """
     check_choice("mode", mode, MODES)
     check_choice("constraint", constraint, CONSTRAINTS)
@@ -222,13 +223,16 @@ def explain(
         else:
             solution = solve(problem, initial, settings)
         if solver == "exact" and not has_closed_form(fused_head, constraint):
-            params, steps = descend(problem, solution.params, constraint, tolerance)
+            budget = DESCENT_STEPS_PER_ITERATION * max_iter
+            params, steps = descend(problem, solution.params, constraint, tolerance, budget)
             solution.params, solution.iterations = params, solution.iterations + steps
         kinked = fused_head is not None and fused_head.parts == 2 and constraint == "l2norm"
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
         if solver == "exact":
             solution.loss = final_objective
+            if settings.record:  # the answer is the last frame
+                solution.history.append((int(solution.iterations.max()), solution.params.clone()))
 
     params = solution.params.to(dtype)
     filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params

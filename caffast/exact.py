@@ -34,7 +34,7 @@ SOLVERS = ("gd", "exact")
 _BISECTION_STEPS = 200  # halvings of an interval of width ||G 1||: past float64 resolution
 _SUFFICIENT_DECREASE = 1e-4  # Armijo's constant
 _DEGENERATE = 1e-12  # eigenvalues this close (relative to the largest) count as one
-MAX_DESCENT_STEPS = 10_000  # a safety net: descents end at the tolerance or at the precision floor
+DESCENT_STEPS_PER_ITERATION = 10  # the descent's step budget, in units of explain's max_iter
 
 
 def has_closed_form(head: FusedHead | None, constraint: str) -> bool:
@@ -57,15 +57,17 @@ def _piecewise_linear_minimizer(positive: torch.Tensor, negative: torch.Tensor) 
 
     A cell costs |g_j| * min(positive_j, -negative_j) with the sign that attains it, so the minimizer
     puts weight max(-positive_j, negative_j, 0) on each cell, normalized.  When no cell can lower the
-    loss, the weight is spread evenly over the least costly cells.  A plain head is the case positive = negative,
-    where this is -c / ||c||.
+    loss, all the weight goes to the least costly cell (spread evenly where that cost is zero, which
+    costs nothing).  A plain head is the case positive = negative, where this is -c / ||c||.
     """
-    rises_with_positive = -positive >= negative  # the cell is cheaper with g_j >= 0
-    cost = torch.where(rises_with_positive, positive, -negative)
+    cheaper_non_negative = -positive >= negative
+    cost = torch.where(cheaper_non_negative, positive, -negative)
     weight = (-cost).clamp_min(0)
-    cheapest = (cost <= cost.amin(dim=1, keepdim=True)).to(cost.dtype)
-    weight = torch.where((weight > 0).any(dim=1, keepdim=True), weight, cheapest)
-    return F.normalize(torch.where(rises_with_positive, weight, -weight), dim=1)
+    lowest = cost.amin(dim=1, keepdim=True)
+    first_lowest = F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+    free = (cost == 0).to(cost.dtype)
+    weight = torch.where(lowest < 0, weight, torch.where(lowest == 0, free, first_lowest))
+    return F.normalize(torch.where(cheaper_non_negative, weight, -weight), dim=1)
 
 
 def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
@@ -121,17 +123,21 @@ def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
 
 
 def descend(
-    problem: Problem, initial: torch.Tensor, constraint: str, tolerance: float, max_steps: int = MAX_DESCENT_STEPS
+    problem: Problem, initial: torch.Tensor, constraint: str, tolerance: float, max_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient descent from `initial` until the projected gradient is below `tolerance`.
 
     Each accepted step sets the next step length by Barzilai and Borwein's rule (s.s / s.y, the
     inverse curvature along the last move), which copes with ill-conditioned problems (a Gaussian's
     mean running off the grid) far better than a fixed schedule; a step that does not lower the loss
-    enough (Armijo's test) is shortened fourfold and retried.  A problem also stops when no step decreases its loss any more (the precision floor, or a kink of
-    a ReLU head).  On the sphere the parameters are kept at unit norm, where the gradient with respect
-    to them is the projected gradient and a step followed by normalization is the retraction.
-    Returns the parameters and the steps each problem took.
+    enough (Armijo's test) is shortened fourfold and retried.  A problem also stops when no step
+    decreases its loss any more (the precision floor: float32 losses end well above a small
+    tolerance), or after `max_steps` tries.  On the sphere the parameters are kept at unit norm,
+    where the gradient with respect to them is the projected gradient and a step followed by
+    normalization is the retraction.  Returns the parameters and the steps each problem took.
+
+    This is not a second copy of the reference loop (caffast.solve, shared by every backend): it is
+    the other solver, with its own steps and stopping rule, driven through the same Problem interface.
     """
     params = _on_sphere(initial.clone(), constraint)
     count = params.shape[0]

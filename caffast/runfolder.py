@@ -73,7 +73,8 @@ class RunFolder:
                 stored = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as error:
                 raise ConfigMismatch(
-                    f"{path} cannot be read ({error}): delete it if OUT holds nothing you need, or pass another --out"
+                    f"{path} cannot be read ({error}), so the results in {self.root} cannot be trusted: "
+                    "pass another --out, or delete that folder to start over"
                 ) from None
             differences = self._differences(stored, config)
             if differences:
@@ -82,9 +83,16 @@ class RunFolder:
                     "settings of its config.json to finish it, or pass another --out"
                 )
         else:
+            if self.root.is_dir() and any(self.root.iterdir()):
+                raise ConfigMismatch(
+                    f"{self.root} is not empty and holds no {CONFIG}, so it is not a caffast run folder (or its "
+                    "settings were lost): pass a new or empty --out"
+                )
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(path, config)
-        remove_temporaries(self.root)
+        remove_temporaries(self.root, recursive=False)
+        for part in ("results", "overlays", "records"):
+            remove_temporaries(self.root / part)
 
     @staticmethod
     def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -181,7 +181,10 @@ class Runner:
             message = f"{type(error).__name__}: {error}"
         else:
             for index, item in enumerate(batch):
-                self._save(item, explanation, index)
+                try:
+                    self._save(item, explanation, index)
+                except OSError as error:
+                    self._fail(item.name, f"cannot write its outputs: {error}")
             return
         # outside the except clause the traceback, and the tensors its frames hold, are released
         images = None
@@ -238,7 +241,12 @@ class Runner:
         self._report()
 
     def _fail(self, name: str, error: str) -> None:
-        self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+        try:
+            self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+        except OSError as write_error:
+            raise CliError(
+                f"cannot record {name!r} in {self.folder.root} ({write_error}); {error}: rename or move that image"
+            ) from None
         self.failed += 1
         self._report()
 
@@ -267,6 +275,8 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
     if not data_dir.is_dir():
         problem = "is not a folder" if data_dir.exists() else "does not exist"
         raise CliError(f"data folder {str(data_dir)!r} {problem}: pass the folder that holds the images")
+    if Path(args.out).resolve() == data_dir.resolve():
+        raise CliError("--out is the data folder itself: pass another folder for the outputs (a subfolder is fine)")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
     processes = start_processes(args.device)

@@ -207,3 +207,17 @@ def test_objective_is_the_loss_at_the_returned_filter():
     signs = torch.ones(6, dtype=torch.float64)
     signs[1] = -1
     assert torch.allclose(result.objective[:, 0], logits @ signs)
+
+
+def test_no_cell_lowers_the_loss_and_two_tie():
+    positive, negative = torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([[-1.0, -1.0, -3.0]])
+    found = exact._piecewise_linear_minimizer(positive.double(), negative.double())
+    assert torch.equal(found, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))  # cost 1, where two cells cost sqrt(2)
+
+
+def test_exact_history_ends_with_the_answer():
+    torch.manual_seed(6)
+    model = small_cnn(5, relu_head=False)
+    images = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    found = caffast.explain(model, images, "2", mode="specific", targets=[1], solver="exact", history=True)
+    assert len(found.history) == 1 and torch.equal(found.history[-1][1], found.maps)

@@ -28,7 +28,7 @@ def scenes():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("mode", ["oblivious", "specific"])
-@pytest.mark.parametrize("fused,backend", [(True, "auto"), (False, "auto"), (False, "torch")])
+@pytest.mark.parametrize("fused,backend", [(True, "auto"), (False, "auto")])
 def test_half_precision_model_matches_float32(dtype, mode, fused, backend, scenes):
     if not _cpu_supports(dtype):
         pytest.skip(f"this CPU build has no {dtype} convolutions")

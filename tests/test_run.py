@@ -127,7 +127,7 @@ def test_killed_run_resumes_without_redoing_anything(dataset, reference, tmp_pat
     finished = {path: path.stat().st_mtime_ns for path in out.glob("records/**/*.json")}
     results = {path: path.stat().st_mtime_ns for path in out.glob("results/**/*.npz")}
     assert 2 <= len(finished) < IMAGES + 1
-    stale = out / "results" / ".a.png.npz.x1y2z3.tmp"  # what a kill during a write leaves
+    stale = out / "results" / ".caffast-x1y2z3.tmp"  # what a kill during a write leaves
     stale.write_bytes(b"half a file")
 
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
@@ -224,10 +224,13 @@ def test_bfloat16_model_gives_float32_results_close_to_float32(dataset, referenc
     assert main(_run_args(dataset, out, "--dtype", "bfloat16")) == 0
     _, arrays = _outputs(out)
     _, expected = _outputs(reference)
+    compared = 0
     for name, values in arrays.items():
         assert values["maps"].dtype == values["filters"].dtype == values["loss"].dtype == np.float32
-        if np.array_equal(values["targets"], expected[name]["targets"]):
+        if np.array_equal(values["targets"], expected[name]["targets"]):  # the same top-1 class
             np.testing.assert_allclose(values["maps"], expected[name]["maps"], rtol=0, atol=0.05)
+            compared += 1
+    assert compared >= len(arrays) - 1, f"bfloat16 changed the top-1 class of {len(arrays) - compared} images"
 
 
 def test_torchvision_model_with_random_weights_and_overlays(tmp_path):
@@ -255,3 +258,29 @@ def test_data_folder_errors(folder, message, tmp_path, capsys):
     assert main(["run", str(tmp_path / folder), "--out", str(tmp_path / "out"), "--arch", "demo"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_is_checked_before_use(dataset, tmp_path):
+    """The data folder itself, a folder of other files and a folder whose settings are unreadable
+    are refused; nothing in them is touched."""
+    assert main(_run_args(dataset, dataset)) == 2
+    foreign = tmp_path / "foreign"
+    keep = foreign / "notes" / ".draft.tmp"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    assert main(_run_args(dataset, foreign)) == 2 and keep.read_text() == "mine"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(_run_args(dataset, broken)) == 2
+
+
+def test_a_long_image_name_is_explained(dataset, tmp_path):
+    data = tmp_path / "long"
+    data.mkdir()
+    name = "x" * 230 + ".png"
+    (data / name).write_bytes(next(dataset.rglob("*.png")).read_bytes())
+    out = tmp_path / "out"
+    assert main(_run_args(data, out)) == 0
+    (row,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert row["image"] == name and row["status"] == "done"

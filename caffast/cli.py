@@ -30,7 +30,7 @@ class CliError(Exception):
     """A problem with the command's input: printed as one line, exit code 2."""
 
 
-def _progress(done: int, total: int, label: str) -> None:
+def show_progress(done: int, total: int, label: str) -> None:
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done == total else ""
@@ -64,7 +64,7 @@ def class_names(arch: str, classes: int) -> list[str]:
     return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
 
 
-def _load_model(arch: str, weights: Optional[str], device: str) -> torch.nn.Module:
+def load_model(arch: str, weights: Optional[str], device: str) -> torch.nn.Module:
     try:
         return build_model(arch, None if weights == "random" else weights).to(device)
     except FileNotFoundError as error:
@@ -111,12 +111,12 @@ def _explain_files(
     gif: bool, device: str, name_of,
 ) -> list[Path]:
     """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
-    model = _load_model(arch, weights, device)
+    model = load_model(arch, weights, device)
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for done, path in enumerate(images):
-        _progress(done, len(images), "explaining")
+        show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path)
         try:
             exp = explain(model, tensor[None].to(device), layer, history=gif, **options)
@@ -126,7 +126,7 @@ def _explain_files(
         paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
-    _progress(len(images), len(images), "explaining")
+    show_progress(len(images), len(images), "explaining")
     return written
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .cli import CliError, _load_model, _progress, default_layer, explain_options
+from .cli import CliError, default_layer, explain_options, load_model, show_progress
 from .distributed import Processes, start_processes
 from .engine import Explanation, explain
 from .imagefiles import DEMO, IMAGE_SUFFIXES, IMAGENET, ImageReadError, Preprocessing, find_images, read_image
@@ -91,7 +91,7 @@ def load_run_model(arch: str, weights: str, layer: Optional[str], device: str, d
         if arch == DEMO_ARCH:
             model, preprocessing, layer = _demo_model(weights), DEMO, layer or "features"
         else:
-            model, preprocessing, layer = _load_model(arch, weights, "cpu"), IMAGENET, layer or default_layer(arch)
+            model, preprocessing, layer = load_model(arch, weights, "cpu"), IMAGENET, layer or default_layer(arch)
     try:
         model = model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as error:
@@ -151,10 +151,10 @@ class Runner:
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(str(error)) from None
 
-    def explain_all(self, names: list[str], show_progress: bool) -> None:
+    def explain_all(self, names: list[str], progress_bar: bool) -> None:
         """Explain and save `names` (paths relative to the data folder), with a progress bar on stderr."""
-        if show_progress:
-            self._report = lambda: _progress(self.done + self.failed, len(names), "explaining")
+        if progress_bar:
+            self._report = lambda: show_progress(self.done + self.failed, len(names), "explaining")
         position = 0
         while position < len(names):
             chunk = names[position : position + self.limit]
@@ -333,7 +333,7 @@ def _run(args: argparse.Namespace, data_dir: Path, processes: Processes, started
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
         print(f"{len(pending) + skipped} images: {skipped} finished before, {len(pending)} to explain{on}",
               file=sys.stderr)  # fmt: skip
-    runner.explain_all(pending[processes.rank :: processes.world_size], show_progress=processes.first)
+    runner.explain_all(pending[processes.rank :: processes.world_size], progress_bar=processes.first)
 
     processes.wait_for_all()  # every rank has written its records
     done, failed = processes.total([runner.done, runner.failed])

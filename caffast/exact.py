@@ -32,6 +32,7 @@ from .solve import Problem
 SOLVERS = ("gd", "exact")
 
 _BISECTION_STEPS = 200  # halvings of an interval of width ||G 1||: past float64 resolution
+_RESOLUTION = 8 * torch.finfo(torch.float64).eps  # relative width at which a bisection has converged
 _SUFFICIENT_DECREASE = 1e-4  # Armijo's constant
 _DEGENERATE = 1e-12  # eigenvalues this close (relative to the largest) count as one
 DESCENT_STEPS_PER_ITERATION = 10  # the descent's step budget, in units of explain's max_iter
@@ -94,7 +95,9 @@ def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
     # every term is at most beta_i^2 / ||b||^2, so it is at most 1 there: bisect in between
     high = lowest.clone()
     low = lowest - torch.linalg.vector_norm(target, dim=1, keepdim=True)
-    for _ in range(_BISECTION_STEPS):
+    for step in range(_BISECTION_STEPS):
+        if step % 16 == 0 and bool(((high - low) <= _RESOLUTION * torch.maximum(low.abs(), high.abs())).all()):
+            break  # every interval is down to a few units in the last place
         middle = (low + high) / 2
         gap = (lowest - middle).clamp_min(tiny)
         too_long = coefficients_above(middle).square().sum(1, keepdim=True) + bottom_weight / gap.square() > 1

@@ -149,7 +149,8 @@ class Runner:
         try:
             explain(self.model.model, blank, self.model.layer, backend=self.backend, **{**self.options, "max_iter": 1})
         except (ValueError, TypeError, RuntimeError) as error:
-            raise CliError(str(error)) from None
+            raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
+                           "and --classes") from None
 
     def explain_all(self, names: list[str], progress_bar: bool) -> None:
         """Explain and save `names` (paths relative to the data folder), with a progress bar on stderr."""

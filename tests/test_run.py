@@ -284,3 +284,19 @@ def test_a_long_image_name_is_explained(dataset, tmp_path):
     assert main(_run_args(data, out)) == 0
     (row,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert row["image"] == name and row["status"] == "done"
+
+
+def test_exact_solver_and_positive_maps_in_a_run(dataset, reference, tmp_path):
+    """--solver and --map reach every image: the objectives are at most the reference loop's, the
+    maps are the positive part of the filters, and the settings are part of the configuration."""
+    out = tmp_path / "out"
+    assert main(_run_args(dataset, out, "--solver", "exact", "--map", "positive")) == 0
+    _, arrays = _outputs(out)
+    _, expected = _outputs(reference)
+    assert sorted(arrays) == sorted(expected)
+    for name, values in arrays.items():
+        assert (values["objective"] <= expected[name]["objective"] + 1e-6).all(), name
+        kept = np.clip(values["filters"], 0, None)
+        norms = np.linalg.norm(kept.reshape(len(kept), -1), axis=1)[:, None, None]
+        np.testing.assert_allclose(values["maps"], kept / norms, atol=1e-6)
+    assert main(_run_args(dataset, out, "--map", "abs")) == 2  # another map into the same folder is refused

@@ -58,10 +58,6 @@ class Processes:
         dist.all_reduce(summed)
         return [int(value) for value in summed.tolist()]
 
-    def wait_for_all(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(device_ids=[self.local_rank] if self.backend == "nccl" else None)
-
     def stop(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

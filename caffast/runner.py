@@ -334,10 +334,19 @@ def _run(args: argparse.Namespace, data_dir: Path, processes: Processes, started
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
         print(f"{len(pending) + skipped} images: {skipped} finished before, {len(pending)} to explain{on}",
               file=sys.stderr)  # fmt: skip
-    runner.explain_all(pending[processes.rank :: processes.world_size], progress_bar=processes.first)
+    problem = ""
+    try:
+        runner.explain_all(pending[processes.rank :: processes.world_size], progress_bar=processes.first)
+    except CliError as error:  # the others must not wait for this rank at the end
+        problem = str(error)
 
-    processes.wait_for_all()  # every rank has written its records
-    done, failed = processes.total([runner.done, runner.failed])
+    # a collective: past it, every rank has written its records, or stopped on a problem
+    done, failed, stopped = processes.total([runner.done, runner.failed, int(bool(problem))])
+    if problem:
+        raise CliError(problem)
+    if stopped:
+        raise CliError(f"{stopped} of the {processes.world_size} processes stopped on an error (see their message); "
+                       "run the same command again to finish")
     if not processes.first:
         return None
     rows = folder.write_index(images)

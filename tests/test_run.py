@@ -219,6 +219,22 @@ def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
     _assert_same_outputs(out, reference)
 
 
+def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
+    """Rank 1 gets an image whose outputs cannot be named on this file system (its record name is
+    too long): it stops with that message, and rank 0 learns of it instead of waiting."""
+    data = tmp_path / "data"
+    data.mkdir()
+    picture = next(dataset.rglob("*.png")).read_bytes()
+    (data / "a.png").write_bytes(picture)
+    (data / ("z" * 247 + ".png")).write_bytes(picture)  # fits; its "<name>.npz" and "<name>.json" do not
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "caffast", *_run_args(data, tmp_path / "out", "--batch-size", "1")]  # fmt: skip
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "rename or move that image" in result.stderr
+    assert "of the 2 processes stopped on an error" in result.stderr
+
+
 def test_bfloat16_model_gives_float32_results_close_to_float32(dataset, reference, tmp_path):
     out = tmp_path / "out"
     assert main(_run_args(dataset, out, "--dtype", "bfloat16")) == 0

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .filters import constrained_filter
 from .heads import FusedHead
 from .solve import Problem
 
@@ -203,9 +204,8 @@ def stationarity(
 
 
 def _on_sphere(params: torch.Tensor, constraint: str) -> torch.Tensor:
-    if constraint != "l2norm":
-        return params
-    return F.normalize(params.flatten(1), dim=1).view(params.shape)
+    """l2norm parameters scaled to unit norm (the filter they stand for is unchanged); others as they are."""
+    return constrained_filter(params, constraint, grid=None) if constraint == "l2norm" else params
 
 
 def _norms(values: torch.Tensor) -> torch.Tensor:

@@ -83,9 +83,8 @@ def scale_map(heatmap: ArrayLike, size: Size, symmetric: bool = False) -> np.nda
         raise ValueError(f"heatmap must have shape (h, w); got {tuple(tensor.shape)}")
     if not symmetric:
         return upsample_maps(tensor[None, None], _size(size))[0, 0].numpy()
-    resized = F.interpolate(tensor[None, None], size=_size(size), mode="bilinear", align_corners=False)[0, 0]
-    magnitude = resized.abs().max().clamp_min(torch.finfo(resized.dtype).tiny)
-    return (0.5 + 0.5 * resized / magnitude).numpy()
+    resized = resize_bilinear(tensor, size)
+    return 0.5 + 0.5 * resized / max(np.abs(resized).max(), np.finfo(resized.dtype).tiny)
 
 
 def to_rgb(image: ImageLike) -> np.ndarray:

@@ -14,10 +14,10 @@ from .backends.autograd import AutogradProblem
 from .exact import DESCENT_STEPS_PER_ITERATION, SOLVERS, closed_form, descend, has_closed_form, stationarity
 from .filters import CONSTRAINTS, INITS, MAPS, check_choice, constrained_filter, initial_parameters, normalize_filter
 from .guard import frozen
-from .heads import FusedProblem, detect_head, precompute
+from .heads import FusedHead, FusedProblem, detect_head, precompute
 from .losses import MODES, Objective, UserObjective, class_signs
 from .optim import OPTIMIZERS
-from .solve import LoopSettings, Solution, solve
+from .solve import LoopSettings, Problem, Solution, solve
 from .split import Layer, split
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
@@ -141,6 +141,26 @@ def _resolve_targets(mode: str, targets: Targets, output: torch.Tensor) -> torch
     return resolved
 
 
+def _optimize(
+    solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: str,
+    initial: torch.Tensor, settings: LoopSettings, tolerance: float,
+) -> Solution:
+    """The reference loop's answer; for solver="exact", the closed form where there is one, else the
+    loop's answer refined by a descent (caffast.exact)."""
+    if solver == "exact" and has_closed_form(fused_head, constraint):
+        zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
+        return Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
+    if fused_head is not None:
+        solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+    else:
+        solution = solve(problem, initial, settings)
+    if solver == "exact":
+        budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
+        params, steps = descend(problem, solution.params, constraint, tolerance, budget)
+        solution.params, solution.iterations = params, solution.iterations + steps
+    return solution
+
+
 def explain(
     model: nn.Module,
     images: torch.Tensor,
@@ -212,20 +232,7 @@ def explain(
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
 
-        if solver == "exact" and has_closed_form(fused_head, constraint):
-            solution = Solution(
-                params=closed_form(fused_head).view(initial.shape),
-                iterations=torch.zeros(initial.shape[0], dtype=torch.long, device=device),
-                loss=torch.zeros(initial.shape[0], dtype=torch.float64, device=device),
-            )
-        elif fused_head is not None:
-            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
-        else:
-            solution = solve(problem, initial, settings)
-        if solver == "exact" and not has_closed_form(fused_head, constraint):
-            budget = DESCENT_STEPS_PER_ITERATION * max_iter
-            params, steps = descend(problem, solution.params, constraint, tolerance, budget)
-            solution.params, solution.iterations = params, solution.iterations + steps
+        solution = _optimize(solver, problem, fused_head, backend, constraint, initial, settings, tolerance)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint == "l2norm"
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <utility>
 
 #include "arrays.h"
 #include "hadamard.h"
@@ -91,14 +92,22 @@ auto dispatch_floating(const py::handle& a, const char* name, Body&& body) {
   throw py::type_error(std::string(name) + " must be a float32 or float64 numpy array");
 }
 
+// The feature maps (P, C, H, W) and one filter (P, H, W) per problem, checked against each other.
+template <class T>
+std::pair<py::array_t<T>, py::array_t<T>> hadamard_inputs(const py::handle& features_obj,
+                                                           const py::handle& filter_obj) {
+  auto features = as_array<T>(features_obj, "features", 4);
+  auto filter = as_array<T>(filter_obj, "filter", 3);
+  require_shape(filter, "filter", {features.shape(0), features.shape(2), features.shape(3)});
+  return {features, filter};
+}
+
 py::array hadamard_forward_py(const py::handle& features_obj, const py::handle& filter_obj, int threads) {
   return dispatch_floating(features_obj, "features", [&](auto zero) -> py::array {
     using T = decltype(zero);
-    auto features = as_array<T>(features_obj, "features", 4);
+    auto [features, filter] = hadamard_inputs<T>(features_obj, filter_obj);
     const int64_t problems = features.shape(0), channels = features.shape(1);
     const int64_t height = features.shape(2), width = features.shape(3);
-    auto filter = as_array<T>(filter_obj, "filter", 3);
-    require_shape(filter, "filter", {problems, height, width});
     py::array_t<T> out({problems, channels, height, width});
     const T* in = features.data();
     const T* f = filter.data();
@@ -115,11 +124,9 @@ py::array hadamard_backward_py(const py::handle& features_obj, const py::handle&
                                const py::handle& grad_out_obj, int threads) {
   return dispatch_floating(features_obj, "features", [&](auto zero) -> py::array {
     using T = decltype(zero);
-    auto features = as_array<T>(features_obj, "features", 4);
+    auto [features, filter] = hadamard_inputs<T>(features_obj, filter_obj);
     const int64_t problems = features.shape(0), channels = features.shape(1);
     const int64_t height = features.shape(2), width = features.shape(3);
-    auto filter = as_array<T>(filter_obj, "filter", 3);
-    require_shape(filter, "filter", {problems, height, width});
     auto grad_out = as_array<T>(grad_out_obj, "grad_out", 4);
     require_shape(grad_out, "grad_out", {problems, channels, height, width});
     py::array_t<T> grad_filter({problems, height, width});

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from caffast.backends import cpp
+from caffast.heads import FusedHead
+from caffast.solve import LoopSettings
 
 MODES = ("oblivious", "specific")
 CONSTRAINTS = ("l2norm", "softmax", "gauss")
@@ -109,12 +111,10 @@ def twin_solve(data: dict, params: torch.Tensor, s: dict) -> tuple[torch.Tensor,
 
 def run_cpp(data: dict, params: torch.Tensor, s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cpp.solve_fused with the settings dict the twin takes."""
-    return cpp.solve_fused(
-        data["gram"], data["linear"], data["constant"], data["image"], params,
-        mode=s["mode"], constraint=s["constraint"], optimizer=s["optimizer"], grid=s["grid"],
-        classes=s["classes"], max_iter=s["max_iter"], lr=s["lr"], min_error=s["min_error"],
-        check_every=s["check_every"],
-    )  # fmt: skip
+    head = FusedHead(data["gram"], data["linear"], data["constant"], data["image"], s["mode"], s["classes"], s["grid"])
+    settings = LoopSettings(max_iter=s["max_iter"], lr=s["lr"], min_error=s["min_error"],
+                            check_every=s["check_every"], optimizer=s["optimizer"])  # fmt: skip
+    return cpp.solve_fused(head, s["constraint"], params, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,11 +268,9 @@ def test_fused_step_matches_autograd_through_head(relu: bool, mode: str, constra
     vector = reference - bias if mode == "oblivious" else sign
     linear = torch.stack([part.T @ vector for part in parts])[None].contiguous()
     constant = (vector @ vector if mode == "oblivious" else sign @ bias).reshape(1)
-    got_params, iterations, got_loss = cpp.solve_fused(
-        gram, linear, constant, torch.zeros(1, dtype=torch.long), params,
-        mode=mode, constraint=constraint, optimizer="sgd", grid=grid, classes=classes,
-        max_iter=1, lr=lr, min_error=1e-6, check_every=50,
-    )  # fmt: skip
+    head = FusedHead(gram, linear, constant, torch.zeros(1, dtype=torch.long), mode, classes, grid)
+    settings = LoopSettings(max_iter=1, lr=lr, min_error=1e-6, check_every=50, optimizer="sgd")
+    got_params, iterations, got_loss = cpp.solve_fused(head, constraint, params, settings)
 
     assert iterations.tolist() == [1]
     torch.testing.assert_close(got_loss, loss.detach().reshape(1), rtol=1e-12, atol=1e-14)

@@ -191,11 +191,8 @@ def splitting_min_error(losses: list[torch.Tensor], check_every: int) -> float:
 
 
 def run(solver, head: FusedHead, params: torch.Tensor, constraint: str, optimizer: str, **loop) -> tuple:
-    """solve_fused (either backend's) on a FusedHead, the arguments spelled as caffast.backends does."""
-    return solver(
-        head.gram, head.linear, head.constant, head.image, params,
-        mode=head.mode, constraint=constraint, optimizer=optimizer, grid=head.grid, classes=head.classes, **loop,
-    )  # fmt: skip
+    """solve_fused (either backend's, or the twin) on a FusedHead with the loop settings `loop`."""
+    return solver(head, constraint, params, LoopSettings(optimizer=optimizer, **loop))
 
 
 def check_solver(mode: str, constraint: str, optimizer: str, signs: int, grid: tuple[int, int], seed: int) -> None:

@@ -8,6 +8,7 @@ models, "cpp" for CPU models.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -55,13 +56,10 @@ def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.T
     def dense(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.contiguous()
 
-    params, iterations, loss = _compiled(backend).solve_fused(
-        dense(head.gram), dense(head.linear), dense(head.constant), dense(head.image),
-        initial.reshape(initial.shape[0], -1).contiguous(),
-        mode=head.mode, constraint=constraint, optimizer=settings.optimizer, grid=head.grid,
-        classes=head.classes, max_iter=settings.max_iter, lr=settings.lr, min_error=settings.min_error,
-        check_every=settings.check_every,
-    )  # fmt: skip
+    laid_out = replace(head, gram=dense(head.gram), linear=dense(head.linear), constant=dense(head.constant),
+                       image=dense(head.image))  # fmt: skip
+    flat = initial.reshape(initial.shape[0], -1).contiguous()
+    params, iterations, loss = _compiled(backend).solve_fused(laid_out, constraint, flat, settings)
     return Solution(params=params.view(initial.shape), iterations=iterations, loss=loss)
 
 

@@ -8,10 +8,13 @@ in-place update vanish and a hidden cast would change the numbers).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from ..heads import FusedHead
+from ..solve import LoopSettings
 
 try:
     from .. import _C
@@ -69,35 +72,23 @@ def _threads() -> int:
 
 
 def solve_fused(
-    gram: Optional[torch.Tensor],
-    linear: Optional[torch.Tensor],
-    constant: Optional[torch.Tensor],
-    image: Optional[torch.Tensor],
-    params: torch.Tensor,
-    *,
-    mode: str,
-    constraint: str,
-    optimizer: str,
-    grid: tuple[int, int],
-    classes: int,
-    max_iter: int,
-    lr: float,
-    min_error: float,
-    check_every: int,
+    head: FusedHead, constraint: str, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one call (DESIGN.md section 3).
 
-    gram (I, S, S, HW, HW), linear (P, S, HW), constant (P,) and params (P, D) are float64, image (P,)
-    int64.  The oblivious mode reads gram and image only, the specific mode linear and constant only;
-    the others may be None.  Returns the final parameters (a new tensor; `params` is left as it
-    was), the iterations run (P,) and the loss of the last iteration (P,).
+    The head's gram (I, S, S, HW, HW), linear (P, S, HW) and constant (P,) and params (P, D) are
+    contiguous float64 CPU tensors, image (P,) int64.  The oblivious mode reads gram and image only,
+    the specific mode linear and constant only; the others may be None.  Returns the final
+    parameters (a new tensor; `params` is left as it was), the iterations run (P,) and the loss of
+    the last iteration (P,).
     """
     kernels = _kernels()
     f64, i64 = (torch.float64,), (torch.int64,)
-    height, width = grid
+    height, width = head.grid
     cells = height * width
     problems = params.shape[0]
-    if mode == "specific":
+    gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
+    if head.mode == "specific":
         if linear is None or constant is None:
             raise ValueError("the specific mode needs linear and constant")
         signs = linear.shape[1]
@@ -116,16 +107,16 @@ def solve_fused(
         _view(constant, "constant", f64),
         _view(image, "image", i64),
         result,
-        mode=mode,
+        mode=head.mode,
         constraint=constraint,
-        optimizer=optimizer,
+        optimizer=settings.optimizer,
         height=height,
         width=width,
-        classes=classes,
-        max_iter=max_iter,
-        lr=lr,
-        min_error=min_error,
-        check_every=check_every,
+        classes=head.classes,
+        max_iter=settings.max_iter,
+        lr=settings.lr,
+        min_error=settings.min_error,
+        check_every=settings.check_every,
         threads=_threads(),
     )
     return torch.from_numpy(result), torch.from_numpy(iterations), torch.from_numpy(loss)

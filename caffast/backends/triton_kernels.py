@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..filters import CONSTRAINTS, Grid, check_choice, parameter_shape
+from ..filters import CONSTRAINTS, check_choice, parameter_shape
 from ..heads import FusedHead, FusedProblem, filter_parts
 from ..optim import OPTIMIZERS, make_optimizer, polynomial_lr_decay
 from ..solve import INITIAL_PREVIOUS_LOSS, LoopSettings, solve
@@ -517,25 +517,9 @@ def projected_step(
 
 
 def solve_fused_torch(
-    gram: Optional[torch.Tensor],
-    linear: Optional[torch.Tensor],
-    constant: Optional[torch.Tensor],
-    image: Optional[torch.Tensor],
-    params: torch.Tensor,
-    *,
-    mode: str,
-    constraint: str,
-    optimizer: str,
-    grid: Grid,
-    classes: int,
-    max_iter: int,
-    lr: float,
-    min_error: float,
-    check_every: int,
+    head: FusedHead, constraint: str, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of `solve_fused`: caffast.solve.solve on caffast.heads.FusedProblem, same arguments."""
-    head = FusedHead(gram, linear, constant, image, mode, classes, tuple(grid))
-    settings = LoopSettings(max_iter=max_iter, lr=lr, min_error=min_error, check_every=check_every, optimizer=optimizer)
     solution = solve(FusedProblem(head, constraint), params, settings)
     return solution.params, solution.iterations, solution.loss
 
@@ -705,30 +689,21 @@ def _solver_warps(block_n: int) -> int:
 
 
 def solve_fused(
-    gram: Optional[torch.Tensor],
-    linear: Optional[torch.Tensor],
-    constant: Optional[torch.Tensor],
-    image: Optional[torch.Tensor],
-    params: torch.Tensor,
-    *,
-    mode: str,
-    constraint: str,
-    optimizer: str,
-    grid: Grid,
-    classes: int,
-    max_iter: int,
-    lr: float,
-    min_error: float,
-    check_every: int,
+    head: FusedHead, constraint: str, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one launch (DESIGN.md section 3).
 
-    The arguments are those of caffast.backends.cpp.solve_fused: gram (I, S, S, HW, HW), linear
-    (P, S, HW), constant (P,) and params (P, D) float64 (or all float32, which then is the compute
-    dtype), image (P,) int64. The oblivious mode reads gram and image only, the specific mode linear
-    and constant only; the others may be None. Returns new parameters (P, D) (`params` is left as
-    it was), the iterations run (P,) int64 and the loss of the last iteration (P,).
+    The arguments are those of caffast.backends.cpp.solve_fused, on the GPU: the head's gram
+    (I, S, S, HW, HW), linear (P, S, HW), constant (P,) and params (P, D) float64 (or all float32,
+    which then is the compute dtype), image (P,) int64. The oblivious mode reads gram and image
+    only, the specific mode linear and constant only; the others may be None. Returns new
+    parameters (P, D) (`params` is left as it was), the iterations run (P,) int64 and the loss of
+    the last iteration (P,).
     """
+    mode, grid, classes = head.mode, head.grid, head.classes
+    gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
+    optimizer, max_iter, check_every = settings.optimizer, settings.max_iter, settings.check_every
+    lr, min_error = settings.lr, settings.min_error
     check_choice("mode", mode, MODES)
     check_choice("constraint", constraint, CONSTRAINTS)
     check_choice("optimizer", optimizer, OPTIMIZERS)

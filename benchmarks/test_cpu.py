@@ -11,12 +11,12 @@ import torch
 
 import caffast
 from caffast.backends import solve_fused
-from caffast.gradcam import grad_cam
-from caffast.heads import detect_head, precompute
-from caffast.losses import class_signs
-from caffast.solve import LoopSettings
-from caffast.split import split
-from caffast.zoo import reference_head
+from caffast.eval.gradcam import grad_cam
+from caffast.core.heads import detect_head, precompute
+from caffast.core.losses import class_signs
+from caffast.core.loop import LoopSettings
+from caffast.core.breakpoints import split
+from caffast.models.zoo import reference_head
 from conftest import ARCHITECTURES, STOPPING
 from reference_fast import reference_fast_loop
 

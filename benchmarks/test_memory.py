@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, {here!r})
 from conftest import ARCHITECTURES, build
 import caffast
-from caffast.gradcam import grad_cam
+from caffast.eval.gradcam import grad_cam
 
 arch, batch, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 model = build(arch)

@@ -1,10 +1,10 @@
 """caffast: L2-CAF attention maps, exact to the reference, batched and fast."""
 
-from .engine import Explanation, explain
-from .filters import L2_CAF, normalize_filter
-from .optim import polynomial_lr_decay
+from .engine.explain import Explanation, explain
+from .core.constraints import L2_CAF, normalize_filter
+from .core.optimizers import polynomial_lr_decay
 from .viz import apply_heatmap
-from .zoo import load_architecture
+from .models.zoo import load_architecture
 
 __all__ = [
     "Explanation",

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .engine import explain, upsample_maps
-from .gradcam import grad_cam
+from .engine.explain import explain, upsample_maps
+from .eval.gradcam import grad_cam
 
 
 def _as_class(target: Any) -> int:

@@ -2,7 +2,7 @@
 
 The reference output (DESIGN.md section 2): the map resized to the image bilinearly, min-max scaled,
 coloured with 'bwr' and laid over the image with alpha 0.6.  The resize and scaling are those of
-caffast.engine.upsample_maps, so a picture shows exactly what Explanation.upsample returns.
+caffast.engine.explain.upsample_maps, so a picture shows exactly what Explanation.upsample returns.
 Colormaps are 256-entry lookup tables built from matplotlib's segment definitions and indexed as
 matplotlib indexes them (floor(v * 256), clipped), so colours match matplotlib's to the byte.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .engine import upsample_maps
+from .engine.explain import upsample_maps
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 ImageLike = Union[np.ndarray, torch.Tensor, Image.Image]

@@ -1,9 +1,9 @@
-"""Train caffast.demo_model.DemoCNN on procedural scenes and save its weights into caffast/assets.
+"""Train caffast.eval.demo_model.DemoCNN on procedural scenes and save its weights into caffast/eval/assets.
 
 Seeded and CPU-only: about 4 CPU-minutes (one thread, the default, gives the same weights bit for bit).
 Training mixes one-object scenes (one-hot targets) with two-object scenes (probability 1/2 on each
 class), so class-specific maps of a pair are meaningful.
-Held-out scenes use seeds from caffast.data.HELDOUT_START up, which training never touches.
+Held-out scenes use seeds from caffast.eval.scenes.HELDOUT_START up, which training never touches.
 
     python scripts/train_demo_model.py [--singles 6000 --pairs 3000 --epochs 4 --threads 1]
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caffast.data import HELDOUT_START, SceneDataset
-from caffast.demo_model import WEIGHTS, DemoCNN
+from caffast.eval.scenes import HELDOUT_START, SceneDataset
+from caffast.eval.demo_model import WEIGHTS, DemoCNN
 
-ASSETS = Path(__file__).resolve().parents[1] / "caffast" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "caffast" / "eval" / "assets"
 
 
 def render(seeds: range, objects: int) -> tuple[torch.Tensor, torch.Tensor]:

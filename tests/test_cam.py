@@ -9,7 +9,7 @@ import torchvision
 
 import caffast
 from caffast.cam import GradCAM, L2CAF
-from caffast.gradcam import grad_cam
+from caffast.eval.gradcam import grad_cam
 
 
 @dataclass
@@ -53,7 +53,7 @@ def test_gradcam_uses_the_top1_class_without_targets(model):
     with GradCAM(model, target_layers=[model.layer4]) as cam:
         maps = cam(input_tensor=images)
     top1 = model(images).argmax(dim=1, keepdim=True)
-    expected = caffast.engine.upsample_maps(grad_cam(model, images, "layer4", top1).maps, 64)[:, 0]
+    expected = caffast.engine.explain.upsample_maps(grad_cam(model, images, "layer4", top1).maps, 64)[:, 0]
     np.testing.assert_allclose(maps, expected.numpy(), atol=1e-6)
 
 

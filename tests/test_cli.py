@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffast.cli import class_names, evaluate_scenes, main
+from caffast.apps.cli import main
+from caffast.apps.common import class_names
+from caffast.eval.localization import evaluate_scenes
 
 
 @pytest.fixture

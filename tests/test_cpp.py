@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from caffast.backends import cpp
-from caffast.heads import FusedHead
-from caffast.solve import LoopSettings
+from caffast.core.heads import FusedHead
+from caffast.core.loop import LoopSettings
 
 MODES = ("oblivious", "specific")
 CONSTRAINTS = ("l2norm", "softmax", "gauss")

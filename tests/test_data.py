@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffast.data import NUM_CLASSES, SceneDataset, make_scene, normalize, target_distribution
+from caffast.eval.scenes import NUM_CLASSES, SceneDataset, make_scene, normalize, target_distribution
 
 SEEDS = range(40)
 

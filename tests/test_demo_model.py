@@ -5,14 +5,14 @@ from importlib import resources
 import torch
 import torch.nn as nn
 
-from caffast.data import HELDOUT_START, make_scene, normalize
-from caffast.demo_model import CLASS_NAMES, WEIGHTS, load_demo_model
+from caffast.eval.scenes import HELDOUT_START, make_scene, normalize
+from caffast.eval.demo_model import CLASS_NAMES, WEIGHTS, load_demo_model
 
 FRESH = range(HELDOUT_START + 700_000, HELDOUT_START + 700_100)  # never used by training or its held-out check
 
 
 def test_weights_ship_in_the_package_and_are_small():
-    weights = resources.files("caffast") / "assets" / WEIGHTS
+    weights = resources.files("caffast.eval") / "assets" / WEIGHTS
     assert weights.is_file()
     assert len(weights.read_bytes()) < 5 * 2**20
 

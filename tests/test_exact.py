@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import caffast
-from caffast import exact
-from caffast.filters import normalize_filter
+from caffast.core import exact
+from caffast.core.constraints import normalize_filter
 
 
 def sphere_descent(gradient, start: torch.Tensor, rate: float, steps: int = 30000) -> torch.Tensor:

@@ -722,11 +722,11 @@ def test_positive_map_points_better_on_two_object_scenes():
     """On two-object scenes a class-specific filter is pushed negative over the other object; the
     positive map leaves that object out.  Counted per map: where "positive" and "abs" (or Grad-CAM)
     disagree, "positive" hits more often."""
-    from caffast.data import make_scene, normalize
-    from caffast.demo_model import load_demo_model
-    from caffast.engine import upsample_maps
-    from caffast.gradcam import grad_cam
-    from caffast.metrics import pointing_game
+    from caffast.eval.scenes import make_scene, normalize
+    from caffast.eval.demo_model import load_demo_model
+    from caffast.engine.explain import upsample_maps
+    from caffast.eval.gradcam import grad_cam
+    from caffast.eval.metrics import pointing_game
 
     torch.set_num_threads(2)
     model = load_demo_model()

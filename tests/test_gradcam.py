@@ -3,7 +3,7 @@
 import torch
 import torchvision
 
-from caffast.gradcam import grad_cam
+from caffast.eval.gradcam import grad_cam
 
 
 def test_grad_cam_equals_the_definition():

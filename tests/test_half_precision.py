@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from caffast import explain
-from caffast.data import make_scene, normalize
-from caffast.demo_model import load_demo_model
+from caffast.eval.scenes import make_scene, normalize
+from caffast.eval.demo_model import load_demo_model
 
 # bfloat16 keeps 8 bits of mantissa, float16 11: the maps (unit norm, cells about 0.1) move accordingly
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}

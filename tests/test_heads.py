@@ -5,8 +5,8 @@ import torch
 import torchvision
 
 import caffast
-from caffast.heads import detect_head
-from caffast.split import split
+from caffast.core.heads import detect_head
+from caffast.core.breakpoints import split
 
 # (architecture, last layer, input size); every one ends in [ReLU] -> global average pool -> Linear
 FUSED_FAMILIES = [

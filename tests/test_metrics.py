@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffast.metrics import iou_auc, iou_curve, mask_iou, pointing_game
+from caffast.eval.metrics import iou_auc, iou_curve, mask_iou, pointing_game
 
 
 def square_mask(size=8, top=2, left=2, side=3):
@@ -73,7 +73,7 @@ def test_auc_ranks_a_good_map_above_a_poor_one():
 
 
 def test_pointing_game_tolerance_counts_near_misses_only():
-    from caffast.metrics import pointing_game
+    from caffast.eval.metrics import pointing_game
 
     mask = np.zeros((20, 20), dtype=bool)
     mask[10:14, 10:14] = True

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast import runner
-from caffast.cli import main
-from caffast.data import make_scene
+from caffast.apps import runner
+from caffast.apps.cli import main
+from caffast.eval.scenes import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--arch", "demo", "--max-iter", "100"]

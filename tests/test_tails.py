@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import caffast
-from caffast.split import split
+from caffast.core.breakpoints import split
 
 
 class Plain(torch.nn.Module):
@@ -53,7 +53,7 @@ def test_fx_tail_captures_the_skip_connection_that_crosses_the_breakpoint():
 
 
 def test_plans_are_reused_until_a_submodule_is_replaced():
-    from caffast.split import _PLANS
+    from caffast.core.breakpoints import _PLANS
 
     torch.manual_seed(6)
     model = Plain().eval()

@@ -21,10 +21,15 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 pytest.importorskip("triton")
 
 from caffast.backends import cpp  # noqa: E402
-from caffast.backends import triton_kernels as tk  # noqa: E402
-from caffast.filters import constrained_filter, parameter_shape  # noqa: E402
-from caffast.heads import FusedHead, FusedProblem  # noqa: E402
-from caffast.solve import LoopSettings, solve  # noqa: E402
+from caffast.backends import triton as tk  # noqa: E402
+from caffast.backends.torch.fused_head import fused_head_forward_torch  # noqa: E402
+from caffast.backends.torch.fused_solver import solve_fused_torch  # noqa: E402
+from caffast.backends.torch.hadamard import hadamard_torch  # noqa: E402
+from caffast.backends.torch.projected_update import projected_step_torch  # noqa: E402
+from caffast.backends.triton.fused_solver import tiles  # noqa: E402
+from caffast.core.constraints import as_constraint  # noqa: E402
+from caffast.core.heads import FusedHead, FusedProblem  # noqa: E402
+from caffast.core.loop import LoopSettings, solve  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -60,7 +65,7 @@ def test_hadamard_matches_twin(dtype: torch.dtype, zero_filter: bool):
     upstream = randn(3, 70, 7, 7, gen=gen, dtype=dtype)
 
     expected_filter = filter.clone().requires_grad_(True)
-    expected = tk.hadamard_torch(features, expected_filter)
+    expected = hadamard_torch(features, expected_filter)
     (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), expected_filter)
     got_filter = filter.clone().requires_grad_(True)
     got = tk.Hadamard.apply(features, got_filter)
@@ -75,7 +80,7 @@ def test_hadamard_takes_expanded_gradients():
     features = randn(2, 4, 3, 5, gen=gen)
     filter = randn(2, 3, 5, gen=gen).requires_grad_(True)
     (got,) = torch.autograd.grad(tk.Hadamard.apply(features, filter).sum(), filter)
-    (expected,) = torch.autograd.grad(tk.hadamard_torch(features, filter).sum(), filter)
+    (expected,) = torch.autograd.grad(hadamard_torch(features, filter).sum(), filter)
     assert_close(got, expected, 1e-12)
 
 
@@ -94,7 +99,7 @@ def test_fused_head_forward_matches_twin(dtype: torch.dtype, signs: int):
     upstream = randn(problems, classes, gen=gen, dtype=dtype)
     for bias in (randn(classes, gen=gen, dtype=dtype), None):
         expected_g = g.clone().requires_grad_(True)
-        expected = tk.fused_head_forward_torch(parts, expected_g, bias)
+        expected = fused_head_forward_torch(parts, expected_g, bias)
         (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), expected_g)
         got_g = g.clone().requires_grad_(True)
         got = tk.FusedHeadForward.apply(parts, got_g, bias)
@@ -120,7 +125,7 @@ def test_projected_step_matches_twin(dtype: torch.dtype, optimizer: str):
     got = [params.clone(), *(moment.clone() for moment in moments)]
     for step in range(3):
         grad_g = randn(3, 49, gen=gen, dtype=dtype)
-        tk.projected_step_torch(expected[0], grad_g, active, step, **settings, first_moment=expected[1],
+        projected_step_torch(expected[0], grad_g, active, step, **settings, first_moment=expected[1],
                                 second_moment=expected[2])  # fmt: skip
         returned = tk.projected_step(got[0], grad_g, active, step, **settings, first_moment=got[1],
                                      second_moment=got[2])  # fmt: skip
@@ -131,7 +136,7 @@ def test_projected_step_matches_twin(dtype: torch.dtype, optimizer: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The persistent fused-head solver against caffast.solve.solve on caffast.heads.FusedProblem
+# 4. The persistent fused-head solver against caffast.core.loop.solve on caffast.core.heads.FusedProblem
 
 MODES = ("oblivious", "specific")
 CONSTRAINTS = ("l2norm", "softmax", "gauss")
@@ -209,7 +214,7 @@ def check_solver(mode: str, constraint: str, optimizer: str, signs: int, grid: t
     assert stopped.any() and not stopped.all(), expected.iterations
 
     before = params.clone()
-    twin = run(tk.solve_fused_torch, head, params, constraint, optimizer, **loop)
+    twin = run(solve_fused_torch, head, params, constraint, optimizer, **loop)
     got = run(tk.solve_fused, head, params, constraint, optimizer, **loop)
     assert torch.equal(params, before), "solve_fused must not modify its input"
     references = [(expected.params, expected.iterations, expected.loss), twin]
@@ -222,8 +227,8 @@ def check_solver(mode: str, constraint: str, optimizer: str, signs: int, grid: t
         assert torch.equal(got[1], wanted_iterations)
         torch.testing.assert_close(got[0], wanted_params, rtol=0, atol=1e-9)
         torch.testing.assert_close(got[2], wanted_loss, rtol=0, atol=1e-9)
-    shape = (len(params), *parameter_shape(constraint, grid))
-    maps = [constrained_filter(p.view(shape), constraint, grid) for p in (got[0], expected.params)]
+    shape = (len(params), *as_constraint(constraint).parameter_shape(grid))
+    maps = [as_constraint(constraint).multiplier(p.view(shape), grid) for p in (got[0], expected.params)]
     torch.testing.assert_close(maps[0], maps[1], rtol=0, atol=1e-9)
 
 
@@ -238,7 +243,7 @@ def test_solve_fused_matches_solve(mode: str, constraint: str, optimizer: str, s
 
 def test_solve_fused_tiles_a_14_by_14_grid():
     """196 cells: the Grams are read in tiles of columns, not held whole."""
-    assert tk._solver_tiles(196)[1] < 196
+    assert tiles(196)[1] < 196
     check_solver("oblivious", "l2norm", "adam", 2, (14, 14), seed=77)
 
 
@@ -248,7 +253,7 @@ def test_solve_fused_in_float32():
     head = random_head("oblivious", 1, (3, 4), gen)
     params = random_params("l2norm", len(head.image), 12, gen)
     loop = dict(max_iter=20, lr=0.1, min_error=0.0, check_every=5)
-    expected = run(tk.solve_fused_torch, head, params, "l2norm", "sgd", **loop)
+    expected = run(solve_fused_torch, head, params, "l2norm", "sgd", **loop)
     single = FusedHead(head.gram.float(), None, None, head.image, head.mode, head.classes, head.grid)
     got = run(tk.solve_fused, single, params.float(), "l2norm", "sgd", **loop)
     assert got[0].dtype == got[2].dtype == torch.float32
@@ -276,7 +281,7 @@ def test_solve_fused_gauss_far_off_the_grid_stays_finite():
     params = torch.tensor([[60.0, 0.0]], dtype=torch.float64, device=DEVICE).repeat(len(head.image), 1)
     loop = dict(max_iter=3, lr=0.5, min_error=0.0, check_every=10)
     got = run(tk.solve_fused, head, params, "gauss", "sgd", **loop)
-    expected = run(tk.solve_fused_torch, head, params, "gauss", "sgd", **loop)
+    expected = run(solve_fused_torch, head, params, "gauss", "sgd", **loop)
     assert got[0].isfinite().all() and got[2].isfinite().all()
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-9)
 

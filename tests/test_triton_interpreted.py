@@ -32,11 +32,11 @@ def test_triton_kernels_pass_under_the_interpreter():
 @pytest.mark.skipif(not NO_GPU or os.environ.get("TRITON_INTERPRET") == "1", reason="the kernels can run here")
 def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
     pytest.importorskip("triton")
-    from caffast.backends import triton_kernels
+    from caffast.backends import triton
 
-    assert not triton_kernels.available()
+    assert not triton.available()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triton_kernels.hadamard_forward(torch.ones(1, 2, 3, 3), torch.ones(1, 3, 3))
+        triton.hadamard_forward(torch.ones(1, 2, 3, 3), torch.ones(1, 3, 3))
 
 
 def _signature(kernel, dtype: str, ints: tuple = (), int64_pointers: tuple = (), **constexprs) -> dict:
@@ -57,7 +57,7 @@ def test_kernels_compile_for_a_cuda_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from caffast.backends import triton_kernels as tk
+    from caffast.backends.triton import fused_head, fused_solver, hadamard, projected_update
 
     def compile_(kernel, dtype, ints=(), int64_pointers=(), num_warps=4, **constexprs):
         signature = _signature(kernel, dtype, ints, int64_pointers, **constexprs)
@@ -66,14 +66,14 @@ def test_kernels_compile_for_a_cuda_gpu():
 
     sizes = ("channels", "cells")
     for dtype in ("fp32", "fp64"):
-        compile_(tk._hadamard_forward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
-        compile_(tk._hadamard_backward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
+        compile_(hadamard.forward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
+        compile_(hadamard.backward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
         for signs in (1, 2):
             heads = dict(ints=("classes", "cells"), SIGNS=signs, BLOCK_K=64, BLOCK_J=64)
-            compile_(tk._fused_head_forward_kernel, dtype, HAS_BIAS=signs == 2, **heads)
-            compile_(tk._fused_head_backward_kernel, dtype, **heads)
+            compile_(fused_head.forward_kernel, dtype, HAS_BIAS=signs == 2, **heads)
+            compile_(fused_head.backward_kernel, dtype, **heads)
         for optimizer in ("sgd", "adam"):
-            compile_(tk._projected_step_kernel, dtype, ("dim",), ("active",), BLOCK_D=64, OPTIMIZER=optimizer)
+            compile_(projected_update.kernel, dtype, ("dim",), ("active",), BLOCK_D=64, OPTIMIZER=optimizer)
 
     # every branch of the solver: each (mode, constraint) once, with both optimizers and part counts
     cases = [
@@ -88,10 +88,10 @@ def test_kernels_compile_for_a_cuda_gpu():
     ]
     for mode, constraint, optimizer, signs, dtype, grid in cases:
         cells = grid[0] * grid[1]
-        block_n, block_r = tk._solver_tiles(cells)
+        block_n, block_r = fused_solver.tiles(cells)
         compile_(
-            tk._solve_fused_kernel, dtype, int64_pointers=("image", "iterations"),
-            num_warps=tk._solver_warps(block_n), HEIGHT=grid[0], WIDTH=grid[1],
+            fused_solver.kernel, dtype, int64_pointers=("image", "iterations"),
+            num_warps=fused_solver.warps(block_n), HEIGHT=grid[0], WIDTH=grid[1],
             DIM=2 if constraint == "gauss" else cells, SIGNS=signs, MODE=mode, CONSTRAINT=constraint,
             OPTIMIZER=optimizer, BLOCK_N=block_n, BLOCK_R=block_r,
         )  # fmt: skip

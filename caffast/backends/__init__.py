@@ -14,9 +14,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..filters import check_choice
-from ..heads import FusedHead, FusedProblem
-from ..solve import LoopSettings, Solution, solve
+from ..core.choices import check_choice
+from ..core.constraints import Constraint
+from ..core.heads import FusedHead, FusedProblem
+from ..core.loop import LoopSettings, Solution, solve
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 
@@ -28,9 +29,9 @@ def _compiled(backend: str) -> ModuleType:
         from . import cpp
 
         return cpp
-    from . import triton_kernels
+    from . import triton
 
-    return triton_kernels
+    return triton
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -48,7 +49,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.Tensor, settings: LoopSettings) -> Solution:
+def solve_fused(backend: str, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings) -> Solution:
     """The whole optimization of a fused head (the Python loop when the history is recorded)."""
     if backend == "torch" or settings.record:
         return solve(FusedProblem(head, constraint), initial, settings)
@@ -63,8 +64,8 @@ def solve_fused(backend: str, head: FusedHead, constraint: str, initial: torch.T
     return Solution(params=params.view(initial.shape), iterations=iterations, loss=loss)
 
 
-def filter_multiply(backend: str, constraint: str) -> Optional[Multiply]:
+def filter_multiply(backend: str, constraint: Constraint) -> Optional[Multiply]:
     """A compiled `features * filter / ||filter||` for the generic tail, or None for plain torch."""
-    if backend in ("cpp", "triton") and constraint == "l2norm":
+    if backend in ("cpp", "triton") and constraint.on_sphere:
         return _compiled(backend).Hadamard.apply
     return None

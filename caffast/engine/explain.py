@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import filter_multiply, resolve_backend, solve_fused
-from .backends.autograd import AutogradProblem
-from .exact import DESCENT_STEPS_PER_ITERATION, SOLVERS, closed_form, descend, has_closed_form, stationarity
-from .filters import CONSTRAINTS, INITS, MAPS, check_choice, constrained_filter, initial_parameters, normalize_filter
-from .guard import frozen
-from .heads import FusedHead, FusedProblem, detect_head, precompute
-from .losses import MODES, Objective, UserObjective, class_signs
-from .optim import OPTIMIZERS
-from .solve import LoopSettings, Problem, Solution, solve
-from .split import Layer, split
-
-Targets = Union[None, int, Sequence[int], torch.Tensor]
-
+from ..backends import filter_multiply, resolve_backend
+from ..backends.torch.autograd import AutogradProblem
+from ..core.breakpoints import Layer, split
+from ..core.choices import check_choice
+from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
+from ..core.exact import stationarity
+from ..core.guard import frozen
+from ..core.heads import FusedProblem, detect_head, precompute
+from ..core.loop import LoopSettings
+from ..core.losses import MODES, Objective, UserObjective, class_signs
+from ..core.optimizers import OPTIMIZERS
+from .inputs import Targets, check_images, check_settings, model_device, resolve_targets
+from .solvers import SOLVERS, optimize
 
 @dataclass
 class Explanation:
@@ -74,93 +74,6 @@ def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torc
     return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _check_images(images: object) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), not {type(images).__name__}")
-    if images.dim() != 4:
-        hint = " (add the batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"images must have shape (N, C, H, W); got {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch; pass at least one image")
-    return images
-
-
-def _check_settings(max_iter: int, lr: float, min_error: float, check_every: int, tolerance: float) -> None:
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if not min_error >= 0:
-        raise ValueError(f"min_error must be zero or positive, got {min_error!r}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be positive, got {tolerance!r}")
-
-
-def _resolve_targets(mode: str, targets: Targets, output: torch.Tensor) -> torch.Tensor:
-    """(N, T) class indices: the top-1 class when none are given."""
-    batch = output.shape[0]
-    if mode == "oblivious":
-        if targets is not None:
-            raise ValueError("targets apply to mode='specific'; class-oblivious explains the whole output")
-        if output.dim() == 2:
-            return output.argmax(dim=1, keepdim=True)
-        return torch.full((batch, 1), -1, dtype=torch.long, device=output.device)
-    if output.dim() != 2:
-        raise ValueError(
-            f"mode='specific' needs class scores of shape (N, K); the model outputs {tuple(output.shape)}: "
-            "use mode='oblivious' for other outputs"
-        )
-    classes = output.shape[1]
-    if targets is None:
-        resolved = output.argmax(dim=1, keepdim=True)
-    elif isinstance(targets, int):
-        resolved = torch.full((batch, 1), targets, dtype=torch.long)
-    elif isinstance(targets, torch.Tensor):
-        if targets.dim() != 2 or targets.shape[0] != batch or targets.dtype.is_floating_point:
-            raise ValueError(
-                f"a targets tensor must be integer with shape (N, T) = ({batch}, T); got {targets.dtype} "
-                f"{tuple(targets.shape)} (for one class per image use targets.view(-1, 1))"
-            )
-        resolved = targets.long()
-    else:
-        classes_each = list(targets)
-        if not classes_each or not all(isinstance(c, int) for c in classes_each):
-            raise ValueError(f"targets must be None, an int, a list of ints or an (N, T) tensor; got {targets!r}")
-        resolved = torch.tensor(classes_each, dtype=torch.long).repeat(batch, 1)
-    resolved = resolved.to(output.device)
-    if resolved.numel() == 0 or resolved.min() < 0 or resolved.max() >= classes:
-        raise ValueError(f"targets must be class indices in [0, {classes}); got {resolved.tolist()}")
-    return resolved
-
-
-def _optimize(
-    solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: str,
-    initial: torch.Tensor, settings: LoopSettings, tolerance: float,
-) -> Solution:
-    """The reference loop's answer; for solver="exact", the closed form where there is one, else the
-    loop's answer refined by a descent (caffast.exact)."""
-    if solver == "exact" and has_closed_form(fused_head, constraint):
-        zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
-        return Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
-    if fused_head is not None:
-        solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
-    else:
-        solution = solve(problem, initial, settings)
-    if solver == "exact":
-        budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
-        params, steps = descend(problem, solution.params, constraint, tolerance, budget)
-        solution.params, solution.iterations = params, solution.iterations + steps
-    return solution
-
-
 def explain(
     model: nn.Module,
     images: torch.Tensor,
@@ -172,7 +85,7 @@ def explain(
     min_error: float = 1e-6,
     check_every: int = 50,
     optimizer: str = "sgd",
-    constraint: str = "l2norm",
+    constraint: ConstraintLike = "l2norm",
     init: str = "ones",
     seed: Optional[int] = None,
     objective: Optional[UserObjective] = None,
@@ -193,25 +106,25 @@ def explain(
     goes past where the reference loop stops: the minimizer in closed form for fused heads with the
     l2norm constraint (class-specific, or class-oblivious without a ReLU), otherwise a descent from
     the loop's answer until the projected gradient is below `tolerance`, no step lowers the loss any
-    more, or 10 * max_iter steps were tried (caffast.exact); `gradient_norm` says where it ended.
+    more, or 10 * max_iter steps were tried (caffast.core.exact); `gradient_norm` says where it ended.
     """
     check_choice("mode", mode, MODES)
-    check_choice("constraint", constraint, CONSTRAINTS)
+    constraint = as_constraint(constraint)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("init", init, INITS)
     check_choice("map", map, MAPS)
     check_choice("solver", solver, SOLVERS)
     if objective is not None and mode != "oblivious":
         raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
-    _check_settings(max_iter, lr, min_error, check_every, tolerance)
-    images = _check_images(images)
-    device = _model_device(model)
+    check_settings(max_iter, lr, min_error, check_every, tolerance)
+    images = check_images(images)
+    device = model_device(model)
     backend = resolve_backend(backend, device)
 
     with frozen(model):
         images = images.to(device)
         capture, tail = split(model, layer, images)
-        targets = _resolve_targets(mode, targets, capture.output)
+        targets = resolve_targets(mode, targets, capture.output)
         batch, per_image = targets.shape
         image_index = torch.arange(batch, device=device).repeat_interleave(per_image)
         features = capture.features
@@ -232,8 +145,8 @@ def explain(
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
 
-        solution = _optimize(solver, problem, fused_head, backend, constraint, initial, settings, tolerance)
-        kinked = fused_head is not None and fused_head.parts == 2 and constraint == "l2norm"
+        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, tolerance)
+        kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
         if solver == "exact":
@@ -242,7 +155,7 @@ def explain(
                 solution.history.append((int(solution.iterations.max()), solution.params.clone()))
 
     params = solution.params.to(dtype)
-    filters = constrained_filter(params, "gauss", grid) if constraint == "gauss" else params
+    filters = constraint.filters(params, grid)
     shape = (batch, per_image)
 
     def final_maps(values: torch.Tensor) -> torch.Tensor:
@@ -259,7 +172,7 @@ def explain(
         objective=final_objective.double().reshape(shape),
         gradient_norm=gradient_norm.double().reshape(shape),
         mode=mode,
-        constraint=constraint,
+        constraint=constraint.name,
         map=map,
         solver=solver,
         tail=tail.kind,

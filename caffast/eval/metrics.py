@@ -11,7 +11,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .viz import resize_bilinear, scale_map
+from ..viz import resize_bilinear, scale_map
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 DEFAULT_THRESHOLDS = np.linspace(0.0, 1.0, 21)

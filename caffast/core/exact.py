@@ -26,11 +26,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .filters import constrained_filter
+from .constraints import ConstraintLike, as_constraint
 from .heads import FusedHead
-from .solve import Problem
-
-SOLVERS = ("gd", "exact")
+from .loop import Problem
 
 _BISECTION_STEPS = 200  # halvings of an interval of width ||G 1||: past float64 resolution
 _RESOLUTION = 8 * torch.finfo(torch.float64).eps  # relative width at which a bisection has converged
@@ -39,9 +37,9 @@ _DEGENERATE = 1e-12  # eigenvalues this close (relative to the largest) count as
 DESCENT_STEPS_PER_ITERATION = 10  # the descent's step budget, in units of explain's max_iter
 
 
-def has_closed_form(head: FusedHead | None, constraint: str) -> bool:
+def has_closed_form(head: FusedHead | None, constraint: ConstraintLike) -> bool:
     """Fused heads with the unit-sphere filter, class-specific or plain: solved without iterating."""
-    if head is None or constraint != "l2norm":
+    if head is None or not as_constraint(constraint).on_sphere:
         return False
     return head.mode == "specific" or head.parts == 1
 
@@ -127,7 +125,7 @@ def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
 
 
 def descend(
-    problem: Problem, initial: torch.Tensor, constraint: str, tolerance: float, max_steps: int
+    problem: Problem, initial: torch.Tensor, constraint: ConstraintLike, tolerance: float, max_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient descent from `initial` until the projected gradient is below `tolerance`.
 
@@ -140,10 +138,11 @@ def descend(
     where the gradient with respect to them is the projected gradient and a step followed by
     normalization is the retraction.  Returns the parameters and the steps each problem took.
 
-    This is not a second copy of the reference loop (caffast.solve, shared by every backend): it is
+    This is not a second copy of the reference loop (caffast.core.loop, shared by every backend): it is
     the other solver, with its own steps and stopping rule, driven through the same Problem interface.
     """
-    params = _on_sphere(initial.clone(), constraint)
+    constraint = as_constraint(constraint)
+    params = constraint.retract(initial.clone())
     count = params.shape[0]
     everyone = torch.arange(count, device=params.device)
     loss, grad = problem.loss_and_grad(params, everyone)
@@ -156,7 +155,7 @@ def descend(
             break
         current, slope = params.index_select(0, active), grad.index_select(0, active)
         rate = step.index_select(0, active)
-        trial = _on_sphere(current - _expand(rate, slope) * slope, constraint)
+        trial = constraint.retract(current - _expand(rate, slope) * slope)
         trial_loss, trial_grad = problem.loss_and_grad(trial, active)
         trial_loss, before = trial_loss.to(params.dtype), loss.index_select(0, active)
         decrease = before - trial_loss
@@ -183,7 +182,7 @@ def descend(
 
 
 def stationarity(
-    problem: Problem, params: torch.Tensor, constraint: str, mirrored: Optional[Problem] = None
+    problem: Problem, params: torch.Tensor, constraint: ConstraintLike, mirrored: Optional[Problem] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss at `params` and the norm of its projected gradient (the gradient on the sphere's
     tangent plane for l2norm, the plain gradient for the other parameterizations).
@@ -193,7 +192,7 @@ def stationarity(
     one of least magnitude between them (zero when they straddle zero), the minimal-norm subgradient,
     so that a minimizer with zero cells reports a vanishing norm too.
     """
-    at = _on_sphere(params.clone(), constraint)
+    at = as_constraint(constraint).retract(params.clone())
     everyone = torch.arange(at.shape[0], device=at.device)
     loss, grad = problem.loss_and_grad(at, everyone)
     if mirrored is not None:
@@ -201,11 +200,6 @@ def stationarity(
         least = torch.minimum(grad, other).clamp_min(0) + torch.maximum(grad, other).clamp_max(0)
         grad = torch.where(at == 0, least, grad)
     return loss, _norms(grad)
-
-
-def _on_sphere(params: torch.Tensor, constraint: str) -> torch.Tensor:
-    """l2norm parameters scaled to unit norm (the filter they stand for is unchanged); others as they are."""
-    return constrained_filter(params, constraint, grid=None) if constraint == "l2norm" else params
 
 
 def _norms(values: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .engine import Targets, _check_images, _model_device, _resolve_targets
-from .guard import frozen
-from .split import Layer, check_capture, resolve_layer
+from ..engine.inputs import Targets, check_images, model_device, resolve_targets
+from ..core.guard import frozen
+from ..core.breakpoints import Layer, check_capture, resolve_layer
 
 
 class GradCamResult(NamedTuple):
@@ -23,7 +23,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
     One forward pass; one backward pass per target column.  The breakpoint's output is cut from the
     graph before it (a leaf that requires grad), so no parameter gradient is ever computed.
     """
-    images = _check_images(images)
+    images = check_images(images)
     name, module = resolve_layer(model, layer)
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -38,11 +38,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
     with frozen(model), torch.enable_grad():
         handle = module.register_forward_hook(cut)
         try:
-            output = model(images.to(_model_device(model)))
+            output = model(images.to(model_device(model)))
         finally:
             handle.remove()
         check_capture(name, captured[0][0] if len(captured) == 1 else None, output)
-        targets = _resolve_targets("specific", targets, output.detach())
+        targets = resolve_targets("specific", targets, output.detach())
         leaf, activations = captured[0][0], captured[0][1].detach()
         maps = []
         for column in range(targets.shape[1]):

@@ -6,9 +6,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..filters import Grid, constrained_filter
-from ..losses import Objective
-from ..split import Tail
+from ...core.constraints import Constraint, Grid
+from ...core.losses import Objective
+from ...core.breakpoints import Tail
 
 
 class AutogradProblem:
@@ -20,7 +20,7 @@ class AutogradProblem:
         features: torch.Tensor,
         image_index: torch.Tensor,
         objective: Objective,
-        constraint: str,
+        constraint: Constraint,
         grid: Grid,
         multiply: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ):
@@ -33,7 +33,7 @@ class AutogradProblem:
         self.multiply = multiply or self._multiply
 
     def _multiply(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        multiplier = constrained_filter(params, self.constraint, self.grid)
+        multiplier = self.constraint.multiplier(params, self.grid)
         return (features * multiplier[:, None]).to(features.dtype)
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

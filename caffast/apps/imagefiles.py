@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import data
+from ..eval import scenes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,8 +38,8 @@ class Preprocessing:
 
 
 IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-# the shipped demo model's input: a 64 x 64 scene normalized as caffast.data.normalize does
-DEMO = Preprocessing(64, crop=False, mean=(data.MEAN,) * 3, std=(data.STD,) * 3)
+# the shipped demo model's input: a 64 x 64 scene normalized as caffast.eval.scenes.normalize does
+DEMO = Preprocessing(64, crop=False, mean=(scenes.MEAN,) * 3, std=(scenes.STD,) * 3)
 
 
 def find_images(root: PathLike, exclude: Optional[PathLike] = None) -> list[str]:

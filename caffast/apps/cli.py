@@ -6,85 +6,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .cam import GradCAM
-from .engine import Explanation, explain, upsample_maps
-from .exact import SOLVERS
-from .filters import MAPS, normalize_filter
-from .gradcam import grad_cam
-from .imagefiles import IMAGENET, ImageReadError, read_image
-from .zoo import build_model
+from ..cam import GradCAM
+from ..core.constraints import MAPS
+from ..engine.explain import Explanation, explain
+from ..engine.solvers import SOLVERS
+from ..eval.localization import evaluate_scenes, scene_batch
+from .common import CliError, class_names, default_layer, explain_options, load_image, load_model, show_progress
 
-DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
-                  "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
-                  "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers"}
-
-
-class CliError(Exception):
-    """A problem with the command's input: printed as one line, exit code 2."""
-
-
-def show_progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    end = "\n" if done == total else ""
-    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-
-def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
-    """The reference's preprocessing: shorter side to 256, centre crop 224, ImageNet normalization.
-    Returns the crop as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
-    try:
-        return read_image(path, replace(IMAGENET, size=size))
-    except ImageReadError as error:
-        raise CliError(str(error)) from None
-
-
-def default_layer(arch: str) -> str:
-    for family, layer in DEFAULT_LAYERS.items():
-        if arch.startswith(family):
-            return layer
-    raise CliError(f"no default breakpoint for {arch!r}: pass --layer (a dotted module name)")
-
-
-def class_names(arch: str, classes: int) -> list[str]:
-    """ImageNet category names for 1000-class torchvision models (offline, from torchvision's metadata)."""
-    import torchvision
-
-    try:
-        categories = torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"]
-    except (ValueError, KeyError, AttributeError):
-        categories = []
-    return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
-
-
-def load_model(arch: str, weights: Optional[str], device: str) -> torch.nn.Module:
-    try:
-        return build_model(arch, None if weights == "random" else weights).to(device)
-    except FileNotFoundError as error:
-        raise CliError(f"{error} (or pass --weights random for an untrained model)") from None
-    except ValueError as error:
-        raise CliError(str(error)) from None
-
-
-def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise CliError(f"classes must be comma-separated integers, e.g. 207,323; got {text!r}") from None
 
 
 def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Path], gif: bool) -> None:
     """One overlay per target of image `index` (and a GIF of its convergence when asked)."""
-    from .viz import apply_heatmap, save_gif
+    from ..viz import apply_heatmap, save_gif
 
     symmetric = exp.map == "signed"
     for column, path in enumerate(paths):
@@ -93,17 +32,6 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
             frames = [apply_heatmap(rgb, maps[index, column].cpu().numpy(), alpha=0.6, cmap="bwr", symmetric=symmetric)
                       for _, maps in exp.history]
             save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
-
-
-def explain_options(args: argparse.Namespace) -> dict:
-    """caffast.explain's keyword arguments that shape the results, from the command's flags.
-
-    The one place they are built: an option added here reaches every command, and `caffast run`'s
-    config.json (which refuses to mix results of different values).  The backend is not among them:
-    every backend gives the same results.
-    """
-    return {"mode": args.mode, "targets": _parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
-            "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver}
 
 
 def _explain_files(
@@ -169,51 +97,6 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         print(f"saved {path}")
 
 
-def _scene_batch(count: int, first_seed: int, objects: int = 2):
-    from .data import make_scene, normalize
-
-    scenes = [make_scene(first_seed + k, objects=objects) for k in range(count)]
-    images = torch.stack([normalize(torch.as_tensor(scene.image)) for scene in scenes])
-    return scenes, images
-
-
-def _localization(maps: torch.Tensor, scenes, targets: torch.Tensor) -> dict[str, float]:
-    """Pointing game, IoU at 0.5 and the IoU-curve area of (N, T, H, W) maps against each target's mask."""
-    from .metrics import iou_auc, mask_iou, pointing_game
-
-    hits, ious, aucs = [], [], []
-    for n, scene in enumerate(scenes):
-        for t, target in enumerate(targets[n].tolist()):
-            mask = np.asarray(scene.masks[list(scene.labels).index(target)])
-            heat = maps[n, t].cpu().numpy()
-            hits.append(pointing_game(heat, mask, tolerance=round(15 * mask.shape[0] / 224)))
-            ious.append(mask_iou(heat, mask, 0.5))
-            aucs.append(iou_auc(heat, mask))
-    return {"pointing game": float(np.mean(hits)), "IoU@0.5": float(np.mean(ious)), "IoU AUC": float(np.mean(aucs))}
-
-
-def evaluate_scenes(
-    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
-) -> dict[str, dict[str, float]]:
-    """Class-specific L2-CAF with every solver and map, and Grad-CAM, on synthetic scenes: each class's
-    map scored against that class's mask."""
-    from .demo_model import load_demo_model
-
-    model = load_demo_model()
-    scenes, images = _scene_batch(count, first_seed, objects)
-    targets = torch.tensor([list(scene.labels) for scene in scenes], dtype=torch.long)
-    size = tuple(images.shape[-2:])
-    results = {}
-    for solver in SOLVERS:
-        l2caf = explain(model, images, "features", mode="specific", targets=targets, max_iter=max_iter, solver=solver)
-        for kind in MAPS:
-            maps = normalize_filter(l2caf.filters, map=kind)
-            results[f"L2-CAF {solver} {kind}"] = _localization(upsample_maps(maps, size), scenes, targets)
-    gradcam = grad_cam(model, images, "features", targets).maps
-    results["Grad-CAM"] = _localization(upsample_maps(gradcam, size), scenes, targets)
-    return results
-
-
 def _print_table(results: dict[str, dict[str, float]]) -> None:
     metrics = list(next(iter(results.values())))
     width = max(len(method) for method in results) + 2
@@ -233,13 +116,13 @@ def _command_evaluate(args: argparse.Namespace) -> None:
 def _command_demo(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .demo_model import CLASS_NAMES, load_demo_model
-    from .viz import apply_heatmap
+    from ..eval.demo_model import CLASS_NAMES, load_demo_model
+    from ..viz import apply_heatmap
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_demo_model()
-    scenes, images = _scene_batch(1, args.seed)
+    scenes, images = scene_batch(1, args.seed)
     scene = scenes[0]
     rgb = np.asarray(scene.image).transpose(1, 2, 0)
     big = np.kron(rgb, np.ones((4, 4, 1)))  # 4x larger pictures, pixels kept sharp

@@ -1,6 +1,6 @@
 """`caffast run`: explain every image of a folder tree into an output folder that never loses work.
 
-The output folder (caffast.runfolder) records each image once it is fully written, so a run killed
+The output folder (caffast.apps.runfolder) records each image once it is fully written, so a run killed
 at any moment and started again with the same command finishes the rest and ends with the outputs of
 an uninterrupted run.  Under torchrun every rank explains its share of the unfinished images
 (every world_size-th, from its rank on) and rank 0 writes the index once all are done.
@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .cli import CliError, default_layer, explain_options, load_model, show_progress
+from .common import CliError, default_layer, explain_options, load_model, show_progress
 from .distributed import Processes, start_processes
-from .engine import Explanation, explain
+from ..engine.explain import Explanation, explain
 from .imagefiles import DEMO, IMAGE_SUFFIXES, IMAGENET, ImageReadError, Preprocessing, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, RunFolder
-from .viz import apply_heatmap
+from ..viz import apply_heatmap
 
 DEMO_ARCH = "demo"
 # "--weights random" must give the same model in every process and in every rerun
@@ -65,8 +65,8 @@ def weights_identity(weights: str) -> str:
 
 
 def _demo_model(weights: str) -> nn.Module:
-    from .demo_model import DemoCNN, load_demo_model
-    from .zoo import load_state_dict
+    from ..eval.demo_model import DemoCNN, load_demo_model
+    from ..models.zoo import load_state_dict
 
     if weights == "DEFAULT":
         return load_demo_model()

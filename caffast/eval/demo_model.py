@@ -1,8 +1,8 @@
-"""A small trained CNN for the procedural scenes of caffast.data: a model to explain with no downloads.
+"""A small trained CNN for the procedural scenes of caffast.eval.scenes: a model to explain with no downloads.
 
 Its head is the fused form of DESIGN.md section 3 (global average pool -> Linear), and its breakpoint
 `features` ends in a ReLU with an 8 x 8 map at 64 x 64 input, so both the fused and the autograd
-paths apply to it.  Inputs are scenes passed through caffast.data.normalize.
+paths apply to it.  Inputs are scenes passed through caffast.eval.scenes.normalize.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import CLASS_NAMES, NUM_CLASSES
+from .scenes import CLASS_NAMES, NUM_CLASSES
 
 WEIGHTS = "demo_cnn.pt"
 WIDTHS = (16, 32, 64, 128)
@@ -43,9 +43,9 @@ class DemoCNN(nn.Module):
 
 
 def load_demo_model() -> nn.Module:
-    """The trained DemoCNN in eval mode on the CPU (weights shipped in caffast/assets)."""
+    """The trained DemoCNN in eval mode on the CPU (weights shipped in caffast/eval/assets)."""
     model = DemoCNN()
-    with resources.as_file(resources.files("caffast") / "assets" / WEIGHTS) as path:
+    with resources.as_file(resources.files("caffast.eval") / "assets" / WEIGHTS) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

@@ -18,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .filters import Grid, constrained_filter
-from .split import FxTail, Tail
+from .constraints import ConstraintLike, Grid, as_constraint
+from .breakpoints import FxTail, Tail
 
 
 @dataclass
@@ -202,9 +202,9 @@ class FusedProblem:
     at zero cells from the negative side (see filter_parts).
     """
 
-    def __init__(self, head: FusedHead, constraint: str, zeros_negative: bool = False):
+    def __init__(self, head: FusedHead, constraint: ConstraintLike, zeros_negative: bool = False):
         self.head = head
-        self.constraint = constraint
+        self.constraint = as_constraint(constraint)
         self.zeros_negative = zeros_negative
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +212,7 @@ class FusedProblem:
         cells = head.grid[0] * head.grid[1]
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
-            g = constrained_filter(params, self.constraint, head.grid).flatten(1)
+            g = self.constraint.multiplier(params, head.grid).flatten(1)
             parts = filter_parts(g, head.parts, self.zeros_negative)
             if head.mode == "specific":
                 linear = head.linear.index_select(0, active)

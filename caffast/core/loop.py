@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from .optim import make_optimizer, polynomial_lr_decay
+from .optimizers import make_optimizer, polynomial_lr_decay
 
 INITIAL_PREVIOUS_LOSS = 32767.0
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 OPTIMIZERS = ("sgd", "adam")
+MIN_LEARNING_RATE = 1e-5  # where the reference schedule ends
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 
 
 def polynomial_lr_decay(
-    global_step: int, init_learning_rate: float, max_iter: int, min_learning_rate: float = 1e-5
+    global_step: int, init_learning_rate: float, max_iter: int, min_learning_rate: float = MIN_LEARNING_RATE
 ) -> float:
     """The reference schedule: linear decay from the initial rate to `min_learning_rate`."""
     power = 1
@@ -35,7 +37,7 @@ class SGD:
 class Adam:
     """Adam with torch.optim.Adam's defaults and its bias correction, one state per problem."""
 
-    def __init__(self, params: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params: torch.Tensor, betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS):
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.first_moment = torch.zeros_like(params)

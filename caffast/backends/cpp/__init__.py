@@ -1,0 +1,16 @@
+"""The "cpp" backend: typed torch wrappers around caffast._C, one module per csrc/ operation.
+
+- hadamard: features * f / ||f|| and its gradient in f (csrc/hadamard.cpp);
+- fused_solver: the whole fused-head loop of a batch in one call (csrc/solve_fused.cpp);
+- projected_update: the gradient step through g = f / ||f|| (csrc/projected_update.cpp).
+"""
+
+from .fused_solver import solve_fused
+from .hadamard import Hadamard, hadamard_backward, hadamard_forward
+from .library import available, import_error, require
+from .projected_update import projected_update
+
+__all__ = [
+    "Hadamard", "available", "hadamard_backward", "hadamard_forward", "import_error", "projected_update", "require",
+    "solve_fused",
+]  # fmt: skip

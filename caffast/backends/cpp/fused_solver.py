@@ -1,0 +1,62 @@
+"""The fused-head solver on the CPU (csrc/solve_fused.cpp); its twin is
+caffast.backends.torch.fused_solver."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.constraints import ConstraintLike, as_constraint
+from ...core.heads import FusedHead
+from ...core.loop import LoopSettings
+from .library import kernels, threads, view
+
+
+def solve_fused(
+    head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the whole reference loop for P fused-head problems in one call (DESIGN.md section 3).
+
+    The head's gram (I, S, S, HW, HW), linear (P, S, HW) and constant (P,) and params (P, D) are
+    contiguous float64 CPU tensors, image (P,) int64.  The oblivious mode reads gram and image only,
+    the specific mode linear and constant only; the others may be None.  Returns the final
+    parameters (a new tensor; `params` is left as it was), the iterations run (P,) and the loss of
+    the last iteration (P,).
+    """
+    compiled = kernels()
+    f64, i64 = (torch.float64,), (torch.int64,)
+    height, width = head.grid
+    cells = height * width
+    problems = params.shape[0]
+    gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
+    if head.mode == "specific":
+        if linear is None or constant is None:
+            raise ValueError("the specific mode needs linear and constant")
+        signs = linear.shape[1]
+        gram = torch.empty((0, signs, signs, cells, cells), dtype=torch.float64)
+        image = torch.zeros(problems, dtype=torch.int64)
+    else:
+        if gram is None or image is None:
+            raise ValueError("the oblivious mode needs gram and image")
+        signs = gram.shape[1]
+        linear = torch.zeros((problems, signs, cells), dtype=torch.float64)
+        constant = torch.zeros(problems, dtype=torch.float64)
+    result = view(params, "params", f64).copy()
+    iterations, loss = compiled.solve_fused(
+        view(gram, "gram", f64),
+        view(linear, "linear", f64),
+        view(constant, "constant", f64),
+        view(image, "image", i64),
+        result,
+        mode=head.mode,
+        constraint=as_constraint(constraint).name,
+        optimizer=settings.optimizer,
+        height=height,
+        width=width,
+        classes=head.classes,
+        max_iter=settings.max_iter,
+        lr=settings.lr,
+        min_error=settings.min_error,
+        check_every=settings.check_every,
+        threads=threads(),
+    )
+    return torch.from_numpy(result), torch.from_numpy(iterations), torch.from_numpy(loss)

@@ -1,0 +1,201 @@
+"""The constrained attention filter, one object per constraint.
+
+A constraint turns the optimized parameters of a problem into the spatial multiplier that scales the
+feature map, and a converged filter into the attention map.  "l2norm" (the paper's L2-CAF) keeps the
+filter on the unit sphere, "softmax" makes it a distribution over the grid cells, and "gauss" is a
+2-D Gaussian with identity covariance whose mean is the only parameter.  The loop, the solvers and
+the backends ask the object; a new constraint is a new class here (and, for the compiled fused
+solvers, a kernel branch under its `name` in csrc/constraints.cpp and backends/triton/fused_solver.py).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .choices import check_choice
+
+Grid = tuple[int, int]
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+INITS = ("ones", "normal")
+NORM_EPS = 1e-12  # F.normalize's: below it the norm is clamped
+MAPS = ("abs", "positive", "signed")  # how a signed l2norm filter becomes a map
+
+
+class Constraint:
+    """The parameterization of one problem's filter."""
+
+    name: ClassVar[str]
+    # the filter is f / ||f||: the parameters live on (a scaling of) the unit sphere, and the filter's
+    # cells take either sign and can be exactly zero
+    on_sphere: ClassVar[bool] = False
+
+    def parameter_shape(self, grid: Grid) -> tuple[int, ...]:
+        """The shape of one problem's optimized variable."""
+        return tuple(grid)
+
+    def start(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The reference's starting parameters: ones (the uniform filter)."""
+        return torch.ones(shape, dtype=dtype, device=device)
+
+    def multiplier(self, params: torch.Tensor, grid: Optional[Grid]) -> torch.Tensor:
+        """The filter applied to the feature map, (P, H, W), from a batch of parameters."""
+        raise NotImplementedError
+
+    def filters(self, params: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """What a result reports as the filter: the parameters themselves."""
+        return params
+
+    def retract(self, params: torch.Tensor) -> torch.Tensor:
+        """Parameters standing for the same filter, in the form a descent steps from."""
+        return params
+
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+        """The map of converged parameters (..., *parameter_shape), over the last two axes."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<constraint {self.name!r}>"
+
+
+class L2Norm(Constraint):
+    """g = f / ||f||; the map is |g| (the reference), max(g, 0) or g, renormalized."""
+
+    name = "l2norm"
+    on_sphere = True
+
+    def multiplier(self, params: torch.Tensor, grid: Optional[Grid]) -> torch.Tensor:
+        return F.normalize(params.flatten(1), dim=1).view(params.shape)
+
+    def retract(self, params: torch.Tensor) -> torch.Tensor:
+        return self.multiplier(params, None)
+
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+        kept = {"abs": values.abs(), "positive": values.clamp_min(0), "signed": values}[map]
+        norm = torch.linalg.vector_norm(kept, dim=(-2, -1), keepdim=True)
+        return kept / norm.clamp_min(torch.finfo(kept.dtype).tiny)
+
+
+class Softmax(Constraint):
+    """g = softmax(f) over the cells: positive, summing to 1."""
+
+    name = "softmax"
+
+    def multiplier(self, params: torch.Tensor, grid: Optional[Grid]) -> torch.Tensor:
+        return torch.softmax(params.flatten(1), dim=1).view(params.shape)
+
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+        return torch.softmax(values.flatten(-2), dim=-1).view(values.shape)
+
+
+class Gauss(Constraint):
+    """A normalized identity-covariance Gaussian on the grid; the parameter is its mean (2,)."""
+
+    name = "gauss"
+    DEFAULT_GRID: ClassVar[Grid] = (7, 7)  # normalize_filter's grid when none is given
+
+    def parameter_shape(self, grid: Grid) -> tuple[int, ...]:
+        return (2,)
+
+    def start(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The grid centre."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def multiplier(self, params: torch.Tensor, grid: Optional[Grid]) -> torch.Tensor:
+        return gaussian_filter(params, grid)
+
+    def filters(self, params: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """The Gaussian the mean stands for."""
+        return gaussian_filter(params, grid)
+
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+        return gaussian_filter(values.reshape(*values.shape[:-1], 2), grid or self.DEFAULT_GRID)
+
+
+CONSTRAINTS: dict[str, Constraint] = {kind.name: kind() for kind in (L2Norm, Softmax, Gauss)}
+ConstraintLike = Union[str, Constraint]
+
+
+def as_constraint(constraint: ConstraintLike, kind: str = "constraint") -> Constraint:
+    """The constraint object for a name (or the object itself); a clear error for anything else."""
+    if isinstance(constraint, Constraint):
+        return constraint
+    return CONSTRAINTS[check_choice(kind, constraint, tuple(CONSTRAINTS))]
+
+
+def initial_parameters(
+    constraint: ConstraintLike,
+    init: str,
+    count: int,
+    grid: Grid,
+    seed: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Starting values for `count` problems, shape (count, *parameter_shape).
+
+    "ones" is the reference start (the constraint's `start`).  "normal" draws from N(0, 1) with a CPU
+    float64 generator seeded by `seed`, so a run is reproducible on any device.
+    """
+    check_choice("init", init, INITS)
+    constraint = as_constraint(constraint)
+    shape = (count, *constraint.parameter_shape(grid))
+    if init == "normal":
+        generator = torch.Generator()
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        values = torch.randn(shape, generator=generator, dtype=torch.float64)
+        return values.to(device=device, dtype=dtype)
+    return constraint.start(shape, dtype, device)
+
+
+def gaussian_filter(mean: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Identity-covariance Gaussians centred at `mean` (..., 2: column, row offsets from the grid
+    centre), evaluated on the grid and normalized to sum 1: shape (..., H, W)."""
+    height, width = grid
+    cols = torch.arange(width, dtype=mean.dtype, device=mean.device) - (width - 1) / 2
+    rows = torch.arange(height, dtype=mean.dtype, device=mean.device) - (height - 1) / 2
+    dx = cols - mean[..., 0, None]
+    dy = rows - mean[..., 1, None]
+    log_density = -0.5 * (dy[..., :, None] ** 2 + dx[..., None, :] ** 2)
+    # a softmax of the log-density: the same normalized Gaussian, and no 0 / 0 once the mean is far off
+    return torch.softmax(log_density.flatten(-2), dim=-1).view(log_density.shape)
+
+
+def normalize_filter(
+    filter: ArrayLike, filter_type: ConstraintLike = "l2norm", shape: Grid | None = None, map: str = "abs"
+) -> ArrayLike:
+    """The attention map of a converged filter; the default is the reference's finalization.
+
+    l2norm: `map` "abs" gives |f| / || |f| || (the reference), "positive" max(f, 0) / ||max(f, 0)|| (the
+    cells that raise the objective's output, all zeros when there are none), "signed" f / ||f|| (for a
+    diverging colormap); softmax: softmax over the cells; gauss: `filter` is the Gaussian's mean and the
+    map is the Gaussian on a `shape` grid (7 x 7 unless given).  softmax and Gaussian filters are
+    positive, so `map` changes nothing there.  Works on the last two axes (the last one for a gauss
+    mean) of a numpy array or a tensor and returns the same kind.
+    """
+    constraint = as_constraint(filter_type, kind="filter_type")
+    check_choice("map", map, MAPS)
+    is_numpy = isinstance(filter, np.ndarray)
+    values = torch.from_numpy(filter) if is_numpy else filter
+    result = constraint.attention_map(values, shape, map)
+    return result.numpy() if is_numpy else result
+
+
+class L2_CAF(nn.Module):
+    """The reference module: a filter on the unit L2 sphere multiplying a feature map."""
+
+    def __init__(self, spatial_dim: int | tuple[int, int]):
+        super().__init__()
+        height, width = (spatial_dim, spatial_dim) if isinstance(spatial_dim, int) else spatial_dim
+        self.filter = nn.Parameter(torch.ones((height, width), dtype=torch.float32))
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        return A * F.normalize(self.filter, dim=[0, 1])

@@ -1,0 +1,1 @@
+"""The engine: `explain` ties the method (caffast.core) to a backend (caffast.backends) and picks the solver."""

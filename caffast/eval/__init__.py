@@ -1,0 +1,1 @@
+"""The evaluation kit: synthetic scenes, the shipped demo model, localization metrics, the Grad-CAM baseline."""

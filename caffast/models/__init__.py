@@ -1,0 +1,1 @@
+"""Models as the commands and the reference scripts load them."""

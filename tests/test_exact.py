@@ -123,7 +123,7 @@ def test_descend_reaches_the_closed_form_and_never_rises():
     problem = QuadraticProblem(grams)
     start = torch.randn(2, 9, generator=generator, dtype=torch.float64)
     start_loss, _ = problem.loss_and_grad(F.normalize(start, dim=1), torch.arange(2))
-    params, steps = exact.descend(problem, start, "l2norm", tolerance=1e-9, max_steps=20000)
+    params, steps, _ = exact.descend(problem, start, "l2norm", tolerance=1e-9, max_steps=20000)
     loss, gradient_norm = exact.stationarity(problem, params, "l2norm")
     closed = exact._sphere_quadratic_minimizer(grams)
     closed_loss, _ = problem.loss_and_grad(closed, torch.arange(2))

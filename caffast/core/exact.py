@@ -126,7 +126,7 @@ def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
 
 def descend(
     problem: Problem, initial: torch.Tensor, constraint: ConstraintLike, tolerance: float, max_steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient descent from `initial` until the projected gradient is below `tolerance`.
 
     Each accepted step sets the next step length by Barzilai and Borwein's rule (s.s / s.y, the
@@ -136,7 +136,8 @@ def descend(
     decreases its loss any more (the precision floor: float32 losses end well above a small
     tolerance), or after `max_steps` tries.  On the sphere the parameters are kept at unit norm,
     where the gradient with respect to them is the projected gradient and a step followed by
-    normalization is the retraction.  Returns the parameters and the steps each problem took.
+    normalization is the retraction.  Returns the parameters, the steps each problem took and the
+    evaluations of the loss each used (its start included).
 
     This is not a second copy of the reference loop (caffast.core.loop, shared by every backend): it is
     the other solver, with its own steps and stopping rule, driven through the same Problem interface.
@@ -149,6 +150,7 @@ def descend(
     loss, grad = loss.to(params.dtype), grad.to(params.dtype)
     step = torch.ones(count, dtype=params.dtype, device=params.device)
     steps = torch.zeros(count, dtype=torch.long, device=params.device)
+    evaluations = torch.ones(count, dtype=torch.long, device=params.device)
     active = everyone[_norms(grad) > tolerance]
     for _ in range(max_steps):
         if active.numel() == 0:
@@ -157,6 +159,7 @@ def descend(
         rate = step.index_select(0, active)
         trial = constraint.retract(current - _expand(rate, slope) * slope)
         trial_loss, trial_grad = problem.loss_and_grad(trial, active)
+        evaluations.index_add_(0, active, torch.ones_like(active))
         trial_loss, before = trial_loss.to(params.dtype), loss.index_select(0, active)
         decrease = before - trial_loss
         sufficient = decrease >= _SUFFICIENT_DECREASE * rate * _norms(slope).square()
@@ -178,7 +181,7 @@ def descend(
         scale = _norms(params.index_select(0, active)).clamp_min(1.0)
         still = (movement > torch.finfo(params.dtype).eps * scale) & (_norms(grad.index_select(0, active)) > tolerance)
         active = active[still]
-    return params, steps
+    return params, steps, evaluations
 
 
 def stationarity(

@@ -10,7 +10,7 @@ batch gives what solving each problem alone would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -40,10 +40,18 @@ class LoopSettings:
 
 @dataclass
 class Solution:
+    """A solver's answer: parameters (P, *shape), steps taken (P,), the loss of the last step (P,),
+    and the evaluations of the loss and its gradient each problem used (P,; None: one per step)."""
+
     params: torch.Tensor
     iterations: torch.Tensor
     loss: torch.Tensor
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    evaluations: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.evaluations is None:
+            self.evaluations = self.iterations
 
 
 def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> Solution:

@@ -15,13 +15,14 @@ from ..core.breakpoints import Layer, split
 from ..core.choices import check_choice
 from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
 from ..core.exact import stationarity
+from ..core.folds import fold_prefix
 from ..core.guard import frozen
 from ..core.heads import FusedProblem, detect_head, precompute
 from ..core.loop import LoopSettings
 from ..core.losses import MODES, Objective, UserObjective, class_signs
 from ..core.optimizers import OPTIMIZERS
 from .inputs import Targets, check_images, check_settings, model_device, resolve_targets
-from .solvers import SOLVERS, optimize
+from .solvers import SOLVERS, SolverSettings, optimize
 
 @dataclass
 class Explanation:
@@ -30,8 +31,9 @@ class Explanation:
     filters: (N, T, H, W) the raw filter (for "gauss", the Gaussian it stands for);
     parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,));
     maps: (N, T, H, W) the attention maps, as normalize_filter gives them for `map`;
-    iterations: (N, T) optimizer steps taken; loss: (N, T) the loss at the last step (for "exact",
-    the objective);
+    iterations: (N, T) optimizer steps taken; evaluations: (N, T) evaluations of the loss and its
+    gradient (a forward and backward pass of the tail on the generic path) the solver used;
+    loss: (N, T) the loss at the last step (for "fast" and "exact", the objective);
     objective: (N, T) the loss at the returned filter and gradient_norm: (N, T) the norm of its
     projected gradient there (float64), to compare solvers: a minimizer has a vanishing one;
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
@@ -49,6 +51,7 @@ class Explanation:
     targets: torch.Tensor
     objective: torch.Tensor
     gradient_norm: torch.Tensor
+    evaluations: torch.Tensor
     mode: str
     constraint: str
     map: str
@@ -95,18 +98,22 @@ def explain(
     map: str = "abs",
     solver: str = "gd",
     tolerance: float = 1e-8,
+    max_evaluations: int = 30,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
     Every (image, target) pair is its own problem with its own filter, schedule and stopping rule, all
     solved in one batch; the result equals solving them one by one with the reference loop.  The model
-    is handed back unchanged.  `fused=False` runs the generic path even where the head could be fused;
+    is handed back unchanged.  `fused=False` runs the generic path through the whole tail even where
+    the head could be fused or the tail's affine prefix folded (caffast.core.folds);
     `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
     the convergence.  `map` picks how the filter becomes a map (normalize_filter).  `solver="exact"`
     goes past where the reference loop stops: the minimizer in closed form for fused heads with the
     l2norm constraint (class-specific, or class-oblivious without a ReLU), otherwise a descent from
     the loop's answer until the projected gradient is below `tolerance`, no step lowers the loss any
     more, or 10 * max_iter steps were tried (caffast.core.exact); `gradient_norm` says where it ended.
+    `solver="fast"` reaches the loop's loss or lower in a few evaluations (caffast.core.fast): at most
+    `max_evaluations` per problem, fewer where the projected gradient falls below `tolerance`.
     """
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)
@@ -117,6 +124,8 @@ def explain(
     if objective is not None and mode != "oblivious":
         raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
     check_settings(max_iter, lr, min_error, check_every, tolerance)
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
+        raise ValueError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     images = check_images(images)
     device = model_device(model)
     backend = resolve_backend(backend, device)
@@ -143,13 +152,15 @@ def explain(
             loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
-            problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply)
+            folded = fold_prefix(tail, features) if fused else None
+            problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
-        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, tolerance)
+        beyond = SolverSettings(tolerance, max_evaluations)
+        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
-        if solver == "exact":
+        if solver != "gd":
             solution.loss = final_objective
             if settings.record:  # the answer is the last frame
                 solution.history.append((int(solution.iterations.max()), solution.params.clone()))
@@ -171,6 +182,7 @@ def explain(
         targets=targets,
         objective=final_objective.double().reshape(shape),
         gradient_norm=gradient_norm.double().reshape(shape),
+        evaluations=solution.evaluations.reshape(shape),
         mode=mode,
         constraint=constraint.name,
         map=map,

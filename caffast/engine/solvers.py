@@ -1,7 +1,9 @@
-"""The solvers of `explain`: "gd", the reference loop, and "exact", which goes past where it stops."""
+"""The solvers of `explain`: "gd", the reference loop; "fast", a few evaluations to a lower loss;
+"exact", which goes past where both stop."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -9,27 +11,63 @@ import torch
 from ..backends import solve_fused
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
+from ..core.fast import fast_minimize
 from ..core.heads import FusedHead
 from ..core.loop import LoopSettings, Problem, Solution, solve
 
-SOLVERS = ("gd", "exact")
+SOLVERS = ("gd", "fast", "exact")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the solvers beyond the loop read: the projected-gradient tolerance and fast's budget."""
+
+    tolerance: float
+    max_evaluations: int
 
 
 def optimize(
     solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: Constraint,
-    initial: torch.Tensor, settings: LoopSettings, tolerance: float,
+    initial: torch.Tensor, settings: LoopSettings, beyond: SolverSettings,
 ) -> Solution:
-    """The reference loop's answer; for solver="exact", the closed form where there is one, else the
-    loop's answer refined by a descent (caffast.core.exact)."""
-    if solver == "exact" and has_closed_form(fused_head, constraint):
+    """The answer of `solver` for every problem.
+
+    Where a fused head has a closed form, "fast" and "exact" return it.  "fast" otherwise runs the
+    bundle method of caffast.core.fast from the reference start.  "exact" descends (caffast.core.exact)
+    from the loop's answer, on a generic tail from the better of the loop's and fast's answers, so its
+    objective is the lowest of the three.
+    """
+    if solver != "gd" and has_closed_form(fused_head, constraint):
         zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
         return Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
+    if solver == "fast":
+        return _fast(problem, initial, constraint, beyond)
     if fused_head is not None:
         solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
     else:
         solution = solve(problem, initial, settings)
     if solver == "exact":
+        start, evaluations = solution.params, solution.evaluations
+        if fused_head is None:
+            start, evaluations = _better_of(problem, solution, _fast(problem, initial, constraint, beyond))
         budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
-        params, steps = descend(problem, solution.params, constraint, tolerance, budget)
+        params, steps, descent = descend(problem, start, constraint, beyond.tolerance, budget)
         solution.params, solution.iterations = params, solution.iterations + steps
+        solution.evaluations = evaluations + descent
     return solution
+
+
+def _fast(problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings) -> Solution:
+    result = fast_minimize(problem, initial, constraint, beyond.tolerance, beyond.max_evaluations)
+    return Solution(params=result.params, iterations=result.evaluations, loss=result.loss)
+
+
+def _better_of(problem: Problem, looped: Solution, fast: Solution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per problem, the start with the lower loss (the loop's answer is scored by one more
+    evaluation), and the evaluations spent on both."""
+    everyone = torch.arange(looped.params.shape[0], device=looped.params.device)
+    looped_loss, _ = problem.loss_and_grad(looped.params, everyone)
+    use_fast = fast.loss.to(looped_loss.dtype) < looped_loss
+    shape = (-1,) + (1,) * (looped.params.dim() - 1)
+    params = torch.where(use_fast.view(shape), fast.params.to(looped.params.dtype), looped.params)
+    return params, looped.evaluations + fast.evaluations + 1

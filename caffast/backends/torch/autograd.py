@@ -1,4 +1,8 @@
-"""The generic path: the real tail and autograd, for any model and any breakpoint."""
+"""The generic path: the real tail and autograd, for any model and any breakpoint.
+
+Where the tail starts with ops that are affine in the filtered map, they are folded into the
+feature map once (caffast.core.folds) and every evaluation starts after them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from ...core.constraints import Constraint, Grid
 from ...core.losses import Objective
 from ...core.breakpoints import Tail
+from ...core.folds import FoldedTail
 
 
 class AutogradProblem:
@@ -23,6 +28,7 @@ class AutogradProblem:
         constraint: Constraint,
         grid: Grid,
         multiply: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        folded: Optional[FoldedTail] = None,
     ):
         self.tail = tail
         self.features = features
@@ -31,6 +37,7 @@ class AutogradProblem:
         self.constraint = constraint
         self.grid = grid
         self.multiply = multiply or self._multiply
+        self.folded = folded
 
     def _multiply(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         multiplier = self.constraint.multiplier(params, self.grid)
@@ -40,7 +47,10 @@ class AutogradProblem:
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
             images = self.image_index.index_select(0, active)
-            filtered = self.multiply(self.features.index_select(0, images), params)
-            loss = self.objective(self.tail(filtered, images), active)
+            if self.folded is not None:
+                output = self.folded(self.constraint.multiplier(params, self.grid), images)
+            else:
+                output = self.tail(self.multiply(self.features.index_select(0, images), params), images)
+            loss = self.objective(output, active)
             (grad,) = torch.autograd.grad(loss.sum(), params)
         return loss.detach(), grad

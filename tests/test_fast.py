@@ -1,0 +1,140 @@
+"""solver="fast" against the reference loop on random problems: never a higher objective, within its
+evaluation budget, and a projected gradient below the tolerance wherever it reports convergence."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import caffast
+from caffast.backends.torch.autograd import AutogradProblem
+from caffast.core.breakpoints import split
+from caffast.core.constraints import as_constraint, initial_parameters
+from caffast.core.exact import stationarity
+from caffast.core.fast import fast_minimize
+from caffast.core.losses import Objective, class_signs
+
+CLASSES = 10
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU blocks, then a head: the breakpoint 'block1' leaves a deep ReLU tail, 'features'
+    a fused head (ReLU in front when `relu_head`)."""
+
+    def __init__(self, relu_head: bool):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.block1 = block(3, 12)
+        self.features = nn.Sequential(block(12, 16), nn.Conv2d(16, 24, 3, padding=1))
+        self.relu = nn.ReLU() if relu_head else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.relu(self.features(self.block1(x)))).flatten(1))
+
+
+def make_model(seed: int, relu_head: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    model = SmallNet(relu_head).double()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # unit-scale activations, as a trained net has
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+CASES = [  # (layer, mode, constraint, relu head)
+    ("block1", "oblivious", "l2norm", True),
+    ("block1", "specific", "l2norm", True),
+    ("block1", "oblivious", "softmax", True),
+    ("block1", "specific", "gauss", True),
+    ("features", "oblivious", "l2norm", True),  # fused ReLU head: no closed form, the bundle runs
+    ("features", "oblivious", "softmax", False),
+    ("features", "specific", "gauss", False),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("layer, mode, constraint, relu_head", CASES)
+def test_fast_is_never_above_the_reference_loop(layer, mode, constraint, relu_head, seed):
+    model = make_model(seed, relu_head)
+    gen = torch.Generator().manual_seed(100 + seed)
+    images = torch.randn(2, 3, 12, 12, generator=gen, dtype=torch.float64)
+    targets = None if mode == "oblivious" else [int(c) for c in torch.randperm(CLASSES, generator=gen)[:2]]
+    common = dict(mode=mode, targets=targets, constraint=constraint)
+    gd = caffast.explain(model, images, layer, solver="gd", **common)
+    fast = caffast.explain(model, images, layer, solver="fast", **common)
+    assert fast.path == gd.path == ("generic" if layer == "block1" else "fused")
+    slack = 1e-9 * gd.objective.abs().clamp_min(1)
+    assert (fast.objective <= gd.objective + slack).all(), (fast.objective, gd.objective)
+    assert (fast.evaluations <= 30).all() and (fast.evaluations >= 1).all()
+    assert (fast.loss.double() - fast.objective).abs().max() < 1e-6 * fast.objective.abs().max().clamp_min(1)
+
+
+def test_fast_takes_the_closed_form_of_a_plain_head():
+    model = make_model(3, relu_head=False)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    for mode in ("oblivious", "specific"):
+        fast = caffast.explain(model, images, "features", mode=mode, solver="fast")
+        exact = caffast.explain(model, images, "features", mode=mode, solver="exact")
+        torch.testing.assert_close(fast.maps, exact.maps)
+        assert (fast.evaluations == 0).all()
+
+
+def test_fast_beats_the_loop_with_a_user_objective():
+    model = make_model(4)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+
+    def l1(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return (output - reference).abs().sum(1)
+
+    gd = caffast.explain(model, images, "block1", objective=l1)
+    fast = caffast.explain(model, images, "block1", objective=l1, solver="fast")
+    assert (fast.objective <= gd.objective * (1 + 1e-9)).all()
+
+
+def _problem(model: nn.Module, images: torch.Tensor, layer: str, mode: str, constraint: str):
+    capture, tail = split(model, layer, images)
+    image_index = torch.arange(images.shape[0])
+    reference = capture.output.index_select(0, image_index)
+    targets = capture.output.argmax(1)
+    signs = class_signs(targets, CLASSES, torch.float64) if mode == "specific" else None
+    objective = Objective(mode=mode, reference=reference, signs=signs)
+    grid = tuple(capture.features.shape[2:])
+    kind = as_constraint(constraint)
+    problem = AutogradProblem(tail, capture.features, image_index, objective, kind, grid)
+    start = initial_parameters(kind, "ones", images.shape[0], grid, None, torch.float64, images.device)
+    return problem, start, kind
+
+
+@pytest.mark.parametrize("constraint", ["l2norm", "softmax"])
+def test_converged_means_the_projected_gradient_is_below_the_tolerance(constraint):
+    """A smooth class-oblivious problem (no ReLU between the breakpoint and the output) converges."""
+    model = make_model(5, relu_head=False)
+    images = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    problem, start, kind = _problem(model, images, "features.1", "oblivious", constraint)
+    tolerance = 1e-6
+    result = fast_minimize(problem, start, kind, tolerance=tolerance, max_evaluations=200)
+    assert result.converged.any()
+    loss, gradient_norm = stationarity(problem, result.params, kind)
+    assert (gradient_norm[result.converged] <= tolerance * (1 + 1e-6)).all(), gradient_norm
+    torch.testing.assert_close(loss, result.loss)
+    assert (result.evaluations <= 200).all()
+
+
+def test_the_loss_never_rises_along_the_way():
+    """Each accepted point lowers the loss: the answer is never above the start, whatever the budget."""
+    model = make_model(6)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    problem, start, kind = _problem(model, images, "block1", "specific", "l2norm")
+    everyone = torch.arange(2)
+    start_loss, _ = problem.loss_and_grad(start, everyone)
+    previous = start_loss
+    for budget in (1, 2, 4, 8, 16):
+        result = fast_minimize(problem, start, kind, max_evaluations=budget)
+        assert (result.evaluations <= budget).all()
+        assert (result.loss <= previous + 1e-12).all()
+        previous = result.loss

@@ -99,6 +99,7 @@ def explain(
     solver: str = "gd",
     tolerance: float = 1e-8,
     max_evaluations: int = 30,
+    cuda_graphs: bool = True,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
@@ -114,6 +115,8 @@ def explain(
     more, or 10 * max_iter steps were tried (caffast.core.exact); `gradient_norm` says where it ended.
     `solver="fast"` reaches the loop's loss or lower in a few evaluations (caffast.core.fast): at most
     `max_evaluations` per problem, fewer where the projected gradient falls below `tolerance`.
+    On a CUDA model the loop replays each evaluation of a generic tail from a captured CUDA graph
+    (caffast.backends.torch.graphs); `cuda_graphs=False` evaluates eagerly.
     """
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)
@@ -155,7 +158,7 @@ def explain(
             folded = fold_prefix(tail, features) if fused else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
-        beyond = SolverSettings(tolerance, max_evaluations)
+        beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
         solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..backends import solve_fused
+from ..backends.torch.graphs import GraphedProblem
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
 from ..core.fast import fast_minimize
@@ -24,6 +25,7 @@ class SolverSettings:
 
     tolerance: float
     max_evaluations: int
+    cuda_graphs: bool = True  # the loop on a generic CUDA tail replays captured evaluations
 
 
 def optimize(
@@ -45,7 +47,8 @@ def optimize(
     if fused_head is not None:
         solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
     else:
-        solution = solve(problem, initial, settings)
+        graphed = beyond.cuda_graphs and initial.device.type == "cuda"
+        solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
     if solver == "exact":
         start, evaluations = solution.params, solution.evaluations
         if fused_head is None:

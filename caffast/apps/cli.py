@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="abs: |f| (the reference); positive: the cells that raise the class; signed: f, "
                                   "drawn around zero")
         command.add_argument("--solver", default="gd", choices=SOLVERS,
-                             help="gd: the reference loop; exact: the minimizer (closed form for plain heads)")
+                             help="gd: the reference loop; fast: tens of evaluations to a lower loss; exact: the "
+                                  "minimizer (closed form for plain heads)")
         command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
 
     def explain_settings(command: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from ..eval.localization import evaluate_scenes, scene_batch
 from .distributed import DEFAULT_RANK_TIMEOUT
 from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
-    show_progress,
+    say, show_progress,
 )  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def _explain_files(
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
     show_progress(len(images), len(images), "explaining")
-    return written
+    return list(dict.fromkeys(written))  # an image given twice writes its files once
 
 
 def _command_explain(args: argparse.Namespace) -> None:
@@ -82,7 +82,7 @@ def _command_run(args: argparse.Namespace) -> int:
     try:
         summary = run_dataset(args)
     except RunStopped as stopped:
-        print(f"caffast: {stopped}", file=sys.stderr)
+        say(f"caffast: {stopped}")
         return stopped.exit_code
     if summary is not None:  # rank 0 of a torchrun run, or the only process
         print(summary)
@@ -247,6 +247,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             _command_evaluate(args)
     except CliError as error:
-        print(f"caffast: error: {error}", file=sys.stderr)
+        say(f"caffast: error: {error}")
         return 2
     return 0

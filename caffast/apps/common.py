@@ -31,11 +31,23 @@ class CliError(Exception):
     """A problem with the command's input: printed as one line, exit code 2."""
 
 
+_progress_open = False  # a progress bar is on the last line of stderr, without its newline
+
+
 def show_progress(done: int, total: int, label: str) -> None:
+    global _progress_open
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done == total else ""
     print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+    _progress_open = done != total
+
+
+def say(message: str) -> None:
+    """A line on stderr, below a progress bar left unfinished."""
+    global _progress_open
+    print(("\n" if _progress_open else "") + message, file=sys.stderr, flush=True)
+    _progress_open = False
 
 
 def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:

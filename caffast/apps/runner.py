@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .common import CliError, default_layer, explain_options, load_model, show_progress, weights_error
+from .common import CliError, default_layer, explain_options, load_model, say, show_progress, weights_error
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
 from .imagefiles import DEMO, IMAGE_SUFFIXES, IMAGENET, ImageReadError, Preprocessing, find_images, read_image
@@ -164,7 +164,6 @@ class Runner:
         self.overlays = overlays
         self.tally = tally
         self.progress_bar = False
-        self._bar_open = False
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -176,11 +175,6 @@ class Runner:
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
                            "and --classes") from None
-
-    def say(self, message: str) -> None:
-        """A line on stderr, below the progress bar."""
-        print(("\n" if self._bar_open else "") + message, file=sys.stderr, flush=True)
-        self._bar_open = False
 
     def explain_batch(self, names: list[str], unfinished: set[str]) -> None:
         """Explain a batch of images (paths relative to the data folder) and save those in `unfinished`."""
@@ -220,7 +214,7 @@ class Runner:
             return
         if out_of_memory:
             self.limit = min(self.limit, (len(batch) + 1) // 2)
-            self.say(f"out of memory with a batch of {len(batch)} images: going on with batches of {self.limit}")
+            say(f"out of memory with a batch of {len(batch)} images: going on with batches of {self.limit}")
         start = 0
         while start < len(batch):
             part = batch[start : start + (self.limit if out_of_memory else 1)]
@@ -272,13 +266,16 @@ class Runner:
                 write_atomically(path, lambda file: picture.save(file, format="PNG"))
                 row["overlay"] = folder.relative(path)
             rows.append(row)
-        folder.write_record(item.name, rows)
-        self.tally.done += 1
+        with STOP_SIGNALS.held():  # a record written is an image counted
+            folder.write_record(item.name, rows)
+            self.tally.done += 1
         self._report()
 
     def _fail(self, name: str, error: str) -> None:
         try:
-            self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+            with STOP_SIGNALS.held():
+                self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+                self.tally.failed += 1
         except OSError as write_error:
             full = _disk_full(write_error, self.folder.root)
             if full:
@@ -286,14 +283,11 @@ class Runner:
             raise CliError(
                 f"cannot record {name!r} in {self.folder.root} ({write_error}); {error}: rename or move that image"
             ) from None
-        self.tally.failed += 1
         self._report()
 
     def _report(self) -> None:
         if self.progress_bar:
-            done = self.tally.done + self.tally.failed
-            show_progress(done, self.tally.planned, "explaining")
-            self._bar_open = done < self.tally.planned
+            show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
 
 
 
@@ -339,27 +333,52 @@ class RunStopped(Exception):
         self.exit_code = 128 + number
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Stop in the main thread while the block runs; a second one acts as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    numbers = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.getsignal(number) for number in numbers}
+class StopSignals:
+    """SIGINT and SIGTERM raise Stop in the main thread while `installed`; a second one acts as before.
+    Within `held` (a record and its count) a signal waits for the end of the block."""
 
-    def stop(number: int, frame: Any) -> None:
-        for each, handler in previous.items():
-            signal.signal(each, handler)
-        raise Stop(number)
+    NUMBERS = (signal.SIGINT, signal.SIGTERM)
 
-    for number in numbers:
-        signal.signal(number, stop)
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    def __init__(self) -> None:
+        self._holding = False
+        self._waiting: Optional[int] = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in self.NUMBERS}
+
+        def stop(number: int, frame: Any) -> None:
+            for each, handler in previous.items():
+                signal.signal(each, handler)
+            if self._holding:
+                self._waiting = number
+            else:
+                raise Stop(number)
+
+        for number in self.NUMBERS:
+            signal.signal(number, stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None:
+                raise Stop(waiting)
+
+
+STOP_SIGNALS = StopSignals()
 
 
 def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
@@ -373,7 +392,7 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
         raise CliError("--out is the data folder itself: pass another folder for the outputs (a subfolder is fine)")
     tally = Tally()
     rank = ""
-    with _stop_on_signals():
+    with STOP_SIGNALS.installed():
         try:
             processes = start_processes(args.device, timedelta(seconds=args.rank_timeout))
             rank = f" on rank {processes.rank}" if processes.world_size > 1 else ""
@@ -444,7 +463,7 @@ def _run(
         if processes.first:
             try:
                 images = _images(data_dir, folder)
-                lock.enter_context(folder.locked(args.wait, runner.say))  # held until the run ends
+                lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
                 verdict = _plan(folder, images, config, args.retry_failed)
             except (CliError, ConfigMismatch, FolderBusy) as error:
                 verdict = str(error)
@@ -493,7 +512,7 @@ def _explain_plan(
         return None
     rows, unfinished_now = folder.write_index(images)
     if unfinished_now:
-        runner.say(
+        say(
             f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "
             f"e.g. {unfinished_now[0]}: run the same command again to explain them"
         )

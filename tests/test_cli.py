@@ -176,4 +176,4 @@ def test_a_read_only_output_folder_is_refused(photo, tmp_path, capsys, monkeypat
         assert main(["explain", str(photo), "--weights", "random", "--out", str(folder / "maps")]) == 2
     finally:
         folder.chmod(0o755)
-    assert f"is read-only for this user" in capsys.readouterr().err and not (folder / "maps").exists()
+    assert "is read-only for this user" in capsys.readouterr().err and not (folder / "maps").exists()

@@ -190,6 +190,32 @@ def test_batches_that_do_not_fit_are_split(dataset, tmp_path, monkeypatch, capsy
     _assert_same_outputs(split, whole, atol=1e-6)  # other batch compositions round differently
 
 
+def test_a_batch_split_again_later_loses_no_image(dataset, tmp_path, monkeypatch, capsys):
+    """Batches of 8 that fit as 4 at first and as 2 later: the second batch, already cut in parts of
+    4, is cut again, and every one of its images is still explained."""
+    data = tmp_path / "data"
+    for copy in range(2):
+        for path in sorted(dataset.rglob("*.png"))[:8]:
+            (data / str(copy)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, data / str(copy) / path.name)
+    explain = runner.explain
+    explained = []
+
+    def explain_or_run_out(model, images, *args, **kwargs):
+        if images.shape[0] > (4 if len(explained) < 7 else 2):  # the first batch has 7 readable images
+            raise getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory")
+        explanation = explain(model, images, *args, **kwargs)
+        explained.extend([None] * images.shape[0])
+        return explanation
+
+    monkeypatch.setattr(runner, "explain", explain_or_run_out)
+    monkeypatch.setattr(runner.Runner, "check_settings", lambda self: None)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--batch-size", "8")) == 0
+    assert "14 images done, 2 failed" in capsys.readouterr().out  # each copy has the broken file
+    assert len(list(out.glob("records/**/*.json"))) == 16
+
+
 def test_an_image_that_never_fits_fails_and_is_retried_on_request(dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     _failing_for_large_batches(monkeypatch, largest=0)
@@ -380,7 +406,8 @@ def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, cap
                            ("sub/e.png", "records/sub/e.png.json cannot be read")):  # fmt: skip
         assert f"{image} (its " in captured.err and problem in captured.err
     assert f"4 images done, 0 failed, {IMAGES + 1 - 4} skipped" in captured.out
-    redone = {out / "records" / name for name in ("a.png.json", "sub/e.png.json", "sub/deeper/g.png.json", "h.png.json")}
+    redone = {out / "records" / name for name in ("a.png.json", "sub/e.png.json", "sub/deeper/g.png.json",
+                                                  "h.png.json")}
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in untouched.items() if path not in redone)
     _assert_same_outputs(out, reference)
 
@@ -506,4 +533,5 @@ def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
     started = time.monotonic()
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=110)
     assert result.returncode != 0 and time.monotonic() - started < 100
-    assert "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s" in result.stderr
+    named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
+    assert named in result.stderr

@@ -4,7 +4,6 @@ own flags, and a localization evaluation on synthetic scenes."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence

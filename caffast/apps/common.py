@@ -85,7 +85,8 @@ def weights_error(weights: str, arch: str, error: Exception) -> CliError:
     if isinstance(error, pickle.UnpicklingError) and refused:
         return CliError(
             f"{weights!r} is refused for safety: besides tensors it holds a Python object ({refused.group(1)}), "
-            f"and loading one can run code. If you trust the file, convert it once to a plain state dict: python -c \"import torch; "
+            f"and loading one can run code. If you trust the file, convert it once to a plain state dict: "
+            f"python -c \"import torch; "
             f"m = torch.load('{weights}', weights_only=False); torch.save(getattr(m, 'state_dict', lambda: m)(), "
             f"'weights.pth')\" and pass --weights weights.pth"
         )
@@ -167,7 +168,8 @@ def check_device(name: str) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise CliError(f"--device {name} cannot be used here ({str(error).splitlines()[0]}); pass --device cpu") from None
+        first_line = str(error).splitlines()[0]
+        raise CliError(f"--device {name} cannot be used here ({first_line}); pass --device cpu") from None
 
 
 def check_backend(backend: str, device: str) -> None:

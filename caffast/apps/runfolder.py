@@ -87,20 +87,22 @@ class RunFolder:
         wait until it ends.  A folder of other files is refused first, without writing the lock there."""
         self._refuse_foreign()
         self.root.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield
+            return
         descriptor = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "pid unknown"
-                    if not wait:
-                        raise FolderBusy(
-                            f"{self.root} is in use by another caffast run ({holder}): let it finish, or pass "
-                            "--wait to start when it ends"
-                        ) from None
-                    waiting(f"waiting for the other caffast run using {self.root} ({holder}) to end")
-                    fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "pid unknown"
+                if not wait:
+                    raise FolderBusy(
+                        f"{self.root} is in use by another caffast run ({holder}): let it finish, or pass "
+                        "--wait to start when it ends"
+                    ) from None
+                waiting(f"waiting for the other caffast run using {self.root} ({holder}) to end")
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             yield
@@ -178,7 +180,8 @@ class RunFolder:
         except (OSError, ValueError) as error:
             return None, f"its record {self.relative(path)} cannot be read ({error})"
         rows = record.get("rows") if isinstance(record, dict) and record.get("image") == image else None
-        if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) and row.get("status") in STATUSES for row in rows):
+        whole = isinstance(rows, list) and bool(rows)
+        if not whole or not all(isinstance(row, dict) and row.get("status") in STATUSES for row in rows):
             return None, f"its record {self.relative(path)} is not one caffast wrote"
         done = [row for row in rows if row["status"] == "done"]
         problem = self._check_outputs(image, done) if done else None

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -187,8 +187,11 @@ class Runner:
                     self._fail(name, str(error))
             else:
                 batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished))
-        for start in range(0, len(batch), self.limit):  # after an out-of-memory error, in smaller parts
-            self._explain_part(batch[start : start + self.limit])
+        start = 0
+        while start < len(batch):  # after an out-of-memory error, in smaller parts
+            part = batch[start : start + self.limit]
+            self._explain_part(part)
+            start += len(part)
 
     def _explain_part(self, batch: list[LoadedImage]) -> None:
         """Explain and save a batch.  Out of memory: halve it (and every later batch), down to one
@@ -288,8 +291,6 @@ class Runner:
     def _report(self) -> None:
         if self.progress_bar:
             show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
-
-
 
 
 def _disk_full(error: OSError, root: Path) -> Optional[CliError]:
@@ -418,7 +419,9 @@ def _images(data_dir: Path, folder: RunFolder) -> list[str]:
     return images
 
 
-def _plan(folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool) -> tuple[list[str], list[str]]:
+def _plan(
+    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
+) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
     holding the folder's lock).  Says which images had broken outputs and are explained again."""
     folder.claim(config)

@@ -1,5 +1,7 @@
 // The Python face of caffast._C: parses the option strings, validates every buffer (arrays.h) and
-// releases the GIL around the kernels. The kernels themselves know nothing about Python.
+// releases the GIL around the kernels. The kernels themselves know nothing about Python; a long one
+// (solve_fused) polls python_signals, so Ctrl-C (or any signal handler that raises) stops it within
+// milliseconds and its exception reaches the caller.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -8,12 +10,20 @@
 
 #include "arrays.h"
 #include "hadamard.h"
+#include "interrupt.h"
 #include "parallel.h"
 #include "projected_update.h"
 #include "solve_fused.h"
 
 namespace caffast {
 namespace {
+
+// Runs the Python signal handlers of signals that arrived meanwhile (called with the GIL released,
+// from the thread that released it); true when one raised, its exception then set in Python.
+bool python_signals() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
 
 template <class Enum>
 Enum parse_choice(const std::string& kind, const std::string& value,
@@ -77,10 +87,12 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
   py::array_t<double> loss(problems);
   const FusedBatch batch{problems,       gram.data(),         linear.data(),    constant.data(), image.data(),
                          params.mutable_data(), iterations.mutable_data(), loss.mutable_data()};
+  Interrupt interrupt(python_signals);
   {
     py::gil_scoped_release release;
-    solve_fused(s, batch);
+    solve_fused(s, batch, interrupt);
   }
+  if (interrupt.stopped()) throw py::error_already_set();
   return py::make_tuple(iterations, loss);
 }
 

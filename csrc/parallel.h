@@ -31,4 +31,13 @@ inline int resolve_threads(int requested) {
 #endif
 }
 
+// The OpenMP thread number inside a parallel region (0: the thread that started it).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace caffast

@@ -4,8 +4,11 @@
 #include "solve_fused.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "parallel.h"
@@ -14,6 +17,8 @@ namespace caffast {
 namespace {
 
 constexpr double kInitialPreviousLoss = 32767.0;  // the reference's first "previous loss"
+// Iterations between two looks at the interrupt (a look costs a clock read, an iteration O(HW^2)).
+constexpr int64_t kInterruptEvery = 16;
 
 struct Workspace {
   std::vector<double> g, grad_g, grad_f, m, v, scratch;
@@ -21,7 +26,8 @@ struct Workspace {
       : g(cells), grad_g(cells), grad_f(d), m(d), v(d), scratch(4 * cells) {}
 };
 
-void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Workspace& w) {
+void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Workspace& w, Interrupt& interrupt,
+               bool caller) {
   const int64_t cells = s.grid.cells();
   const int64_t d = parameter_count(s.constraint, s.grid);
   const int64_t gram_size = s.signs * s.signs * cells * cells;
@@ -42,6 +48,10 @@ void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Works
   double last_loss = std::numeric_limits<double>::quiet_NaN();
   int64_t iterations = 0;
   for (int64_t t = 0; t < s.max_iter; ++t) {
+    if (t % kInterruptEvery == 0) {
+      if (caller) interrupt.check();
+      if (interrupt.stopped()) return;
+    }
     constrain(s.constraint, s.grid, f, w.g.data());
     const double loss = objective.evaluate(w.g.data(), w.grad_g.data(), w.scratch.data());
     constrain_backward(s.constraint, s.grid, f, w.g.data(), w.grad_g.data(), w.grad_f.data());
@@ -60,14 +70,24 @@ void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Works
 
 }  // namespace
 
-void solve_fused(const FusedSettings& settings, const FusedBatch& batch) {
+void solve_fused(const FusedSettings& settings, const FusedBatch& batch, Interrupt& interrupt) {
   const int64_t cells = settings.grid.cells();
   const int64_t d = parameter_count(settings.constraint, settings.grid);
+  // each thread takes the next problem (a dynamic schedule) without a barrier at the end, so the
+  // calling thread can keep checking the interrupt while the others end their last problems
+  std::atomic<int64_t> next{0}, finished{0};
 #pragma omp parallel num_threads(resolve_threads(settings.threads)) if (batch.problems > 1)
   {
+    const bool caller = thread_index() == 0;
     Workspace workspace(cells, d);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < batch.problems; ++p) solve_one(settings, batch, p, workspace);
+    for (int64_t p = next++; p < batch.problems && !interrupt.stopped(); p = next++) {
+      solve_one(settings, batch, p, workspace, interrupt, caller);
+      ++finished;
+    }
+    while (caller && finished < batch.problems && !interrupt.stopped()) {
+      interrupt.check();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
   }
 }
 

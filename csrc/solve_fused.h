@@ -5,6 +5,7 @@
 
 #include "constraints.h"
 #include "fused_objective.h"
+#include "interrupt.h"
 #include "optimizer.h"
 
 namespace caffast {
@@ -35,6 +36,8 @@ struct FusedBatch {
   double* loss;             // (P,) out: the loss of the last iteration run (NaN if none ran)
 };
 
-void solve_fused(const FusedSettings& settings, const FusedBatch& batch);
+// Stops early, leaving the outputs unfinished, once `interrupt` is stopped (see interrupt.h): the
+// calling thread checks it every few milliseconds, also while the other threads end their problems.
+void solve_fused(const FusedSettings& settings, const FusedBatch& batch, Interrupt& interrupt);
 
 }  // namespace caffast

@@ -1,10 +1,12 @@
 """The command line end to end on the shipped model and on random torchvision weights."""
 
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from caffast.apps.cli import main
@@ -31,10 +33,11 @@ def test_demo_writes_pictures_and_prints_the_comparison(tmp_path, capsys):
     assert len(sizes) == 1
 
 
-def test_explain_image_files(tmp_path, photo):
+def test_explain_image_files(tmp_path, photo, capsys):
     code = main(["explain", str(photo), str(photo), "--arch", "resnet18", "--weights", "random", "--classes", "3,7",
                  "--max-iter", "20", "--out", str(tmp_path / "out"), "--gif"])
     assert code == 0
+    assert "wrote 2 overlays" in capsys.readouterr().out  # the image given twice has its two files
     names = class_names("resnet18", 1000)
     expected = {f"photo_l2caf_{k}_{names[k].replace(' ', '_')}_resnet18.{ext}" for k in (3, 7) for ext in ("png", "gif")}
     assert {p.name for p in (tmp_path / "out").iterdir()} == expected
@@ -100,3 +103,77 @@ def test_evaluate_reports_every_solver_and_map(capsys):
         for kind in ("abs", "positive", "signed"):
             assert f"L2-CAF {solver} {kind}" in printed
     assert "Grad-CAM" in printed and "IoU AUC" in printed
+
+
+class Unsafe:
+    """A class torch.load(weights_only=True) refuses to rebuild."""
+
+
+@pytest.fixture
+def weight_files(tmp_path):
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    (tmp_path / "text.pth").write_text("not weights")
+    torch.save({"fc.weight": Unsafe()}, tmp_path / "unsafe.pth")
+    (tmp_path / "a-file").write_text("")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["explain", "{photo}", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["explain", "{photo}", "--device", "toaster"], "unknown device 'toaster': pass cpu, cuda or cuda:N"),
+        (["explain", "{photo}", "--device", "cpu", "--backend", "triton"], "--backend triton with --device cpu"),
+        (["explain", "{photo}", "--out", "{files}/a-file"], "is a file, not a folder"),
+        (["explain", "{photo}", "--out", "{files}/a-file/below"], "a file, not a folder"),
+        (["explain", "{photo}", "--weights", "{files}/other.pth"], "do not fit --arch resnet18 (Error(s) in loading"),
+        (["explain", "{photo}", "--weights", "{files}/text.pth"], "is not a PyTorch state-dict file"),
+        (["explain", "{photo}", "--weights", "{files}/unsafe.pth"], "is refused for safety"),
+        (["explain", "{photo}", "--classes", "5,5"], "name 5 more than once: list each class once"),
+        (["explain", "{photo}", "--max-iter", "0"], "--max-iter must be at least 1, got 0"),
+        (["class_oblivious", "--input_img", "{photo}", "--max_iter", "0"], "--max_iter must be at least 1, got 0"),
+        (["evaluate", "--scenes", "0"], "--scenes must be at least 1, got 0"),
+        (["evaluate", "--max-iter", "0"], "--max-iter must be at least 1, got 0"),
+        (["demo", "--max-iter", "0", "--out", "{files}/demo"], "--max-iter must be at least 1, got 0"),
+        (["demo", "--scenes", "0", "--out", "{files}/demo"], "--scenes must be at least 1, got 0"),
+    ],
+)
+def test_command_line_mistakes_get_one_line(argv, message, photo, weight_files, capsys):
+    model = ["--arch", "resnet18"] + ([] if any("weights" in a for a in argv) else ["--weights", "random"])
+    argv = [a.replace("{photo}", str(photo)).replace("{files}", str(weight_files)) for a in argv]
+    if argv[0] in ("explain", "class_oblivious"):
+        argv += model + ([] if "--out" in argv else ["--out" if argv[0] == "explain" else "--output_dir",
+                                                     str(weight_files / "out")])  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("caffast: error: ") and error.count("\n") == 1, error
+    assert message in error
+    assert not (weight_files / "out").exists() and not (weight_files / "demo").exists()
+
+
+def test_the_refusal_of_an_unsafe_pickle_tells_how_to_convert_it(weight_files, photo, capsys):
+    path = weight_files / "unsafe.pth"
+    assert main(["explain", str(photo), "--arch", "resnet18", "--weights", str(path), "--out", str(weight_files)]) == 2
+    error = capsys.readouterr().err
+    assert f"{Unsafe.__module__}.Unsafe" in error and f"torch.load('{path}', weights_only=False)" in error
+
+
+def test_without_a_gpu_cuda_is_refused(photo, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["explain", str(photo), "--weights", "random", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no usable CUDA GPU; pass --device cpu" in capsys.readouterr().err
+
+
+def test_a_read_only_output_folder_is_refused(photo, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: have the check see what another user would
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and os.fspath(path) != str(folder))
+    try:
+        assert main(["explain", str(photo), "--weights", "random", "--out", str(folder / "maps")]) == 2
+    finally:
+        folder.chmod(0o755)
+    assert "is read-only for this user" in capsys.readouterr().err and not (folder / "maps").exists()

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +390,43 @@ def test_gauss_far_off_the_grid_stays_finite():
     assert twin_filter(params, "gauss", (3, 4)).isnan().all()
     got_params, _, got_loss = run_cpp(data, params, s)
     assert got_params.isfinite().all() and got_loss.isfinite().all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C reaches a long compiled loop.
+
+INTERRUPTED_EXPLAIN = """
+import sys, time, torch, caffast
+from caffast.eval.demo_model import DemoCNN
+torch.manual_seed(0)
+model, images = DemoCNN().eval(), torch.randn(int(sys.argv[1]), 3, 64, 64)
+print("started", flush=True)
+try:
+    caffast.explain(model, images, "features", mode="specific", max_iter=10**12, min_error=0, backend="cpp")
+except KeyboardInterrupt:
+    print(time.monotonic(), flush=True)
+    raise
+"""
+
+
+@pytest.mark.parametrize("images", [1, 5])
+def test_ctrl_c_stops_the_compiled_loop_at_once(images, tmp_path):
+    """SIGINT one second into a loop of 10^12 iterations: KeyboardInterrupt is raised within a
+    fraction of a second, not when the compiled call returns."""
+    script = tmp_path / "explain.py"
+    script.write_text(INTERRUPTED_EXPLAIN)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "2"}  # fmt: skip
+    process = subprocess.Popen([sys.executable, str(script), str(images)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(1.0)  # well inside the compiled loop
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode != 0 and err.strip().endswith("KeyboardInterrupt"), err[-2000:]
+    assert float(out.split()[-1]) - sent < 0.5  # CLOCK_MONOTONIC: one clock for both processes

@@ -1,9 +1,11 @@
 """`caffast run`: folder runs that resume after a kill, refuse mixed settings, split batches that do
 not fit, record broken images, and give the same results under torchrun."""
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps import runner
+from caffast.apps import runfolder, runner
+from caffast.apps.atomic import write_atomically
 from caffast.apps.cli import main
+from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,14 +176,44 @@ def _failing_for_large_batches(monkeypatch, largest: int) -> list[int]:
     return sizes
 
 
-def test_batches_that_do_not_fit_are_split(dataset, tmp_path, monkeypatch):
+def test_batches_that_do_not_fit_are_split(dataset, tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole"
     assert main(_run_args(dataset, whole, "--batch-size", "8")) == 0
     sizes = _failing_for_large_batches(monkeypatch, largest=2)
     split = tmp_path / "split"
+    capsys.readouterr()
     assert main(_run_args(dataset, split, "--batch-size", "8")) == 0
     assert max(sizes[1:]) > 2 and sizes[-1] <= 2  # it tried the big batch, then kept to what fitted
+    said = capsys.readouterr().err
+    assert "out of memory with a batch of 8 images: going on with batches of 4" in said
+    assert "out of memory with a batch of 4 images: going on with batches of 2" in said
     _assert_same_outputs(split, whole, atol=1e-6)  # other batch compositions round differently
+
+
+def test_a_batch_split_again_later_loses_no_image(dataset, tmp_path, monkeypatch, capsys):
+    """Batches of 8 that fit as 4 at first and as 2 later: the second batch, already cut in parts of
+    4, is cut again, and every one of its images is still explained."""
+    data = tmp_path / "data"
+    for copy in range(2):
+        for path in sorted(dataset.rglob("*.png"))[:8]:
+            (data / str(copy)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, data / str(copy) / path.name)
+    explain = runner.explain
+    explained = []
+
+    def explain_or_run_out(model, images, *args, **kwargs):
+        if images.shape[0] > (4 if len(explained) < 7 else 2):  # the first batch has 7 readable images
+            raise getattr(torch, "OutOfMemoryError", RuntimeError)("CUDA out of memory")
+        explanation = explain(model, images, *args, **kwargs)
+        explained.extend([None] * images.shape[0])
+        return explanation
+
+    monkeypatch.setattr(runner, "explain", explain_or_run_out)
+    monkeypatch.setattr(runner.Runner, "check_settings", lambda self: None)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--batch-size", "8")) == 0
+    assert "14 images done, 2 failed" in capsys.readouterr().out  # each copy has the broken file
+    assert len(list(out.glob("records/**/*.json"))) == 16
 
 
 def test_an_image_that_never_fits_fails_and_is_retried_on_request(dataset, tmp_path, monkeypatch, capsys):
@@ -316,3 +350,188 @@ def test_exact_solver_and_positive_maps_in_a_run(dataset, reference, tmp_path):
         norms = np.linalg.norm(kept.reshape(len(kept), -1), axis=1)[:, None, None]
         np.testing.assert_allclose(values["maps"], kept / norms, atol=1e-6)
     assert main(_run_args(dataset, out, "--map", "abs")) == 2  # another map into the same folder is refused
+
+
+def _holder(out: Path, seconds: float) -> subprocess.Popen:
+    """Another process that holds the output folder's lock for `seconds`, once it printed 'locked'."""
+    code = (f"import time; from pathlib import Path; from caffast.apps.runfolder import RunFolder\n"
+            f"with RunFolder(Path({str(out)!r})).locked(False):\n    print('locked', flush=True); time.sleep({seconds})\n"
+            "print('released', flush=True)")
+    process = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_second_run_on_the_folder_is_refused_or_waits(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = _holder(out, 60)
+    try:
+        assert main(_run_args(dataset, out)) == 2
+        error = capsys.readouterr().err
+        assert f"in use by another caffast run (pid {holder.pid} on" in error and "--wait" in error
+        assert error.count("\n") == 1 and not (out / "config.json").exists()  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _holder(out, 2)
+    try:
+        assert main(_run_args(dataset, out, "--wait")) == 0
+        assert f"waiting for the other caffast run using {out} (pid {holder.pid}" in capsys.readouterr().err
+        assert holder.stdout.readline().strip() == "released"  # it had let go before this run began
+    finally:
+        holder.kill()
+        holder.wait()
+    _assert_same_outputs(out, out)  # a whole index
+
+
+def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, capsys):
+    """A deleted record, a record replaced with garbage and a deleted result file: the rerun says
+    so, explains exactly those three images again, and ends with the whole index."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "records" / "a.png.json").unlink()
+    (out / "records" / "sub" / "e.png.json").write_text("garbage")
+    (out / "results" / "sub" / "deeper" / "g.png.npz").unlink()
+    (out / "results" / "h.png.npz").write_bytes((out / "results" / "h.png.npz").read_bytes()[:100])  # truncated
+    untouched = {path: path.stat().st_mtime_ns for path in out.glob("records/**/*.json")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference ran
+    try:
+        assert main(_run_args(dataset, out, "--batch-size", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert "3 images had broken outputs and are explained again: " in captured.err
+    for image, problem in (("h.png", "does not load"), ("sub/deeper/g.png", "results/sub/deeper/g.png.npz is missing"),
+                           ("sub/e.png", "records/sub/e.png.json cannot be read")):  # fmt: skip
+        assert f"{image} (its " in captured.err and problem in captured.err
+    assert f"4 images done, 0 failed, {IMAGES + 1 - 4} skipped" in captured.out
+    redone = {out / "records" / name for name in ("a.png.json", "sub/e.png.json", "sub/deeper/g.png.json",
+                                                  "h.png.json")}
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in untouched.items() if path not in redone)
+    _assert_same_outputs(out, reference)
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("--max-iter", "0", "--max-iter must be at least 1, got 0"), ("--lr", "0", "--lr must be a positive"),
+     ("--lr", "nan", "--lr must be a positive"), ("--min-error", "-1", "--min-error must be zero or"),
+     ("--batch-size", "0", "--batch-size must be at least 1"), ("--classes", "2,2", "name 2 more than once"),
+     ("--classes", "-1", "indices from 0 on"), ("--classes", "6", "targets must be class indices in [0, 6)"),
+     ("--rank-timeout", "0", "--rank-timeout must be"), ("--device", "cuda:99", "--device cuda:99")],
+)  # fmt: skip
+def test_settings_are_checked_before_the_folder_is_touched(option, value, message, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_run_args(dataset, out, option, value)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("caffast: error: ") and error.count("\n") == 1 and message in error, error
+    assert not out.exists()
+
+
+def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_one(dataset, tmp_path, monkeypatch):
+    """Batches of 4 on the generic path (where the batch composition changes the rounding): stopped
+    after the second image of the second batch, the rerun computes that batch whole again, and every
+    file it writes equals the uninterrupted run's byte for byte."""
+    settings = ("--batch-size", "4", "--layer", "features.11")
+    whole = tmp_path / "whole"
+    assert main(_run_args(dataset, whole, *settings)) == 0
+    out = tmp_path / "out"
+    write_record = RunFolder.write_record
+    calls = []
+
+    def stopping(self, image, rows):
+        calls.append(image)
+        if len(calls) == 6:
+            raise runner.Stop(signal.SIGINT)
+        write_record(self, image, rows)
+
+    monkeypatch.setattr(RunFolder, "write_record", stopping)
+    assert main(_run_args(dataset, out, *settings)) == 130
+    assert len(list(out.glob("records/**/*.json"))) == 5
+    monkeypatch.undo()
+    assert main(_run_args(dataset, out, *settings)) == 0
+    files = sorted(path.relative_to(whole) for path in whole.rglob("*") if path.is_file() and path.name != ".lock")
+    assert files == sorted(path.relative_to(out) for path in out.rglob("*") if path.is_file() and path.name != ".lock")
+    for name in files:
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_outputs_get_the_permissions_of_the_umask(dataset, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes((dataset / "a.png").read_bytes())
+    previous = os.umask(0o027)
+    try:
+        assert main(_run_args(data, tmp_path / "out", "--overlays")) == 0
+        write_atomically(tmp_path / "single", lambda file: file.write(b"x"))
+    finally:
+        os.umask(previous)
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file() and path.name != ".lock"]
+    assert len(written) == 5  # config, result, overlay, record, index
+    assert {oct(path.stat().st_mode & 0o777) for path in [*written, tmp_path / "single"]} == {"0o640"}
+
+
+def test_a_full_disk_says_so_and_where(dataset, tmp_path, monkeypatch, capsys):
+    def no_space(path, arrays):
+        def write(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        write_atomically(path, write)
+
+    monkeypatch.setattr(runfolder, "write_npz", no_space)
+    out = tmp_path / "out"
+    assert main(_run_args(dataset, out, "--batch-size", "1")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("caffast: error: the disk is full: cannot write ") and "rename" not in error
+    assert str(out / "results" / "a.png.npz") in error and "run the same command again" in error
+    assert not list(out.glob("records/**/*.json"))  # nothing recorded failed: a rerun does it
+
+
+@pytest.mark.parametrize("number,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_cleanly(number, code, dataset, tmp_path):
+    data = tmp_path / "data"
+    for copy in range(4):
+        shutil.copytree(dataset, data / str(copy))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("records/**/*.json"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(number)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"caffast: interrupted by {signal.Signals(number).name} after ")
+    done = int(re.search(r"(\d+) images done", line).group(1))
+    assert done == len(list(out.glob("records/**/*.json"))) and "left" in line and "run the same command again" in line
+    assert not list(out.rglob("*.tmp"))
+
+
+HANGING_RANK = """
+import sys, time
+from caffast.apps import runner
+from caffast.apps.cli import main
+explain_batch = runner.Runner.explain_batch
+def hang_on_rank_1(self, names, unfinished):
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        time.sleep(120)
+    explain_batch(self, names, unfinished)
+runner.Runner.explain_batch = hang_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_RANK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *_run_args(dataset, tmp_path / "out", "--batch-size", "1", "--rank-timeout", "3")]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=110)
+    assert result.returncode != 0 and time.monotonic() - started < 100
+    named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
+    assert named in result.stderr

@@ -4,7 +4,8 @@ Each file is written to a temporary file in its own directory, flushed and fsync
 the destination with os.replace (atomic on POSIX and Windows within one file system); the directory is
 fsynced too, so a rename that returned survives a power cut.  A killed writer leaves at most a hidden
 ``.caffast-*.tmp`` file (a short name, so any destination name that fits fits its temporary too),
-which `remove_temporaries` deletes and nothing ever reads.
+which `remove_temporaries` deletes and nothing ever reads.  Files get the permissions the umask gives
+a new file (0644 under the usual 022), not the temporary's private 0600.  An OSError names the file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
@@ -21,6 +23,21 @@ TEMPORARY_PREFIX = ".caffast-"
 TEMPORARY_SUFFIX = ".tmp"
 
 PathLike = Union[str, os.PathLike]
+# the time stamp of every member of an .npz, so equal arrays give equal bytes
+NPZ_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # elsewhere it can only be read by setting it: briefly the strictest one
+    os.umask(umask)
+    return umask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -39,16 +56,19 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name it
+            raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
         raise
     _fsync_directory(path.parent)
 
@@ -62,7 +82,15 @@ def write_json(path: PathLike, value: Any) -> None:
 
 
 def write_npz(path: PathLike, arrays: dict[str, np.ndarray]) -> None:
-    write_atomically(path, lambda file: np.savez(file, **arrays))
+    """What np.savez writes, with fixed time stamps: the same arrays give the same bytes."""
+
+    def write(file: BinaryIO) -> None:
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_TIME), "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+    write_atomically(path, write)
 
 
 def is_temporary(name: str) -> bool:

@@ -4,7 +4,6 @@ own flags, and a localization evaluation on synthetic scenes."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,8 +16,11 @@ from ..core.constraints import MAPS
 from ..engine.explain import Explanation, explain
 from ..engine.solvers import SOLVERS
 from ..eval.localization import evaluate_scenes, scene_batch
-from .common import CliError, class_names, default_layer, explain_options, load_image, load_model, show_progress
-
+from .distributed import DEFAULT_RANK_TIMEOUT
+from .common import (
+    CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
+    say, show_progress,
+)  # fmt: skip
 
 
 def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Path], gif: bool) -> None:
@@ -55,7 +57,7 @@ def _explain_files(
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
     show_progress(len(images), len(images), "explaining")
-    return written
+    return list(dict.fromkeys(written))  # an image given twice writes its files once
 
 
 def _command_explain(args: argparse.Namespace) -> None:
@@ -73,12 +75,17 @@ def _command_explain(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} overlays to {args.out}")
 
 
-def _command_run(args: argparse.Namespace) -> None:
-    from .runner import run_dataset
+def _command_run(args: argparse.Namespace) -> int:
+    from .runner import RunStopped, run_dataset
 
-    summary = run_dataset(args)
+    try:
+        summary = run_dataset(args)
+    except RunStopped as stopped:
+        say(f"caffast: {stopped}")
+        return stopped.exit_code
     if summary is not None:  # rank 0 of a torchrun run, or the only process
         print(summary)
+    return 0
 
 
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
@@ -201,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the model's precision (the filters are float32 whatever it is)")
     run.add_argument("--overlays", action="store_true", help="also write an overlay PNG per image and target")
     run.add_argument("--retry-failed", action="store_true", help="explain again the images that failed before")
+    run.add_argument("--wait", action="store_true",
+                     help="when another run uses OUT, wait for it to end instead of refusing")
+    run.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT.total_seconds(), metavar="SECONDS",
+                     help="under torchrun, how long a rank waits for the others before it names the one that did "
+                          "not answer and stops (default: 1800)")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(name, help=f"the reference's {name}.py, same flags and file names")
@@ -220,17 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
+        for flag in ("out", "output_dir"):
+            if getattr(args, flag, None) is not None:
+                check_output_folder(getattr(args, flag), f"--{flag}")
         if args.command == "demo":
             _command_demo(args)
         elif args.command == "explain":
             _command_explain(args)
         elif args.command == "run":
-            _command_run(args)
+            return _command_run(args)
         elif args.command in ("class_oblivious", "class_specific"):
             _command_reference(args, args.mode)
         else:
             _command_evaluate(args)
     except CliError as error:
-        print(f"caffast: error: {error}", file=sys.stderr)
+        say(f"caffast: error: {error}")
         return 2
     return 0

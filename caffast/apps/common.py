@@ -7,9 +7,14 @@ and neither imports the other.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import pickle
+import re
 import sys
 from dataclasses import replace
-from typing import Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,11 +31,23 @@ class CliError(Exception):
     """A problem with the command's input: printed as one line, exit code 2."""
 
 
+_progress_open = False  # a progress bar is on the last line of stderr, without its newline
+
+
 def show_progress(done: int, total: int, label: str) -> None:
+    global _progress_open
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done == total else ""
     print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+    _progress_open = done != total
+
+
+def say(message: str) -> None:
+    """A line on stderr, below a progress bar left unfinished."""
+    global _progress_open
+    print(("\n" if _progress_open else "") + message, file=sys.stderr, flush=True)
+    _progress_open = False
 
 
 def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
@@ -60,22 +77,121 @@ def class_names(arch: str, classes: int) -> list[str]:
     return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
 
 
+def weights_error(weights: str, arch: str, error: Exception) -> CliError:
+    """The one-line error for weights that cannot be loaded into `arch`: refused for safety, not a
+    state dict, or the state dict of another architecture."""
+    text = " ".join(str(error).split())
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return CliError(
+            f"{weights!r} is refused for safety: besides tensors it holds a Python object ({refused.group(1)}), "
+            f"and loading one can run code. If you trust the file, convert it once to a plain state dict: "
+            f"python -c \"import torch; "
+            f"m = torch.load('{weights}', weights_only=False); torch.save(getattr(m, 'state_dict', lambda: m)(), "
+            f"'weights.pth')\" and pass --weights weights.pth"
+        )
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in text:
+        shown = text if len(text) <= 300 else text[:300] + " ..."
+        return CliError(f"the weights in {weights!r} do not fit --arch {arch} ({shown}): pass the weights of that "
+                        "architecture, or the --arch they were trained for")  # fmt: skip
+    if isinstance(error, (FileNotFoundError, ValueError)):
+        return CliError(f"{text} (or pass --weights random for an untrained model)")
+    detail = text.split(". ")[0][:150]  # the first sentence: torch's advice on weights_only does not apply
+    return CliError(f"{weights!r} is not a PyTorch state-dict file ({type(error).__name__}: {detail}): save one "
+                    "with torch.save(model.state_dict(), PATH)")  # fmt: skip
+
+
 def load_model(arch: str, weights: Optional[str], device: str) -> torch.nn.Module:
     try:
-        return build_model(arch, None if weights == "random" else weights).to(device)
-    except FileNotFoundError as error:
-        raise CliError(f"{error} (or pass --weights random for an untrained model)") from None
+        model = build_model(arch, None if weights == "random" else weights)
     except ValueError as error:
-        raise CliError(str(error)) from None
+        if "unknown architecture" in str(error):
+            raise CliError(str(error)) from None
+        raise weights_error(str(weights), arch, error) from None
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as error:
+        raise weights_error(str(weights), arch, error) from None
+    return model.to(device)
 
 
 def parse_classes(text: Optional[str]) -> Optional[list[int]]:
     if not text:
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        classes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise CliError(f"classes must be comma-separated integers, e.g. 207,323; got {text!r}") from None
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise CliError(f"classes {text!r} name {', '.join(map(str, repeated))} more than once: list each class once")
+    if any(c < 0 for c in classes):
+        raise CliError(f"classes are indices from 0 on; got {text!r}")
+    return classes
+
+
+def _check(args: argparse.Namespace, name: str, valid: Callable[[Any], bool], wanted: str) -> None:
+    value = getattr(args, name, None)
+    if value is not None and not valid(value):
+        dash = "_" if args.command in ("class_oblivious", "class_specific") else "-"
+        raise CliError(f"--{name.replace('_', dash)} must be {wanted}, got {value!r}")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every setting of a command that can be wrong on its own, before anything is loaded or written."""
+    _check(args, "max_iter", lambda v: v >= 1, "at least 1")
+    _check(args, "lr", lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+    _check(args, "min_error", lambda v: math.isfinite(v) and v >= 0, "zero or a positive finite number")
+    _check(args, "batch_size", lambda v: v >= 1, "at least 1")
+    _check(args, "scenes", lambda v: v >= 1, "at least 1")
+    _check(args, "rank_timeout", lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+    parse_classes(getattr(args, "classes", None) or getattr(args, "cls_logits", None))
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+        if getattr(args, "backend", None) is not None:
+            check_backend(args.backend, args.device)
+
+
+def check_device(name: str) -> None:
+    """A device this machine has: cpu, cuda (with a GPU), cuda:N (N below the GPU count)..."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"unknown device {name!r}: pass cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CliError(f"--device {name}: this machine has no usable CUDA GPU; pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise CliError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        return
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        first_line = str(error).splitlines()[0]
+        raise CliError(f"--device {name} cannot be used here ({first_line}); pass --device cpu") from None
+
+
+def check_backend(backend: str, device: str) -> None:
+    """The backend can compute on the device (triton needs a CUDA GPU, cpp the CPU)."""
+    from ..backends import resolve_backend
+
+    try:
+        resolve_backend(backend, torch.device(device))
+    except (ValueError, RuntimeError) as error:
+        raise CliError(f"--backend {backend} with --device {device}: {error}; or pass --backend auto") from None
+
+
+def check_output_folder(path: str, flag: str = "--out") -> None:
+    """`path` is a folder, or can be made one, that this process may write to; nothing is created."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(path).absolute() else f"is inside {str(existing)!r}, a file"
+        raise CliError(f"{flag} {path!r} {where}, not a folder: pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path!r}: {str(existing)!r} is read-only for this user: pass a folder you can write to")
 
 
 def explain_options(args: argparse.Namespace) -> dict:

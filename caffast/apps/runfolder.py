@@ -6,29 +6,48 @@
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
     OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
+    OUT/.lock                    held (flock) by the run using the folder; holds its pid and host
 
 REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart).
 Every file is written atomically, so a kill leaves whole files; an image is finished exactly when its
-record exists, which makes a rerun skip it.  A failed image gets a record too (status "failed" and the
-error), so a rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
+record exists and is whole: it parses, and the result and overlay files it names exist (the result
+loads, with every array).  A rerun skips finished images and explains again those whose outputs were
+removed or damaged since.  A failed image gets a record too (status "failed" and the error), so a
+rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from .atomic import remove_temporaries, write_json, write_npz, write_text
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the folder is not locked there
+    fcntl = None  # type: ignore[assignment]
+
 CONFIG = "config.json"
 INDEX = "index.jsonl"
+LOCK = ".lock"
+RESULT_ARRAYS = ("filters", "maps", "iterations", "loss", "objective", "gradient_norm", "targets")
+STATUSES = ("done", "failed")
 
 
 class ConfigMismatch(Exception):
     """OUT already holds results of other settings; the message names them and the fix."""
+
+
+class FolderBusy(Exception):
+    """Another process holds OUT's lock; the message names it and the fix."""
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,12 +78,52 @@ class RunFolder:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    # one run at a time
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool, waiting: Callable[[str], None] = lambda message: None) -> Iterator[None]:
+        """Hold OUT/.lock exclusively (flock) while the block runs; the lock goes with the process, even
+        on kill -9.  Another holder: FolderBusy naming it, or with `wait` a `waiting(message)` and a
+        wait until it ends.  A folder of other files is refused first, without writing the lock there."""
+        self._refuse_foreign()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield
+            return
+        descriptor = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "pid unknown"
+                if not wait:
+                    raise FolderBusy(
+                        f"{self.root} is in use by another caffast run ({holder}): let it finish, or pass "
+                        "--wait to start when it ends"
+                    ) from None
+                waiting(f"waiting for the other caffast run using {self.root} ({holder}) to end")
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(descriptor)
+
+    def _refuse_foreign(self) -> None:
+        if not self.root.is_dir() or (self.root / CONFIG).exists():
+            return
+        if any(path.name != LOCK for path in self.root.iterdir()):
+            raise ConfigMismatch(
+                f"{self.root} is not empty and holds no {CONFIG}, so it is not a caffast run folder (or its "
+                "settings were lost): pass a new or empty --out"
+            )
+
     # the configuration guard
 
     def claim(self, config: dict[str, Any]) -> None:
         """Write `config` at the first start; afterwards refuse any other configuration.
 
-        Also removes the temporary files of a killed run: call it while no process writes here.
+        Also removes the temporary files of a killed run: call it holding the lock (`locked`).
         """
         path = self.root / CONFIG
         config = json.loads(json.dumps(config))  # compare as it reads back: tuples become lists
@@ -83,11 +142,7 @@ class RunFolder:
                     "settings of its config.json to finish it, or pass another --out"
                 )
         else:
-            if self.root.is_dir() and any(self.root.iterdir()):
-                raise ConfigMismatch(
-                    f"{self.root} is not empty and holds no {CONFIG}, so it is not a caffast run folder (or its "
-                    "settings were lost): pass a new or empty --out"
-                )
+            self._refuse_foreign()
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(path, config)
         remove_temporaries(self.root, recursive=False)
@@ -110,21 +165,58 @@ class RunFolder:
     # what is finished
 
     def read_record(self, image: str) -> Optional[list[dict[str, Any]]]:
-        """The index rows of a finished image, or None when it is not finished."""
+        """The index rows of a finished image, or None when it is not finished (or its outputs are broken)."""
+        rows, _ = self.check_record(image)
+        return rows
+
+    def check_record(self, image: str) -> tuple[Optional[list[dict[str, Any]]], Optional[str]]:
+        """(rows, None) for a finished image; (None, None) with no record; (None, what is wrong) when the
+        record does not parse or a file it names is missing or does not load."""
+        path = self.record_path(image)
         try:
-            return json.loads(self.record_path(image).read_text(encoding="utf-8"))["rows"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # no record yet (a record is never partial: it is written atomically)
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as error:
+            return None, f"its record {self.relative(path)} cannot be read ({error})"
+        rows = record.get("rows") if isinstance(record, dict) and record.get("image") == image else None
+        whole = isinstance(rows, list) and bool(rows)
+        if not whole or not all(isinstance(row, dict) and row.get("status") in STATUSES for row in rows):
+            return None, f"its record {self.relative(path)} is not one caffast wrote"
+        done = [row for row in rows if row["status"] == "done"]
+        problem = self._check_outputs(image, done) if done else None
+        return (None, problem) if problem else (rows, None)
 
-    def pending(self, images: list[str], retry_failed: bool) -> list[str]:
-        """The images still to explain: those with no record, and with `retry_failed` the failed ones."""
-        if not retry_failed:
-            return [image for image in images if not self.record_path(image).is_file()]
-        return [image for image in images if not self._finished_well(image)]
+    def _check_outputs(self, image: str, rows: list[dict[str, Any]]) -> Optional[str]:
+        result = self.result_path(image)
+        try:
+            with np.load(result, allow_pickle=False) as arrays:
+                missing = [name for name in RESULT_ARRAYS if name not in arrays.files]
+                if missing:
+                    return f"its result file {self.relative(result)} lacks {', '.join(missing)}"
+                loaded = {name: arrays[name] for name in RESULT_ARRAYS}  # reads every array: a CRC check
+        except FileNotFoundError:
+            return f"its result file {self.relative(result)} is missing"
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            return f"its result file {self.relative(result)} does not load ({error})"
+        if loaded["targets"].tolist() != [row.get("target") for row in rows]:
+            return f"its result file {self.relative(result)} holds other targets than its record"
+        for row in rows:
+            if "overlay" in row and not (self.root / str(row["overlay"])).is_file():
+                return f"its overlay {row['overlay']} is missing"
+        return None
 
-    def _finished_well(self, image: str) -> bool:
-        rows = self.read_record(image)
-        return rows is not None and all(row["status"] == "done" for row in rows)
+    def pending(self, images: list[str], retry_failed: bool) -> tuple[list[str], dict[str, str]]:
+        """The images still to explain: those with no whole record, and with `retry_failed` the failed
+        ones; and, among them, the images whose outputs are broken, with what is wrong."""
+        pending, broken = [], {}
+        for image in images:
+            rows, problem = self.check_record(image)
+            if problem:
+                broken[image] = problem
+            if rows is None or (retry_failed and any(row["status"] != "done" for row in rows)):
+                pending.append(image)
+        return pending, broken
 
     # writing an image's outputs: results and overlays first, the record last
 
@@ -136,8 +228,14 @@ class RunFolder:
     def write_record(self, image: str, rows: list[dict[str, Any]]) -> None:
         write_json(self.record_path(image), {"image": image, "rows": rows})
 
-    def write_index(self, images: list[str]) -> int:
-        """Rebuild index.jsonl from the records of `images`, in their order; returns the row count."""
-        lines = [json.dumps(row) for image in images for row in (self.read_record(image) or [])]
+    def write_index(self, images: list[str]) -> tuple[int, list[str]]:
+        """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row
+        count and the images left out for want of a whole record."""
+        lines, unfinished = [], []
+        for image in images:
+            rows = self.read_record(image)
+            if rows is None:
+                unfinished.append(image)
+            lines += [json.dumps(row) for row in rows or []]
         write_text(self.root / INDEX, "".join(f"{line}\n" for line in lines))
-        return len(lines)
+        return len(lines), unfinished

@@ -2,37 +2,48 @@
 
 The output folder (caffast.apps.runfolder) records each image once it is fully written, so a run killed
 at any moment and started again with the same command finishes the rest and ends with the outputs of
-an uninterrupted run.  Under torchrun every rank explains its share of the unfinished images
-(every world_size-th, from its rank on) and rank 0 writes the index once all are done.
+an uninterrupted run, bit for bit: batch k always holds images [k B, (k + 1) B) of the sorted list, and
+a batch with any image left to do is computed whole (only its unfinished images are written).  Under
+torchrun the ranks take those batches in turn (rank r the r-th, the (r + W)-th, ...), checking in with
+each other after every batch, and rank 0 writes the index once all are done.  SIGINT and SIGTERM stop
+a run between two writes, with what was done and how to finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gc
 import hashlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .common import CliError, default_layer, explain_options, load_model, show_progress
+from .common import CliError, default_layer, explain_options, load_model, say, show_progress, weights_error
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
 from .imagefiles import DEMO, IMAGE_SUFFIXES, IMAGENET, ImageReadError, Preprocessing, find_images, read_image
-from .runfolder import INDEX, ConfigMismatch, RunFolder
+from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder
 from ..viz import apply_heatmap
 
 DEMO_ARCH = "demo"
 # "--weights random" must give the same model in every process and in every rerun
 RANDOM_WEIGHTS_SEED = 0
+# a write that fails for want of space: the run stops (every later write would fail alike)
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 
 
 @dataclass
@@ -79,8 +90,8 @@ def _demo_model(weights: str) -> nn.Module:
             )
         try:
             model.load_state_dict(load_state_dict(DEMO_ARCH, weights))
-        except (RuntimeError, ValueError) as error:
-            raise CliError(f"{weights!r} does not fit the demo model: {error}") from None
+        except Exception as error:  # torch.load and load_state_dict raise many kinds
+            raise weights_error(weights, DEMO_ARCH, error) from None
     return model.eval()
 
 
@@ -121,14 +132,28 @@ class LoadedImage:
     name: str  # the path relative to the data folder
     rgb: np.ndarray  # (H, W, 3) in [0, 1], for overlays
     tensor: torch.Tensor  # (3, H, W), the model input
+    save: bool  # False: finished before, in the batch only so that the batch is the same as ever
+
+
+@dataclass
+class Tally:
+    """What this process did so far."""
+
+    done: int = 0
+    failed: int = 0
+    planned: int = 0  # images this process was to explain
+
+    @property
+    def left(self) -> int:
+        return self.planned - self.done - self.failed
 
 
 class Runner:
-    """Explains images in batches and writes each one's outputs; one per process."""
+    """Explains batches of images and writes each one's outputs; one per process."""
 
     def __init__(
         self, folder: RunFolder, data_dir: Path, model: RunModel, options: dict[str, Any], backend: str,
-        batch_size: int, overlays: bool,
+        batch_size: int, overlays: bool, tally: Tally,
     ) -> None:  # fmt: skip
         self.folder = folder
         self.data_dir = data_dir
@@ -137,9 +162,8 @@ class Runner:
         self.backend = backend
         self.limit = batch_size  # the batch size, halved for good after an out-of-memory error
         self.overlays = overlays
-        self.done = 0
-        self.failed = 0
-        self._report: Callable[[], None] = lambda: None
+        self.tally = tally
+        self.progress_bar = False
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -152,28 +176,28 @@ class Runner:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
                            "and --classes") from None
 
-    def explain_all(self, names: list[str], progress_bar: bool) -> None:
-        """Explain and save `names` (paths relative to the data folder), with a progress bar on stderr."""
-        if progress_bar:
-            self._report = lambda: show_progress(self.done + self.failed, len(names), "explaining")
-        position = 0
-        while position < len(names):
-            chunk = names[position : position + self.limit]
-            batch = []
-            for name in chunk:
-                try:
-                    rgb, tensor = read_image(self.data_dir / name, self.model.preprocessing)
-                except ImageReadError as error:
+    def explain_batch(self, names: list[str], unfinished: set[str]) -> None:
+        """Explain a batch of images (paths relative to the data folder) and save those in `unfinished`."""
+        batch = []
+        for name in names:
+            try:
+                rgb, tensor = read_image(self.data_dir / name, self.model.preprocessing)
+            except ImageReadError as error:
+                if name in unfinished:
                     self._fail(name, str(error))
-                else:
-                    batch.append(LoadedImage(name, rgb, tensor))
-            if batch:
-                self._explain_batch(batch)
-            position += len(chunk)
+            else:
+                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished))
+        start = 0
+        while start < len(batch):  # after an out-of-memory error, in smaller parts
+            part = batch[start : start + self.limit]
+            self._explain_part(part)
+            start += len(part)
 
-    def _explain_batch(self, batch: list[LoadedImage]) -> None:
+    def _explain_part(self, batch: list[LoadedImage]) -> None:
         """Explain and save a batch.  Out of memory: halve it (and every later batch), down to one
         image.  Another error: explain its images one by one, so only the image that causes it fails."""
+        if not any(item.save for item in batch):
+            return
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
             explanation = explain(self.model.model, images, self.model.layer, backend=self.backend, **self.options)
@@ -182,10 +206,8 @@ class Runner:
             message = f"{type(error).__name__}: {error}"
         else:
             for index, item in enumerate(batch):
-                try:
-                    self._save(item, explanation, index)
-                except OSError as error:
-                    self._fail(item.name, f"cannot write its outputs: {error}")
+                if item.save:
+                    self._save_or_fail(item, explanation, index)
             return
         # outside the except clause the traceback, and the tensors its frames hold, are released
         images = None
@@ -195,11 +217,21 @@ class Runner:
             return
         if out_of_memory:
             self.limit = min(self.limit, (len(batch) + 1) // 2)
+            say(f"out of memory with a batch of {len(batch)} images: going on with batches of {self.limit}")
         start = 0
         while start < len(batch):
             part = batch[start : start + (self.limit if out_of_memory else 1)]
-            self._explain_batch(part)
+            self._explain_part(part)
             start += len(part)
+
+    def _save_or_fail(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
+        try:
+            self._save(item, explanation, index)
+        except OSError as error:
+            full = _disk_full(error, self.folder.root)
+            if full:
+                raise full from None
+            self._fail(item.name, f"cannot write its outputs: {error}")
 
     def _save(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
@@ -237,19 +269,36 @@ class Runner:
                 write_atomically(path, lambda file: picture.save(file, format="PNG"))
                 row["overlay"] = folder.relative(path)
             rows.append(row)
-        folder.write_record(item.name, rows)
-        self.done += 1
+        with STOP_SIGNALS.held():  # a record written is an image counted
+            folder.write_record(item.name, rows)
+            self.tally.done += 1
         self._report()
 
     def _fail(self, name: str, error: str) -> None:
         try:
-            self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+            with STOP_SIGNALS.held():
+                self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+                self.tally.failed += 1
         except OSError as write_error:
+            full = _disk_full(write_error, self.folder.root)
+            if full:
+                raise full from None
             raise CliError(
                 f"cannot record {name!r} in {self.folder.root} ({write_error}); {error}: rename or move that image"
             ) from None
-        self.failed += 1
         self._report()
+
+    def _report(self) -> None:
+        if self.progress_bar:
+            show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+
+
+def _disk_full(error: OSError, root: Path) -> Optional[CliError]:
+    """The error that stops the run when a write failed for want of space, else None."""
+    if error.errno not in DISK_FULL:
+        return None
+    return CliError(f"the disk is full: cannot write {error.filename or root} ({error.strerror}); free space on "
+                    f"the disk that holds {root} and run the same command again to finish")  # fmt: skip
 
 
 @dataclass
@@ -269,6 +318,70 @@ class RunSummary:
         )
 
 
+class Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived during a run (a KeyboardInterrupt, so nothing takes it for a failure)."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+class RunStopped(Exception):
+    """The run stopped on a signal: the message says what was done and how to finish; exit 128 + signal."""
+
+    def __init__(self, message: str, number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + number
+
+
+class StopSignals:
+    """SIGINT and SIGTERM raise Stop in the main thread while `installed`; a second one acts as before.
+    Within `held` (a record and its count) a signal waits for the end of the block."""
+
+    NUMBERS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._waiting: Optional[int] = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in self.NUMBERS}
+
+        def stop(number: int, frame: Any) -> None:
+            for each, handler in previous.items():
+                signal.signal(each, handler)
+            if self._holding:
+                self._waiting = number
+            else:
+                raise Stop(number)
+
+        for number in self.NUMBERS:
+            signal.signal(number, stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None:
+                raise Stop(waiting)
+
+
+STOP_SIGNALS = StopSignals()
+
+
 def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
     """The `caffast run` command; returns the summary on rank 0 (None on the other ranks)."""
     started = time.perf_counter()
@@ -278,32 +391,65 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
         raise CliError(f"data folder {str(data_dir)!r} {problem}: pass the folder that holds the images")
     if Path(args.out).resolve() == data_dir.resolve():
         raise CliError("--out is the data folder itself: pass another folder for the outputs (a subfolder is fine)")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    processes = start_processes(args.device)
-    try:
-        return _run(args, data_dir, processes, started)
-    finally:
-        processes.stop()
+    tally = Tally()
+    rank = ""
+    with STOP_SIGNALS.installed():
+        try:
+            processes = start_processes(args.device, timedelta(seconds=args.rank_timeout))
+            rank = f" on rank {processes.rank}" if processes.world_size > 1 else ""
+            try:
+                return _run(args, data_dir, processes, started, tally)
+            finally:
+                processes.stop()
+        except Stop as stop:
+            seconds = time.perf_counter() - started
+            raise RunStopped(
+                f"interrupted by {stop}{rank} after {seconds:.1f} s: {tally.done} images done, {tally.failed} "
+                f"failed, {tally.left} left (finished images are kept); run the same command again to finish",
+                stop.number,
+            ) from None
 
 
-def _plan(folder: RunFolder, data_dir: Path, config: dict[str, Any], retry_failed: bool) -> tuple[list[str], list[str]]:
-    """All the images and the unfinished ones, after claiming the output folder for `config`."""
+def _images(data_dir: Path, folder: RunFolder) -> list[str]:
     images = find_images(data_dir, exclude=folder.root)
     if not images:
         raise CliError(
             f"no images in {str(data_dir)!r} or its subfolders (looked for {' '.join(IMAGE_SUFFIXES)}, any case)"
         )
+    return images
+
+
+def _plan(
+    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
+) -> tuple[list[str], list[str]]:
+    """All the images and the unfinished ones, after claiming the output folder for `config` (call it
+    holding the folder's lock).  Says which images had broken outputs and are explained again."""
     folder.claim(config)
-    return images, folder.pending(images, retry_failed)
+    pending, broken = folder.pending(images, retry_failed)
+    if broken:
+        named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
+        more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
+        print(f"{len(broken)} images had broken outputs and are explained again: {', '.join(named)}{more}",
+              file=sys.stderr)  # fmt: skip
+    return images, pending
 
 
-def _run(args: argparse.Namespace, data_dir: Path, processes: Processes, started: float) -> Optional[RunSummary]:
+def _batches(images: list[str], pending: list[str], size: int) -> list[list[str]]:
+    """Batch k holds images [k size, (k + 1) size) of the sorted list, whatever is finished: a resumed
+    run computes the batches of an uninterrupted one.  Batches with nothing left to do are left out."""
+    unfinished = set(pending)
+    batches = [images[start : start + size] for start in range(0, len(images), size)]
+    return [batch for batch in batches if not unfinished.isdisjoint(batch)]
+
+
+def _run(
+    args: argparse.Namespace, data_dir: Path, processes: Processes, started: float, tally: Tally
+) -> Optional[RunSummary]:
     options = explain_options(args)
     model = load_run_model(args.arch, args.weights, args.layer, processes.device(args.device), getattr(torch, args.dtype))
-    runner = Runner(RunFolder(Path(args.out)), data_dir, model, options, args.backend, args.batch_size, args.overlays)
+    folder = RunFolder(Path(args.out))
+    runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
     runner.check_settings()
-    folder = runner.folder
     config = {
         "data": str(data_dir.resolve()),
         "arch": args.arch,
@@ -314,40 +460,63 @@ def _run(args: argparse.Namespace, data_dir: Path, processes: Processes, started
         "explain": options,
         "overlays": args.overlays,
     }
+    with contextlib.ExitStack() as lock:
+        # rank 0 locks and checks the folder; every rank gets its verdict, so a refusal stops all alike
+        verdict: Any = None
+        if processes.first:
+            try:
+                images = _images(data_dir, folder)
+                lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
+                verdict = _plan(folder, images, config, args.retry_failed)
+            except (CliError, ConfigMismatch, FolderBusy) as error:
+                verdict = str(error)
+            except OSError as error:
+                verdict = f"cannot use the output folder {str(folder.root)!r}: {error}"
+        verdict = processes.share(verdict)
+        if isinstance(verdict, str):
+            raise CliError(verdict)
+        return _explain_plan(args, runner, processes, *verdict, started)
 
-    # rank 0 checks the folder; every rank gets its verdict, so a refusal stops all of them alike
-    images: list[str] = []
-    verdict: Any = None
-    if processes.first:
-        try:
-            images, pending = _plan(folder, data_dir, config, args.retry_failed)
-            verdict = (pending, len(images) - len(pending))
-        except (CliError, ConfigMismatch) as error:
-            verdict = str(error)
-        except OSError as error:
-            verdict = f"cannot use the output folder {str(folder.root)!r}: {error}"
-    verdict = processes.share(verdict)
-    if isinstance(verdict, str):
-        raise CliError(verdict)
-    pending, skipped = verdict
+
+def _explain_plan(
+    args: argparse.Namespace, runner: Runner, processes: Processes, images: list[str], pending: list[str],
+    started: float,
+) -> Optional[RunSummary]:  # fmt: skip
+    """Explain the unfinished images in the batches of the plan, in turns with the other ranks."""
+    folder, tally = runner.folder, runner.tally
+    skipped = len(images) - len(pending)
+    unfinished = set(pending)
+    batches = _batches(images, pending, args.batch_size)
+    mine = batches[processes.rank :: processes.world_size]
+    tally.planned = sum(name in unfinished for batch in mine for name in batch)
     if processes.first:
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
-        print(f"{len(pending) + skipped} images: {skipped} finished before, {len(pending)} to explain{on}",
-              file=sys.stderr)  # fmt: skip
-    problem = ""
-    try:
-        runner.explain_all(pending[processes.rank :: processes.world_size], progress_bar=processes.first)
-    except CliError as error:  # the others must not wait for this rank at the end
-        problem = str(error)
+        print(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}", file=sys.stderr)
+        runner.progress_bar = True
 
-    # a collective: past it, every rank has written its records, or stopped on a problem
-    done, failed, stopped = processes.total([runner.done, runner.failed, int(bool(problem))])
+    # every rank takes part in every round, so that each waits for the others one batch at most
+    problem, stopped = "", 0
+    for turn in range(-(-len(batches) // processes.world_size)):
+        if turn < len(mine):
+            try:
+                runner.explain_batch(mine[turn], unfinished)
+            except CliError as error:
+                problem = str(error)
+        stopped = processes.check_in(bool(problem))
+        if stopped:
+            break
     if problem:
         raise CliError(problem)
     if stopped:
         raise CliError(f"{stopped} of the {processes.world_size} processes stopped on an error (see their message); "
                        "run the same command again to finish")
+    done, failed = processes.total([tally.done, tally.failed])
     if not processes.first:
         return None
-    rows = folder.write_index(images)
+    rows, unfinished_now = folder.write_index(images)
+    if unfinished_now:
+        say(
+            f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "
+            f"e.g. {unfinished_now[0]}: run the same command again to explain them"
+        )
     return RunSummary(done, failed, skipped, time.perf_counter() - started, folder.root / INDEX, rows)

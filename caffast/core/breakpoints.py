@@ -17,8 +17,21 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.modules import module as module_hooks
 
 Layer = Union[str, nn.Module]
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hooks_of(module: nn.Module) -> tuple[int, ...]:
+    """The handles of the hooks that run when `module` is called (forward, forward-pre, backward)."""
+    return tuple(key for name in _HOOK_DICTS for key in getattr(module, name, {}))
+
+
+def global_hooks() -> bool:
+    """Whether module hooks registered for every module (register_module_forward_hook, ...) exist."""
+    return any(getattr(module_hooks, f"_global{name}", None) for name in _HOOK_DICTS)
 
 
 def resolve_layer(model: nn.Module, layer: Layer) -> tuple[str, nn.Module]:
@@ -135,14 +148,16 @@ class FxTail(Tail):
 
 
 class _BreakpointTracer(fx.Tracer):
-    """Keeps the breakpoint as one opaque call, so that its output is one node of the graph."""
+    """Keeps the breakpoint as one opaque call, so that its output is one node of the graph, and so
+    every module with hooks: traced through, its hooks would run once on proxies and never again."""
 
     def __init__(self, breakpoint: nn.Module):
         super().__init__()
         self.breakpoint = breakpoint
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return module is self.breakpoint or super().is_leaf_module(module, qualified_name)
+        hooked = bool(hooks_of(module))
+        return module is self.breakpoint or hooked or super().is_leaf_module(module, qualified_name)
 
 
 class _Untraceable(Exception):
@@ -225,9 +240,9 @@ def _plan(model: nn.Module, name: str, module: nn.Module) -> Optional[_Plan]:
     """The fx plan for `name`, or None when the model cannot be split with fx (use the hook tail).
 
     Tracing costs about as much as a forward pass, so plans are cached per model; the cache entry
-    is dropped when any submodule of the model is replaced.
+    is dropped when any submodule of the model is replaced or a hook is added or removed.
     """
-    signature = tuple(map(id, model.modules()))
+    signature = tuple((id(module), hooks_of(module)) for module in model.modules())
     plans = _PLANS.setdefault(model, {})
     if name in plans and plans[name][0] == signature:
         return plans[name][1]
@@ -261,7 +276,7 @@ def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, Fx
 def split(model: nn.Module, layer: Layer, images: torch.Tensor) -> tuple[Capture, Tail]:
     """Capture A and NT for `images` and build the tail after `layer` (an fx graph when possible)."""
     name, module = resolve_layer(model, layer)
-    plan = _plan(model, name, module)
+    plan = None if hooks_of(model) or global_hooks() else _plan(model, name, module)
     if plan is not None:
         try:
             return _fx_split(plan, name, images)

@@ -41,6 +41,21 @@ class AutogradProblem:
             params = params.detach().requires_grad_(True)
             images = self.image_index.index_select(0, active)
             filtered = self.multiply(self.features.index_select(0, images), params)
-            loss = self.objective(self.tail(filtered, images), active)
-            (grad,) = torch.autograd.grad(loss.sum(), params)
+            output = self.tail(filtered, images)
+            loss = self.objective(output, active)
+            (grad,) = torch.autograd.grad(loss.sum(), params, allow_unused=True) if loss.requires_grad else (None,)
+        if grad is None:
+            raise ValueError(self._no_gradient(output))
         return loss.detach(), grad
+
+    def _no_gradient(self, output: torch.Tensor) -> str:
+        if not output.requires_grad:
+            return (
+                "the model's output does not depend differentiably on the breakpoint's feature map (the layers "
+                "after it detach it or run without gradients): pick a layer whose output the rest of the network "
+                "differentiates"
+            )
+        return (
+            "the loss is not connected to FT (no gradient path): the objective must compute it from FT with "
+            "differentiable torch operations (no .detach(), .item(), numpy or new tensors)"
+        )

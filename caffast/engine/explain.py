@@ -116,6 +116,8 @@ def explain(
     l2norm constraint (class-specific, or class-oblivious without a ReLU), otherwise a descent from
     the loop's answer until the projected gradient is below `tolerance`, no step lowers the loss any
     more, or 10 * max_iter steps were tried (caffast.core.exact); `gradient_norm` says where it ended.
+    A loss or filter that stops being finite raises caffast.NonFiniteError naming the problem and the
+    cause (caffast.core.finite).
     """
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)

@@ -2,6 +2,7 @@
 
 from .engine.explain import Explanation, explain
 from .core.constraints import L2_CAF, normalize_filter
+from .core.finite import NonFiniteError
 from .core.optimizers import polynomial_lr_decay
 from .viz import apply_heatmap
 from .models.zoo import load_architecture
@@ -9,6 +10,7 @@ from .models.zoo import load_architecture
 __all__ = [
     "Explanation",
     "L2_CAF",
+    "NonFiniteError",
     "apply_heatmap",
     "explain",
     "load_architecture",

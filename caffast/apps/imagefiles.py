@@ -1,4 +1,18 @@
-"""Image files: finding them in a folder tree and turning one into a model input."""
+"""Image files: finding them in a folder tree and turning one into a model input.
+
+Every mode Pillow opens is read at its real range, in the orientation its EXIF tag gives:
+
+- 8-bit modes (1, L, P, RGB, CMYK, YCbCr, LAB, HSV) through Pillow's conversion to RGB; with an alpha
+  channel (RGBA, LA, PA, a palette with a transparent colour) composited onto white, as viewers show it;
+- 16-bit grayscale (I;16 and its byte orders) divided by 65535;
+- 32-bit integer grayscale (I): values in [0, 65535] are 16-bit data (Pillow reads some 16-bit
+  files so) and are divided by 65535, other non-negative values by 2**31 - 1, and values with
+  negatives are mapped from the whole int32 range to [0, 1];
+- 32-bit float grayscale (F): values in [0, 1] are taken as they are, others min-max scaled to
+  [0, 1] (a float image has no fixed range); NaN or Inf is an error.
+
+Grayscale is repeated over the three channels.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +77,40 @@ def find_images(root: PathLike, exclude: Optional[PathLike] = None) -> list[str]
     return sorted(found)
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _unit_range(values: np.ndarray, mode: str) -> np.ndarray:
+    """A high-bit grayscale image's values in [0, 1] (the module docstring says how)."""
+    values = values.astype(np.float64)
+    if mode == "F":
+        if not np.isfinite(values).all():
+            raise ValueError("the float image holds NaN or infinite values")
+        low, high = values.min(), values.max()
+        if low >= 0 and high <= 1:
+            return values
+        return (values - low) / (high - low) if high > low else np.clip(values, 0, 1)
+    if mode == "I" and values.min() < 0:
+        return (values - _INT32_MIN) / (_INT32_MAX - _INT32_MIN)
+    if mode == "I" and values.max() > 65535:
+        return values / _INT32_MAX
+    return values / 65535
+
+
+def _decoded(image: "Image.Image") -> "Image.Image":
+    """The picture upright, as 8-bit RGB or, for high-bit grayscale, one float channel in [0, 1]."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_BIT_MODES:
+        return Image.fromarray(_unit_range(np.asarray(image), image.mode).astype(np.float32), mode="F")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and image.has_transparency_data):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
     """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
     normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
@@ -73,7 +121,7 @@ def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple
         raise ImageReadError(f"image {os.fspath(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            image = _decoded(opened)
     except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
     size = preprocessing.size
@@ -81,5 +129,5 @@ def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple
         image = TF.center_crop(TF.resize(image, round(size * 256 / 224)), [size, size])
     else:
         image = TF.resize(image, [size, size])
-    tensor = TF.to_tensor(image)
+    tensor = TF.to_tensor(image).expand(3, -1, -1).contiguous()
     return tensor.permute(1, 2, 0).numpy(), TF.normalize(tensor, list(preprocessing.mean), list(preprocessing.std))

@@ -17,8 +17,21 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.modules import module as module_hooks
 
 Layer = Union[str, nn.Module]
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hooks_of(module: nn.Module) -> tuple[int, ...]:
+    """The handles of the hooks that run when `module` is called (forward, forward-pre, backward)."""
+    return tuple(key for name in _HOOK_DICTS for key in getattr(module, name, {}))
+
+
+def global_hooks() -> bool:
+    """Whether module hooks registered for every module (register_module_forward_hook, ...) exist."""
+    return any(getattr(module_hooks, f"_global{name}", None) for name in _HOOK_DICTS)
 
 
 def resolve_layer(model: nn.Module, layer: Layer) -> tuple[str, nn.Module]:
@@ -106,12 +119,51 @@ class HookTail(Tail):
             handle.remove()
 
 
+_TOO_SMALL = ("can't be greater than actual input size", "output size is too small", "shapes cannot be multiplied")
+
+
+def _misfit(model: nn.Module, images: torch.Tensor, error: BaseException) -> Optional[str]:
+    """What about the images makes the model's forward fail, and the fix; None when it is not them."""
+    convolution = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels = images.shape[1]
+    if convolution is not None and convolution.in_channels != channels:
+        wanted = convolution.in_channels
+        grayscale = channels == 1 and wanted == 3
+        fix = "repeat the grayscale channel with images.expand(-1, 3, -1, -1)" if grayscale else f"pass {wanted}-channel images"
+        return f"the model's first convolution takes {wanted} channels, the images have {channels}: {fix}"
+    weight = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
+    if weight is not None and weight.dtype != images.dtype:
+        return f"the images are {images.dtype}, the model's weights {weight.dtype}: convert them with images.to({weight.dtype})"
+    if any(pattern in str(error).lower() for pattern in _TOO_SMALL):
+        height, width = images.shape[2:]
+        return (
+            f"the images ({height} x {width}) are too small for the network, or not the size it was built for: "
+            "pass images of the size it takes (224 x 224 for ImageNet models)"
+        )
+    return None
+
+
+def unfiltered_forward(model: nn.Module, images: torch.Tensor) -> Any:
+    """model(images) without gradients.  When the model fails because of the images (channels, dtype,
+    size), its error is re-raised as a ValueError that names the images' shape and the fix."""
+    try:
+        with torch.no_grad():
+            return model(images)
+    except Exception as error:
+        misfit = _misfit(model, images, error)
+        if misfit is None:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the model cannot run on images of shape {tuple(images.shape)}: {misfit} (the model's error: {message})"
+        ) from error
+
+
 def capture_with_hook(model: nn.Module, name: str, module: nn.Module, images: torch.Tensor) -> Capture:
     seen: list[Any] = []
     handle = module.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
     try:
-        with torch.no_grad():
-            output = model(images)
+        output = unfiltered_forward(model, images)
     finally:
         handle.remove()
     if len(seen) != 1:
@@ -135,14 +187,16 @@ class FxTail(Tail):
 
 
 class _BreakpointTracer(fx.Tracer):
-    """Keeps the breakpoint as one opaque call, so that its output is one node of the graph."""
+    """Keeps the breakpoint as one opaque call, so that its output is one node of the graph, and so
+    every module with hooks: traced through, its hooks would run once on proxies and never again."""
 
     def __init__(self, breakpoint: nn.Module):
         super().__init__()
         self.breakpoint = breakpoint
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return module is self.breakpoint or super().is_leaf_module(module, qualified_name)
+        hooked = bool(hooks_of(module))
+        return module is self.breakpoint or hooked or super().is_leaf_module(module, qualified_name)
 
 
 class _Untraceable(Exception):
@@ -225,9 +279,9 @@ def _plan(model: nn.Module, name: str, module: nn.Module) -> Optional[_Plan]:
     """The fx plan for `name`, or None when the model cannot be split with fx (use the hook tail).
 
     Tracing costs about as much as a forward pass, so plans are cached per model; the cache entry
-    is dropped when any submodule of the model is replaced.
+    is dropped when any submodule of the model is replaced or a hook is added or removed.
     """
-    signature = tuple(map(id, model.modules()))
+    signature = tuple((id(module), hooks_of(module)) for module in model.modules())
     plans = _PLANS.setdefault(model, {})
     if name in plans and plans[name][0] == signature:
         return plans[name][1]
@@ -242,8 +296,7 @@ def _plan(model: nn.Module, name: str, module: nn.Module) -> Optional[_Plan]:
 
 
 def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, FxTail]:
-    with torch.no_grad():
-        features, captured, output = plan.capture(images)
+    features, captured, output = unfiltered_forward(plan.capture, images)
     capture = check_capture(name, features, output)
     batch = images.shape[0]
     for value in captured:
@@ -261,7 +314,7 @@ def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, Fx
 def split(model: nn.Module, layer: Layer, images: torch.Tensor) -> tuple[Capture, Tail]:
     """Capture A and NT for `images` and build the tail after `layer` (an fx graph when possible)."""
     name, module = resolve_layer(model, layer)
-    plan = _plan(model, name, module)
+    plan = None if hooks_of(model) or global_hooks() else _plan(model, name, module)
     if plan is not None:
         try:
             return _fx_split(plan, name, images)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .constraints import ConstraintLike, Grid, as_constraint
-from .breakpoints import FxTail, Tail
+from .breakpoints import FxTail, Tail, hooks_of
 
 
 @dataclass
@@ -98,11 +98,16 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def detect_head(tail: Tail, grid: Grid) -> Optional[HeadSpec]:
-    """The fused form of `tail`, or None when it is anything else (the generic path then runs)."""
+    """The fused form of `tail`, or None when it is anything else (the generic path then runs).
+
+    A tail module with hooks is not fused: the closed form reads the Linear's weights and would skip
+    them, the generic path calls the modules and so runs them."""
     if not isinstance(tail, FxTail) or tail.captured:
         return None
     graph_module = tail.graph_module
     modules = dict(graph_module.named_modules())
+    if any(hooks_of(module) for module in modules.values()):
+        return None
     nodes = [n for n in graph_module.graph.nodes if n.op not in ("placeholder", "output")]
     output = next(n for n in graph_module.graph.nodes if n.op == "output")
     roles: list[str] = []

@@ -4,7 +4,8 @@ It reproduces the reference loop problem by problem: one update per iteration wi
 schedule, and every `check_every` iterations a check that stops a problem when its loss moved by less
 than `min_error` since the previous check (the first check compares with 32767).  The update of the
 stopping iteration is kept.  A stopped problem leaves the batch; the others go on unchanged, so the
-batch gives what solving each problem alone would.
+batch gives what solving each problem alone would.  The first iteration at which a problem's loss is
+not finite is recorded, and the loop ends at the next check (caffast.core.finite reports it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Solution:
     iterations: torch.Tensor
     loss: torch.Tensor
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # (P,) the first iteration at which each problem's loss was not finite, 0 if none; None where the
+    # solver does not record it (the compiled fused solvers)
+    first_non_finite: Optional[torch.Tensor] = None
     evaluations: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
@@ -63,6 +67,8 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
     previous = torch.full((count,), INITIAL_PREVIOUS_LOSS, dtype=params.dtype, device=device)
     last_loss = torch.zeros(count, dtype=params.dtype, device=device)
     iterations = torch.zeros(count, dtype=torch.long, device=device)
+    never = torch.iinfo(torch.long).max
+    first_non_finite = torch.full((count,), never, dtype=torch.long, device=device)
     history: list[tuple[int, torch.Tensor]] = []
 
     for step in range(settings.max_iter):
@@ -70,13 +76,17 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
         update.step(params, grad, active, polynomial_lr_decay(step, settings.lr, settings.max_iter))
         last_loss.index_copy_(0, active, loss.detach().to(params.dtype))
         iterations.index_fill_(0, active, step + 1)
+        now = torch.where(torch.isfinite(loss), never, step + 1)
+        first_non_finite.index_copy_(0, active, torch.minimum(first_non_finite.index_select(0, active), now))
         if step % settings.check_every == 0:
             if settings.record:
                 history.append((step + 1, params.clone()))
             loss = last_loss.index_select(0, active)
+            if not bool(torch.isfinite(loss).all()):
+                break
             converged = (loss - previous.index_select(0, active)).abs() < settings.min_error
             previous.index_copy_(0, active, loss)
             active = active[~converged]
             if active.numel() == 0:
                 break
-    return Solution(params=params, iterations=iterations, loss=last_loss, history=history)
+    return Solution(params, iterations, last_loss, history, torch.where(first_non_finite == never, 0, first_non_finite))

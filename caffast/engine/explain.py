@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from ..backends import filter_multiply, resolve_backend
 from ..backends.torch.autograd import AutogradProblem
-from ..core.breakpoints import Layer, split
+from ..core.breakpoints import Layer, resolve_layer, split
 from ..core.choices import check_choice
 from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
 from ..core.exact import stationarity
+from ..core.finite import Suspects, check_loss
 from ..core.folds import fold_prefix
 from ..core.guard import frozen
 from ..core.heads import FusedProblem, detect_head, precompute
@@ -77,6 +78,14 @@ def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torc
     return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
+def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) -> Callable[[int], str]:
+    """The name of problem p in messages: "(image 0, target 207)", or "(image 0)" class-oblivious."""
+    classes = targets.flatten()
+    if mode == "oblivious":
+        return lambda p: f"(image {int(image_index[p])})"
+    return lambda p: f"(image {int(image_index[p])}, target {int(classes[p])})"
+
+
 def explain(
     model: nn.Module,
     images: torch.Tensor,
@@ -117,6 +126,8 @@ def explain(
     `max_evaluations` per problem, fewer where the projected gradient falls below `tolerance`.
     On a CUDA model the loop replays each evaluation of a generic tail from a captured CUDA graph
     (caffast.backends.torch.graphs); `cuda_graphs=False` evaluates eagerly.
+    A loss or filter that stops being finite raises caffast.NonFiniteError naming the problem and the
+    cause (caffast.core.finite).
     """
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)
@@ -126,7 +137,9 @@ def explain(
     check_choice("solver", solver, SOLVERS)
     if objective is not None and mode != "oblivious":
         raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
-    check_settings(max_iter, lr, min_error, check_every, tolerance)
+    max_iter, lr, min_error, check_every, tolerance, seed = check_settings(
+        max_iter, lr, min_error, check_every, tolerance, seed
+    )
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise ValueError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     images = check_images(images)
@@ -158,11 +171,14 @@ def explain(
             folded = fold_prefix(tail, features) if fused else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
+        suspects = Suspects(_problem_names(mode, image_index, targets), lr, resolve_layer(model, layer)[0], features,
+                            objective is not None)  # fmt: skip
         beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
-        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond)
+        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
+        check_loss(final_objective, suspects)
         if solver != "gd":
             solution.loss = final_objective
             if settings.record:  # the answer is the last frame

@@ -13,6 +13,7 @@ from ..backends.torch.graphs import GraphedProblem
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
 from ..core.fast import fast_minimize
+from ..core.finite import Suspects, check_solution
 from ..core.heads import FusedHead
 from ..core.loop import LoopSettings, Problem, Solution, solve
 
@@ -30,33 +31,37 @@ class SolverSettings:
 
 def optimize(
     solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: Constraint,
-    initial: torch.Tensor, settings: LoopSettings, beyond: SolverSettings,
+    initial: torch.Tensor, settings: LoopSettings, beyond: SolverSettings, suspects: Suspects,
 ) -> Solution:
     """The answer of `solver` for every problem.
 
     Where a fused head has a closed form, "fast" and "exact" return it.  "fast" otherwise runs the
     bundle method of caffast.core.fast from the reference start.  "exact" descends (caffast.core.exact)
     from the loop's answer, on a generic tail from the better of the loop's and fast's answers, so its
-    objective is the lowest of the three.
+    objective is the lowest of the three.  A loss or filter that is not finite in the result's
+    precision (the dtype of `initial`) raises a NonFiniteError naming its cause.
     """
     if solver != "gd" and has_closed_form(fused_head, constraint):
         zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
-        return Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
-    if solver == "fast":
-        return _fast(problem, initial, constraint, beyond)
-    if fused_head is not None:
-        solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+        solution = Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
+    elif solver == "fast":
+        solution = _fast(problem, initial, constraint, beyond)
     else:
-        graphed = beyond.cuda_graphs and initial.device.type == "cuda"
-        solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
-    if solver == "exact":
-        start, evaluations = solution.params, solution.evaluations
-        if fused_head is None:
-            start, evaluations = _better_of(problem, solution, _fast(problem, initial, constraint, beyond))
-        budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
-        params, steps, descent = descend(problem, start, constraint, beyond.tolerance, budget)
-        solution.params, solution.iterations = params, solution.iterations + steps
-        solution.evaluations = evaluations + descent
+        if fused_head is not None:
+            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+        else:
+            graphed = beyond.cuda_graphs and initial.device.type == "cuda"
+            solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
+        if solver == "exact":
+            check_solution(solution, constraint, initial.dtype, suspects)  # the loop's own cause first
+            start, evaluations = solution.params, solution.evaluations
+            if fused_head is None:
+                start, evaluations = _better_of(problem, solution, _fast(problem, initial, constraint, beyond))
+            budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
+            params, steps, descent = descend(problem, start, constraint, beyond.tolerance, budget)
+            solution.params, solution.iterations = params, solution.iterations + steps
+            solution.evaluations = evaluations + descent
+    check_solution(solution, constraint, initial.dtype, suspects)
     return solution
 
 

@@ -52,5 +52,19 @@ class AutogradProblem:
             else:
                 output = self.tail(self.multiply(self.features.index_select(0, images), params), images)
             loss = self.objective(output, active)
-            (grad,) = torch.autograd.grad(loss.sum(), params)
+            (grad,) = torch.autograd.grad(loss.sum(), params, allow_unused=True) if loss.requires_grad else (None,)
+        if grad is None:
+            raise ValueError(self._no_gradient(output))
         return loss.detach(), grad
+
+    def _no_gradient(self, output: torch.Tensor) -> str:
+        if not output.requires_grad:
+            return (
+                "the model's output does not depend differentiably on the breakpoint's feature map (the layers "
+                "after it detach it or run without gradients): pick a layer whose output the rest of the network "
+                "differentiates"
+            )
+        return (
+            "the loss is not connected to FT (no gradient path): the objective must compute it from FT with "
+            "differentiable torch operations (no .detach(), .item(), numpy or new tensors)"
+        )

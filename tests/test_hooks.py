@@ -122,3 +122,18 @@ def test_a_hook_on_a_container_after_the_breakpoint_runs_at_every_call_also_once
     watching.remove()
     after = caffast.explain(model, images, "layer3", mode="specific", targets=[4], **SETTINGS)
     torch.testing.assert_close(after.maps, plain.maps, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode,targets", MODES)
+def test_a_hooked_module_right_after_the_breakpoint_is_not_folded(model, images, mode, targets):
+    """layer4's convolution is affine in the filtered map and would be folded into the feature map;
+    with a hook on it, it runs as a module, and its hook with it."""
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        oracle.layer4[0].weight.mul_(2)
+        oracle.layer4[0].bias.mul_(2)
+    model.layer4[0].register_forward_hook(lambda _module, _inputs, output: output * 2)
+    hooked = caffast.explain(model, images, "layer3", mode=mode, targets=targets, **SETTINGS)
+    expected = caffast.explain(oracle, images, "layer3", mode=mode, targets=targets, **SETTINGS)
+    assert hooked.path == expected.path == "generic"
+    assert_same_maps(hooked, expected)

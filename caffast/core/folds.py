@@ -43,7 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .breakpoints import FxTail, Tail
+from .breakpoints import FxTail, Tail, hooks_of
 
 Key = tuple[int, int, int, int]  # (offset_y, offset_x, stride_y, stride_x) of a term's placement
 IDENTITY: Key = (0, 0, 1, 1)
@@ -676,6 +676,8 @@ class _Folder:
         return math.prod(rep.shape)
 
     def _module(self, module: nn.Module, x: Any, args: list, kwargs: dict) -> tuple[Rep, str, int]:
+        if hooks_of(module):  # folded, the module would never be called, nor its hooks
+            raise _Stop(f"{type(module).__name__} has hooks")
         if not isinstance(x, (Spatial, Dense)) or len(args) != 1 or kwargs:
             raise _Stop(f"{type(module).__name__} call form")
         if isinstance(module, (nn.Dropout, nn.Dropout2d, nn.Identity)):

@@ -206,6 +206,17 @@ def release_size(height: int, width: int) -> tuple[int, int]:
     return int(height * scale + 1e-6), int(width * scale + 1e-6)
 
 
+def save_mask(heatmap: ArrayLike, path: Union[str, Path]) -> None:
+    """The map itself as an 8-bit grey PNG, one pixel per cell, as the TensorFlow release writes its raw
+    mask with imageio: values in [0, 1] become floor(v * 255 + 0.499999999), others are min-max scaled."""
+    values = _as_array(heatmap)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap must have shape (h, w); got {values.shape}")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        values = (values - values.min()) / max(values.max() - values.min(), np.finfo(values.dtype).tiny)
+    Image.fromarray((values * 255 + 0.499999999).astype(np.uint8), "L").save(path)
+
+
 def save_gif(frames: Sequence[Image.Image], path: Union[str, Path], duration_ms: int = 100) -> None:
     """Write frames (for instance a filter converging) as a looping GIF, duration_ms per frame.
 

@@ -3,7 +3,10 @@ and the reference's `load_architecture`."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from importlib import resources
 from http.client import HTTPException
 from typing import Any, Callable, Optional, Union
 
@@ -117,3 +120,37 @@ def load_architecture(
         param.requires_grad = False
     head = reference_head(arch_name, model).eval()
     return model, feature_maps, head
+
+
+@functools.lru_cache(maxsize=1)
+def release_labels() -> tuple[str, ...]:
+    """The release's ImageNet label table (its utils/imagenet_lbls.py), class 0 to 999, as it logs them;
+    its file names drop the commas: `label.replace(",", "")`."""
+    text = (resources.files("caffast.models") / "release_labels.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text))
+
+
+def feature_map_layers(model: nn.Module, size: int = 224) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The candidate breakpoints: every named module whose output is a 4-D map, in the order they run
+    on one (1, 3, size, size) input, each with the (C, H, W) of every call (a reused module, such as
+    a ResNet block's ReLU, runs more than once).  The hooks are removed again, also on an error."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes.setdefault(name, []).append(tuple(output.shape[1:]))
+
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(shapes.items())

@@ -1,3 +1,6 @@
+from urllib.error import URLError
+from urllib.parse import urlparse
+
 import pytest
 import torch
 
@@ -6,3 +9,16 @@ import torch
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Tests never reach the network: a download from anywhere but 127.0.0.1 fails as it does offline."""
+    download = torch.hub.download_url_to_file
+
+    def local_only(url, *args, **kwargs):
+        if urlparse(url).hostname != "127.0.0.1":
+            raise URLError("the tests do not reach the network")
+        return download(url, *args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", local_only)

@@ -22,6 +22,29 @@ def polynomial_lr_decay(global_step, init_learning_rate, max_iter, min_learning_
         + min_learning_rate
 
 
+class TF1Adam(torch.optim.Optimizer):
+    """TensorFlow 1's AdamOptimizer, restated from its documentation (beta1 0.9, beta2 0.999, eps 1e-8):
+    t <- t + 1; lr_t <- lr * sqrt(1 - beta2^t) / (1 - beta1^t); m <- beta1 m + (1 - beta1) g;
+    v <- beta2 v + (1 - beta2) g^2; variable <- variable - lr_t * m / (sqrt(v) + eps)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                t, g = state["t"], p.grad
+                lr_t = group["lr"] * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+                state["m"] = 0.9 * state["m"] + (1 - 0.9) * g
+                state["v"] = 0.999 * state["v"] + (1 - 0.999) * g * g
+                p -= lr_t * state["m"] / (torch.sqrt(state["v"]) + 1e-8)
+
+
 def get_module(model, layer):
     if isinstance(layer, torch.nn.Module):
         return layer
@@ -75,14 +98,14 @@ def capture(model, layer, image):
 
 def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objective=None,
                     max_iter=1000, lr=0.5, min_error=1e-6, check_every=50, optimizer="sgd",
-                    constraint="l2norm", init=None):
+                    constraint="l2norm", init=None, end_lr=1e-5):
     """Solve ONE L2-CAF problem exactly as the reference loop does.
 
     image: (C, H, W) or (1, C, H, W).  target: int class (mode="specific").
     objective: optional callable(FT, NT) -> per-sample loss (shape (1,)); replaces the built-in
     loss (the problem's loss is its sum).
     init: optional initial parameter ((H, W) for l2norm/softmax, (2,) for gauss); default ones /
-    zeros (gauss).
+    zeros (gauss).  end_lr: where the schedule ends (the TensorFlow release's: 0).
     Returns a dict: param (raw optimized variable), filter (raw filter; gaussian multiplier for
     gauss), map, iterations, loss (last computed loss), history [(i, loss_i)] at check iterations,
     NT, A, target.
@@ -123,10 +146,12 @@ def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objec
         opt = torch.optim.SGD([param], lr=lr)
     elif optimizer == "adam":
         opt = torch.optim.Adam([param], lr=lr)
+    elif optimizer == "adam_tf1":
+        opt = TF1Adam([param], lr=lr)
     else:
         raise ValueError(optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda=lambda step: polynomial_lr_decay(step, lr, max_iter) / lr)
+        opt, lr_lambda=lambda step: polynomial_lr_decay(step, lr, max_iter, end_lr) / lr)
 
     current = {}
     hook = module.register_forward_hook(lambda m, i, o: A * current["mult"])

@@ -51,7 +51,8 @@ def test_reference_flags_and_file_names(tmp_path, photo):
                  "--cls_logits", "207,323", "--max_iter", "10", "--output_dir", str(out)])
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["photo_cls_specific_207_golden retriever_resnet50.png", "photo_cls_specific_323_monarch_resnet50.png"]
+    assert names == ["l2_caf_log.txt", "photo_cls_specific_207_golden retriever_resnet50.png",
+                     "photo_cls_specific_323_monarch monarch butterfly milkweed butterfly Danaus plexippus_resnet50.png"]
     code = main(["class_oblivious", "--input_img", str(photo), "--arch", "resnet50", "--weights", "random",
                  "--max_iter", "10", "--output_dir", str(out)])
     assert code == 0 and (out / "photo_cls_oblivious_resnet50.png").exists()
@@ -62,7 +63,7 @@ def test_reference_flags_and_file_names(tmp_path, photo):
     [
         (["explain", "missing.png", "--weights", "random"], "does not exist"),
         (["explain", "{photo}", "--arch", "resnet_9000", "--weights", "random"], "unknown architecture"),
-        (["explain", "{photo}", "--arch", "resnet18", "--weights", "IMAGENET1K_V1"], "not in the cache"),
+        (["explain", "{photo}", "--arch", "resnet18", "--weights", "IMAGENET1K_V1"], "cannot download"),
         (["explain", "{photo}", "--arch", "resnet18", "--weights", "/no/such/file.pth"], "state-dict file"),
         (["explain", "{photo}", "--arch", "alexnet", "--weights", "random"], "pass --layer"),
     ],

@@ -1,32 +1,53 @@
 """The `caffast` command line: the offline demo, explanations of image files, the reference scripts'
-own flags, and a localization evaluation on synthetic scenes."""
+own flags, files and log, a model's candidate breakpoints, and a localization evaluation on synthetic
+scenes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..cam import GradCAM
-from ..core.constraints import MAPS
+from ..viz import apply_heatmap, save_gif, save_mask
+from ..core.constraints import CONSTRAINTS, INITS, MAPS
+from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..engine.explain import Explanation, explain
 from ..engine.solvers import SOLVERS
 from ..eval.localization import evaluate_scenes, scene_batch
-from .distributed import DEFAULT_RANK_TIMEOUT
+from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
-    say, show_progress,
+    parse_classes, say, show_progress,
 )  # fmt: skip
+from .distributed import DEFAULT_RANK_TIMEOUT
+
+# The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
+# (its scripts' fixed runs: TF1's Adam from a normal draw, lr 0.5, 1000 iterations, a schedule to 0).
+RELEASE_SETTINGS = {"max_iter": 500, "lr": 0.1, "optimizer": "sgd", "init": "ones", "end_lr": MIN_LEARNING_RATE}
+TF_RELEASE_SETTINGS = {"max_iter": 1000, "lr": 0.5, "optimizer": "adam_tf1", "init": "normal", "end_lr": 0.0}
+# what the release's scripts run when they are given no arguments at all
+RELEASE_NO_ARGUMENTS = {
+    "class_oblivious": ["--output_dir", "./output_heatmaps/", "--max_iter", "1000", "--lr", "0.5", "--arch", "densenet169",
+                        "--input_img", "dog_butterfly.jpg"],
+    "class_specific": ["--output_dir", "./output_heatmaps/", "--max_iter", "1000", "--lr", "0.5", "--input_img",
+                       "dog_butterfly.jpg", "--cls_logits", "207, 323"],
+}
+RELEASE_IMAGES = Path("input_imgs")  # where the release reads --input_img
+RELEASE_LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+GIF_ALPHA, GIF_FRAME_MS = 0.7, 1000  # the TensorFlow release's GIF: a frame per check, 1 s each
+
 
 
 def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Path], gif: bool) -> None:
     """One overlay per target of image `index` (and a GIF of its convergence when asked)."""
-    from ..viz import apply_heatmap, save_gif
-
     symmetric = exp.map == "signed"
     for column, path in enumerate(paths):
         apply_heatmap(rgb, exp.maps[index, column].cpu().numpy(), alpha=0.6, save=str(path), cmap="bwr", symmetric=symmetric)
@@ -34,6 +55,13 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
             frames = [apply_heatmap(rgb, maps[index, column].cpu().numpy(), alpha=0.6, cmap="bwr", symmetric=symmetric)
                       for _, maps in exp.history]
             save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
+
+
+def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options) -> Explanation:
+    try:
+        return explain(model, images, layer, **options)
+    except (ValueError, TypeError) as error:
+        raise CliError(str(error)) from None
 
 
 def _explain_files(
@@ -48,10 +76,7 @@ def _explain_files(
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path)
-        try:
-            exp = explain(model, tensor[None].to(device), layer, history=gif, **options)
-        except (ValueError, TypeError) as error:
-            raise CliError(str(error)) from None
+        exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
         names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
         paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
@@ -89,19 +114,133 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
-    """The reference scripts' flags and file names (class_oblivious.py / class_specific.py)."""
-
-    def name_of(stem: str, target: int, names: list[str]) -> str:
-        if mode == "oblivious":
-            return f"{stem}_cls_oblivious_{args.arch}.png"
-        return f"{stem}_cls_specific_{target}_{names[target]}_{args.arch}.png"
-
-    args.classes = getattr(args, "cls_logits", None)
+    """The release's class_oblivious.py / class_specific.py: its flags and defaults, file names, picture
+    and log file; --tf-release runs with the TensorFlow release's settings and writes its files."""
+    for key, value in (TF_RELEASE_SETTINGS if args.tf_release else RELEASE_SETTINGS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    classes = parse_classes(args.cls_logits)
+    args.classes = args.cls_logits if mode == "specific" else None  # class_oblivious ignores them, as the release
     options = {**explain_options(args), "backend": args.backend}
-    written = _explain_files([args.input_img], args.arch, args.weights, None, options, Path(args.output_dir), False,
-                             args.device, name_of)
+    out = Path(args.output_dir)
+    written: list[Path] = []
+    with _release_log(out, args.log_file) as log:
+        log.info(argparse.Namespace(output_dir=args.output_dir, log_file=args.log_file, input_img=args.input_img,
+                                    arch=args.arch, max_iter=args.max_iter, lr=args.lr, min_error=args.min_error,
+                                    cls_logits=classes, logger=log))  # fmt: skip
+        extras = ("weights", "layer", "constraint", "optimizer", "init", "seed", "end_lr", "solver", "map", "backend",
+                  "device", "tf_release")  # fmt: skip
+        log.info("caffast: " + ", ".join(f"{key}={getattr(args, key)!r}" for key in extras))
+        image = _release_image(args.input_img)
+        model = load_model(args.arch, args.weights, args.device)
+        layer = args.layer or default_layer(args.arch)
+        rgb, tensor = load_image(str(image))
+        exp = _explain(model, tensor[None].to(args.device), layer, history=args.gif, **options)
+        targets = exp.targets[0].tolist()
+        labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
+        if mode == "specific":
+            log.info("Top K={} {}".format(len(targets), [labels[t] if labels else str(t) for t in targets]))
+        symmetric = exp.map == "signed"
+        for column, target in enumerate(targets):
+            picture, mask, gif = _release_names(args, mode, Path(args.input_img).stem, target, layer, labels)
+            heat = exp.maps[0, column].cpu().numpy()
+            apply_heatmap(rgb, heat, alpha=0.6, save=out / picture, cmap="bwr", axis="off", symmetric=symmetric,
+                          style="release")  # fmt: skip
+            written.append(out / picture)
+            if mask is not None:
+                save_mask(heat, out / mask)
+                written.append(out / mask)
+            if args.gif and exp.history:
+                frames = [apply_heatmap(rgb, maps[0, column].cpu().numpy(), alpha=GIF_ALPHA, cmap="bwr",
+                                        symmetric=symmetric, style="release") for _, maps in exp.history]  # fmt: skip
+                save_gif(frames, out / gif, duration_ms=GIF_FRAME_MS)
+                written.append(out / gif)
+            log.info(f"Done after {_release_count(int(exp.iterations[0, column]), args)} iterations")
     for path in written:
         print(f"saved {path}")
+
+
+@contextlib.contextmanager
+def _release_log(folder: Path, name: str) -> Iterator[logging.Logger]:
+    """The release's log: logger "L2-CAF" into FOLDER/NAME (overwritten) and to stderr, in its format."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(folder / name, mode="w", encoding="utf-8")
+    except OSError as error:
+        raise CliError(f"cannot write the log file {folder / name}: {error.strerror or error}") from None
+    screen = logging.StreamHandler(sys.stderr)
+    screen.setLevel(logging.INFO)
+    logger = logging.getLogger("L2-CAF")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in (file_handler, screen):
+        handler.setFormatter(logging.Formatter(RELEASE_LOG_FORMAT))
+        logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        for handler in (file_handler, screen):
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _release_image(name: str) -> Path:
+    """--input_img as the release reads it, ./input_imgs/NAME, or else as a path."""
+    for candidate in (RELEASE_IMAGES / name, Path(name)):
+        if candidate.is_file():
+            return candidate
+    raise CliError(f"--input_img {name!r} is neither in ./{RELEASE_IMAGES}/ (where the release reads it) nor a file")
+
+
+def _release_names(args: argparse.Namespace, mode: str, stem: str, target: int, layer: str,
+                   labels: Optional[Sequence[str]]) -> tuple[str, Optional[str], str]:  # fmt: skip
+    """File names of the picture, the raw mask (None: not written) and the GIF: the PyTorch release's
+    (its label table, commas removed), or with --tf-release the TensorFlow release's."""
+    if args.tf_release:
+        position = f"{args.arch}_{layer}".replace(".", "_")
+        if mode == "specific":
+            kind = args.constraint
+            return f"{stem}_cls_{target}_{kind}.png", f"{stem}_msk_cls_{target}_{kind}.png", f"{stem}_cls_{target}_{position}.gif"
+        return f"{stem}_{args.constraint}.png", None, f"{stem}_cls_{args.constraint}_{position}.gif"
+    if mode == "specific":
+        label = labels[target].replace(",", "") if labels else str(target)
+        picture = f"{stem}_cls_specific_{target}_{label}_{args.arch}.png"
+    else:
+        picture = f"{stem}_cls_oblivious_{args.arch}.png"
+    return picture, None, picture[: -len(".png")] + ".gif"
+
+
+def _release_count(steps: int, args: argparse.Namespace) -> int:
+    """The release's "Done after N iterations": its loop counter at the exit, max_iter when the loop ran
+    out, else the check iteration that stopped it (whose update was taken: N + 1 steps)."""
+    return steps if steps >= args.max_iter or args.solver != "gd" else steps - 1
+
+
+def _command_layers(args: argparse.Namespace) -> None:
+    """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape."""
+    if args.arch == "demo":
+        from ..eval.demo_model import load_demo_model
+
+        model, size, default = load_demo_model(), args.size or 64, "features"
+    else:
+        model, size = load_model(args.arch, "random", "cpu"), args.size or 224
+        try:
+            default = default_layer(args.arch)
+        except CliError:
+            default = None
+    if size < 1:
+        raise CliError(f"--size must be a positive number of pixels, got {size}")
+    try:
+        found = feature_map_layers(model, size)
+    except RuntimeError as error:
+        raise CliError(f"{args.arch} does not run on a {size} x {size} input: {str(error).splitlines()[0]}") from None
+    print(f"{args.arch} at {size} x {size}: {len(found)} modules output a 4-D map, shown as (C, H, W); "
+          "pass a name as --layer")  # fmt: skip
+    width = max((len(name) for name, _ in found), default=0)
+    for name, shapes in found:
+        text = ", ".join(str(shape) for shape in dict.fromkeys(shapes))
+        calls = f"  ({len(shapes)} calls)" if len(shapes) > 1 else ""
+        print(f"  {name:{width}s}  {text}{calls}{'  <- default' if name == default else ''}")
 
 
 def _print_table(results: dict[str, dict[str, float]]) -> None:
@@ -124,7 +263,6 @@ def _command_demo(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from ..eval.demo_model import CLASS_NAMES, load_demo_model
-    from ..viz import apply_heatmap
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,14 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-iter", type=int, default=1000)
 
     def model_options(command: argparse.ArgumentParser, reference: bool) -> None:
+        """Shared flags; the reference's (class_*) spell them with underscores and take their defaults
+        (None: RELEASE_SETTINGS, or TF_RELEASE_SETTINGS with --tf-release)."""
         dash = "_" if reference else "-"
+        weights = RELEASE_WEIGHTS if reference else "DEFAULT"
         command.add_argument("--arch", default="resnet50", help="a torchvision classification architecture")
-        command.add_argument("--weights", default="DEFAULT",
-                             help="a local state-dict file, torchvision weights in the cache (DEFAULT, IMAGENET1K_V1, ...), "
-                                  "or 'random'")
-        command.add_argument(f"--max{dash}iter", dest="max_iter", type=int, default=1000)
-        command.add_argument("--lr", type=float, default=0.5)
+        command.add_argument("--weights", default=weights,
+                             help="a local state-dict file, torchvision weights (DEFAULT, IMAGENET1K_V1, ...; downloaded "
+                                  f"into torch.hub's cache when missing), or 'random' (default: {weights})")
+        command.add_argument(f"--max{dash}iter", dest="max_iter", type=int, default=None if reference else 1000,
+                             help="default: 500, or 1000 with --tf-release" if reference else None)
+        command.add_argument("--lr", *(["--learning-rate"] if reference else []), dest="lr", metavar="LR", type=float,
+                             default=None if reference else 0.5,
+                             help="default: 0.1, or 0.5 with --tf-release" if reference else None)  # fmt: skip
         command.add_argument(f"--min{dash}error", dest="min_error", type=float, default=1e-6)
+        command.add_argument("--constraint", *(["--filter_type"] if reference else []), dest="constraint",
+                             choices=list(CONSTRAINTS), default="l2norm", help="how the filter is kept normalized")
+        command.add_argument("--optimizer", choices=OPTIMIZERS, default=None if reference else "sgd",
+                             help="adam_tf1: TensorFlow 1's Adam (the TensorFlow release's); default: sgd"
+                                  + (", or adam_tf1 with --tf-release" if reference else ""))  # fmt: skip
+        command.add_argument("--init", choices=INITS, default=None if reference else "ones",
+                             help="the filter's start; default: ones" + (", or normal with --tf-release" if reference else ""))
+        command.add_argument("--seed", type=int, default=None, help="seed of --init normal (default: a fresh draw)")
+        command.add_argument(f"--end{dash}lr", *(["--end_learning_rate"] if reference else []), dest="end_lr", type=float,
+                             default=None if reference else MIN_LEARNING_RATE,
+                             help="where the learning rate's linear decay ends; default: 1e-5"
+                                  + (", or 0 with --tf-release" if reference else ""))  # fmt: skip
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         command.add_argument("--map", default="abs", choices=MAPS,
                              help="abs: |f| (the reference); positive: the cells that raise the class; signed: f, "
@@ -215,13 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
                           "not answer and stops (default: 1800)")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
-        command = commands.add_parser(name, help=f"the reference's {name}.py, same flags and file names")
-        command.add_argument("--input_img", required=True)
+        command = commands.add_parser(
+            name, help=f"the reference's {name}.py: its flags, defaults, file names, picture and log",
+            description=f"As the official PyTorch release's {name}.py: --input_img is read from ./input_imgs/ "
+            "(or as a path), the pictures and l2_caf_log.txt go to --output_dir. Without any arguments it runs "
+            "as the release's script does without any.",
+        )  # fmt: skip
+        command.add_argument("--output_dir", default="./output_heatmaps/", help="pictures and the log file")
+        command.add_argument("--log_file", default="l2_caf_log.txt", help="the log's name inside --output_dir")
+        command.add_argument("--input_img", required=True, help="an image name in ./input_imgs/, or a path")
         model_options(command, reference=True)
-        command.add_argument("--output_dir", default="./output_heatmaps/")
-        if mode == "specific":
-            command.add_argument("--cls_logits", help="comma-separated classes (default: the top-1 class)")
+        command.add_argument("--cls_logits", help="comma-separated classes (default: the top-1 class)"
+                             + ("" if mode == "specific" else "; ignored here, as by the release"))
+        command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
+        command.add_argument("--gif", "--save_gif", dest="gif", action="store_true",
+                             help="also write a GIF of the filter converging: a frame per 50 iterations, 1 s each, "
+                                  "alpha 0.7, as the TensorFlow release's")  # fmt: skip
+        command.add_argument("--tf-release", "--tf_release", dest="tf_release", action="store_true",
+                             help="run as the TensorFlow release: lr 0.5, 1000 iterations, --optimizer adam_tf1, "
+                                  "--init normal, --end_lr 0, and its file names (a raw mask PNG per class too)")  # fmt: skip
         command.set_defaults(mode=mode)
+
+    layers = commands.add_parser("layers", help="list a model's candidate breakpoints (modules that output a 4-D map)")
+    layers.add_argument("--arch", default="resnet50", help="a torchvision classification architecture, or demo")
+    layers.add_argument("--size", type=int, help="input side in pixels (default: 224; 64 for demo)")
 
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
     evaluate.add_argument("--scenes", type=int, default=2000)
@@ -230,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0] in RELEASE_NO_ARGUMENTS:  # the release's script without arguments
+        print("Loading the default parameters")
+        argv += RELEASE_NO_ARGUMENTS[argv[0]]
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
@@ -244,6 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _command_run(args)
         elif args.command in ("class_oblivious", "class_specific"):
             _command_reference(args, args.mode)
+        elif args.command == "layers":
+            _command_layers(args)
         else:
             _command_evaluate(args)
     except CliError as error:

@@ -202,4 +202,6 @@ def explain_options(args: argparse.Namespace) -> dict:
     every backend gives the same results.
     """
     return {"mode": args.mode, "targets": parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
-            "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver}
+            "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver,
+            "constraint": args.constraint, "optimizer": args.optimizer, "init": args.init, "seed": args.seed,
+            "end_lr": args.end_lr}

@@ -18,6 +18,7 @@ from ..core.choices import check_choice
 from ..core.constraints import Constraint
 from ..core.heads import FusedHead, FusedProblem
 from ..core.loop import LoopSettings, Solution, solve
+from ..core.optimizers import COMPILED_OPTIMIZERS, MIN_LEARNING_RATE
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 
@@ -50,8 +51,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def solve_fused(backend: str, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings) -> Solution:
-    """The whole optimization of a fused head (the Python loop when the history is recorded)."""
-    if backend == "torch" or settings.record:
+    """The whole optimization of a fused head: the Python loop when the history is recorded, or for
+    an optimizer or a schedule floor the compiled solvers do not implement (adam_tf1, end_lr != 1e-5)."""
+    compiled = settings.optimizer in COMPILED_OPTIMIZERS and settings.end_lr == MIN_LEARNING_RATE
+    if backend == "torch" or settings.record or not compiled:
         return solve(FusedProblem(head, constraint), initial, settings)
 
     def dense(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .optimizers import make_optimizer, polynomial_lr_decay
+from .optimizers import MIN_LEARNING_RATE, make_optimizer, polynomial_lr_decay
 
 INITIAL_PREVIOUS_LOSS = 32767.0
 
@@ -37,6 +37,7 @@ class LoopSettings:
     check_every: int
     optimizer: str
     record: bool = False  # keep the parameters at every check, for pictures of the convergence
+    end_lr: float = MIN_LEARNING_RATE  # where the schedule ends (the TensorFlow release's: 0)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
 
     for step in range(settings.max_iter):
         loss, grad = problem.loss_and_grad(params.index_select(0, active), active)
-        update.step(params, grad, active, polynomial_lr_decay(step, settings.lr, settings.max_iter))
+        update.step(params, grad, active, polynomial_lr_decay(step, settings.lr, settings.max_iter, settings.end_lr))
         last_loss.index_copy_(0, active, loss.detach().to(params.dtype))
         iterations.index_fill_(0, active, step + 1)
         now = torch.where(torch.isfinite(loss), never, step + 1)

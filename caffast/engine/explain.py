@@ -21,7 +21,7 @@ from ..core.guard import frozen
 from ..core.heads import FusedProblem, detect_head, precompute
 from ..core.loop import LoopSettings
 from ..core.losses import MODES, Objective, UserObjective, class_signs
-from ..core.optimizers import OPTIMIZERS
+from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from .inputs import Targets, check_images, check_settings, model_device, resolve_targets
 from .solvers import SOLVERS, SolverSettings, optimize
 
@@ -97,6 +97,7 @@ def explain(
     min_error: float = 1e-6,
     check_every: int = 50,
     optimizer: str = "sgd",
+    end_lr: float = MIN_LEARNING_RATE,
     constraint: ConstraintLike = "l2norm",
     init: str = "ones",
     seed: Optional[int] = None,
@@ -117,7 +118,9 @@ def explain(
     is handed back unchanged.  `fused=False` runs the generic path through the whole tail even where
     the head could be fused or the tail's affine prefix folded (caffast.core.folds);
     `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
-    the convergence.  `map` picks how the filter becomes a map (normalize_filter).  `solver="exact"`
+    the convergence.  The learning rate decays linearly from `lr` to `end_lr` (1e-5 as in the PyTorch
+    release; the TensorFlow release's ends at 0); `optimizer="adam_tf1"` is TensorFlow 1's Adam, the
+    TensorFlow release's.  `map` picks how the filter becomes a map (normalize_filter).  `solver="exact"`
     goes past where the reference loop stops: the minimizer in closed form for fused heads with the
     l2norm constraint (class-specific, or class-oblivious without a ReLU), otherwise a descent from
     the loop's answer until the projected gradient is below `tolerance`, no step lowers the loss any
@@ -140,6 +143,8 @@ def explain(
     max_iter, lr, min_error, check_every, tolerance, seed = check_settings(
         max_iter, lr, min_error, check_every, tolerance, seed
     )
+    if not 0 <= end_lr < float("inf"):
+        raise ValueError(f"end_lr (where the schedule ends) must be zero or positive, got {end_lr!r}")
     if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise ValueError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     images = check_images(images)
@@ -156,7 +161,7 @@ def explain(
         grid = (features.shape[2], features.shape[3])
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
-        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history)
+        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history, end_lr=end_lr)
         reference = capture.output.to(dtype).index_select(0, image_index)
         signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
         head = detect_head(tail, grid) if fused and objective is None else None

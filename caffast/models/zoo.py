@@ -1,8 +1,13 @@
-"""torchvision models with offline weights, and the reference's `load_architecture`."""
+"""torchvision models and their weights (local files, or torchvision's, downloaded as torchvision does),
+and the reference's `load_architecture`."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from importlib import resources
+from http.client import HTTPException
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -11,6 +16,10 @@ import torchvision
 from torchvision.models import WeightsEnum
 
 Weights = Union[None, str, os.PathLike, WeightsEnum]
+
+# What the reference's `pretrained=True` loads: torchvision's legacy interface maps it to IMAGENET1K_V1
+# (for resnet50 not DEFAULT, which is IMAGENET1K_V2).
+RELEASE_WEIGHTS = "IMAGENET1K_V1"
 
 
 def _cached_path(weights: WeightsEnum) -> str:
@@ -27,7 +36,8 @@ def _weights_enum(arch: str, name: str) -> Optional[WeightsEnum]:
 
 def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Tensor]]:
     """The state dict named by `weights`: None (random weights), a local file, or torchvision weights
-    (an enum or its name such as "IMAGENET1K_V1") already in torchvision's cache.  Never downloads."""
+    (an enum or its name such as "IMAGENET1K_V1"), downloaded into torch.hub's cache with a progress
+    bar when they are not there yet, as torchvision's builders do."""
     if weights is None:
         return None
     if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
@@ -43,17 +53,17 @@ def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Ten
             f"weights {os.fspath(weights)!r} are neither a file nor torchvision weights of {arch!r}; pass a "
             "local state-dict file (torch.save(model.state_dict(), PATH)) or a torchvision weights name"
         )
-    path = _cached_path(enum)
-    if not os.path.isfile(path):
+    try:
+        return enum.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
+    except (OSError, HTTPException) as error:  # URLError, refused or reset connections, timeouts
         raise FileNotFoundError(
-            f"torchvision weights {enum} are not in the cache ({path}) and nothing is downloaded: copy the "
-            f"file there, or save a state dict and pass its path"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
+            f"cannot download torchvision weights {enum} from {enum.url} (offline?): {error}; copy the file to "
+            f"{_cached_path(enum)} or pass a local state-dict file (--weights FILE)"
+        ) from None
 
 
 def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
-    """A torchvision classification model in eval mode, with random or offline-loaded weights."""
+    """A torchvision classification model in eval mode, with random weights (None) or `weights`."""
     try:
         builder: Callable[..., nn.Module] = torchvision.models.get_model_builder(arch)
     except ValueError:
@@ -85,8 +95,11 @@ def reference_head(arch: str, model: nn.Module) -> nn.Sequential:
     return nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
 
 
-def load_architecture(arch_name: str, weights: Weights = None) -> tuple[nn.Module, list[torch.Tensor], nn.Sequential]:
-    """The reference triple: (model, feature_maps, post_conv_subnet).
+def load_architecture(
+    arch_name: str, weights: Weights = RELEASE_WEIGHTS
+) -> tuple[nn.Module, list[torch.Tensor], nn.Sequential]:
+    """The reference triple: (model, feature_maps, post_conv_subnet), by default with the weights the
+    reference loads (IMAGENET1K_V1, downloaded when missing); `weights=None` gives random ones.
 
     A forward hook on the last convolutional block appends its detached output to `feature_maps`;
     `post_conv_subnet` is the head after it.  The model is in eval mode with frozen parameters, on the
@@ -107,3 +120,37 @@ def load_architecture(arch_name: str, weights: Weights = None) -> tuple[nn.Modul
         param.requires_grad = False
     head = reference_head(arch_name, model).eval()
     return model, feature_maps, head
+
+
+@functools.lru_cache(maxsize=1)
+def release_labels() -> tuple[str, ...]:
+    """The release's ImageNet label table (its utils/imagenet_lbls.py), class 0 to 999, as it logs them;
+    its file names drop the commas: `label.replace(",", "")`."""
+    text = (resources.files("caffast.models") / "release_labels.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text))
+
+
+def feature_map_layers(model: nn.Module, size: int = 224) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The candidate breakpoints: every named module whose output is a 4-D map, in the order they run
+    on one (1, 3, size, size) input, each with the (C, H, W) of every call (a reused module, such as
+    a ResNet block's ReLU, runs more than once).  The hooks are removed again, also on an error."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes.setdefault(name, []).append(tuple(output.shape[1:]))
+
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(shapes.items())

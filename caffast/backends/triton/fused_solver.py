@@ -17,7 +17,7 @@ from ...core.constraints import ConstraintLike, as_constraint
 from ...core.heads import FusedHead
 from ...core.loop import INITIAL_PREVIOUS_LOSS, LoopSettings
 from ...core.losses import MODES
-from ...core.optimizers import OPTIMIZERS
+from ...core.optimizers import COMPILED_OPTIMIZERS
 from .device import BETA1, BETA2, optimizer_step, scheduled_lr, sphere, sphere_grad
 from .runtime import (  # noqa: F401 (tl_core: see runtime)
     FLOATING, INTERPRETED, block_size, checked, constexpr, device_function, jit, require, scalars, tl, tl_core, tl_max,
@@ -213,7 +213,7 @@ def solve_fused(
     lr, min_error = settings.lr, settings.min_error
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("optimizer", optimizer, COMPILED_OPTIMIZERS)
     if check_every < 1:
         raise ValueError(f"check_every must be at least 1, got {check_every}")
     if not isinstance(params, torch.Tensor):

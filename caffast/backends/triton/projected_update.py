@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ...core.choices import check_choice
-from ...core.optimizers import OPTIMIZERS
+from ...core.optimizers import COMPILED_OPTIMIZERS
 from .device import BETA1, BETA2, optimizer_step, scheduled_lr, sphere_grad
 from .runtime import FLOATING, block_size, checked, in_place, jit, require, scalars, tl, tl_core  # noqa: F401
 
@@ -58,7 +58,7 @@ def projected_step(
     the normalization, uses lr_t = polynomial_lr_decay(step, lr, max_iter) and SGD, or Adam (torch's
     defaults, bias correction for step + 1) with its moments (P, D) updated in place. Returns params.
     """
-    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("optimizer", optimizer, COMPILED_OPTIMIZERS)
     if not isinstance(params, torch.Tensor) or params.dim() != 2:
         raise TypeError("params must be a (P, D) tensor")
     require(params.device)

@@ -1,0 +1,137 @@
+"""torchvision weights: downloaded into torch.hub's cache when missing (here from a local HTTP server),
+read from the cache when there, and a clear message when they cannot be downloaded."""
+
+import functools
+import hashlib
+import http.server
+import shutil
+import socket
+import threading
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision.models import Weights, WeightsEnum
+
+import caffast
+from caffast.apps.cli import main
+from caffast.models import zoo
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields its base URL."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home / "hub" / "checkpoints"
+
+
+def serve_state(root, state, stem):
+    """Save `state` under torchvision's naming (stem-<sha256 prefix>.pth); returns the file name."""
+    staging = root / "staging.pth"
+    torch.save(state, staging)
+    name = f"{stem}-{hashlib.sha256(staging.read_bytes()).hexdigest()[:8]}.pth"
+    staging.rename(root / name)
+    return name
+
+
+def weights_at(url):
+    class LocalWeights(WeightsEnum):
+        IMAGENET1K_V1 = Weights(url=url, transforms=None, meta={})
+
+    return LocalWeights.IMAGENET1K_V1
+
+
+def closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_missing_weights_are_downloaded_into_the_cache_then_read_from_it(server, cache, capfd):
+    base, root = server
+    state = torch.nn.Linear(3, 2).state_dict()
+    name = serve_state(root, state, "tiny")
+    weights = weights_at(f"{base}/{name}")
+    loaded = zoo.load_state_dict("resnet18", weights)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert (cache / name).is_file()
+    assert "100%" in capfd.readouterr().err  # torch.hub's progress bar
+    (root / name).unlink()  # from now on only the cache has it
+    again = zoo.load_state_dict("resnet18", weights)
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_a_file_copied_into_the_cache_is_used_offline(tmp_path, cache):
+    state = torch.nn.Linear(4, 1).state_dict()
+    name = serve_state(tmp_path, state, "copied")
+    cache.mkdir(parents=True)
+    shutil.copy(tmp_path / name, cache / name)
+    loaded = zoo.load_state_dict("resnet18", weights_at(f"http://127.0.0.1:{closed_port()}/{name}"))
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_offline_names_the_cache_path_and_the_way_out(cache):
+    weights = weights_at(f"http://127.0.0.1:{closed_port()}/gone-0123abcd.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        zoo.load_state_dict("resnet18", weights)
+    message = str(error.value)
+    assert "cannot download" in message and "(offline?)" in message and "--weights FILE" in message
+    assert str(cache / "gone-0123abcd.pth") in message
+    assert not list(cache.glob("*"))  # nothing half-written is left behind
+
+
+def test_the_release_weights_are_the_default(cache, monkeypatch, tmp_path):
+    """load_architecture and the class_* commands ask for IMAGENET1K_V1, as pretrained=True does."""
+    asked = []
+    dead = f"http://127.0.0.1:{closed_port()}/w-0123abcd.pth"
+    monkeypatch.setattr(zoo, "_weights_enum", lambda arch, name: asked.append((arch, name)) or weights_at(dead))
+    with pytest.raises(FileNotFoundError, match="cannot download"):
+        caffast.load_architecture("resnet50")
+    assert asked == [("resnet50", "IMAGENET1K_V1")]
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["class_oblivious", "--input_img", str(image), "--arch", "googlenet"]) == 2
+    assert asked[-1] == ("googlenet", "IMAGENET1K_V1")
+
+
+def test_class_oblivious_downloads_the_weights_it_needs(server, cache, monkeypatch, tmp_path, capsys):
+    base, root = server
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5()
+    name = serve_state(root, model.state_dict(), "shufflenet")
+    monkeypatch.setattr(zoo, "_weights_enum", lambda arch, weights_name: weights_at(f"{base}/{name}"))
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(image)
+    out = tmp_path / "out"
+    argv = ["class_oblivious", "--input_img", str(image), "--arch", "shufflenet_v2_x0_5", "--max_iter", "3",
+            "--output_dir", str(out)]
+    assert main(argv) == 0
+    assert (cache / name).is_file() and (out / "photo_cls_oblivious_shufflenet_v2_x0_5.png").is_file()
+    (root / name).unlink()
+    assert main(argv) == 0  # the second run reads the cache
+    capsys.readouterr()
+    monkeypatch.setattr(zoo, "_weights_enum", lambda arch, weights_name: weights_at(f"{base}/missing-0123abcd.pth"))
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "L2-CAF:" not in line]  # the log goes there too
+    assert len(errors) == 1 and errors[0].startswith("caffast: error: cannot download") and "--weights FILE" in errors[0]

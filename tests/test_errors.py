@@ -46,7 +46,9 @@ def test_target_out_of_range(model, images, targets):
 
 def test_targets_tensor_of_wrong_shape(model, images):
     with pytest.raises(ValueError, match=r"shape \(N, T\)"):
-        caffast.explain(model, images, "layer4", mode="specific", targets=torch.tensor([1, 2]), max_iter=2)
+        caffast.explain(model, images, "layer4", mode="specific", targets=torch.ones(2, 1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"one class per image: 3 labels for 2 images"):
+        caffast.explain(model, images, "layer4", mode="specific", targets=torch.tensor([1, 2, 3]))
 
 
 def test_targets_with_class_oblivious(model, images):
@@ -141,9 +143,9 @@ def test_output_that_is_not_a_tensor(images):
 
         def forward(self, x):
             y = self.conv(x)
-            return {"logits": y.mean(dim=(2, 3))}
+            return {"total": y.mean()}  # not one row per image
 
-    with pytest.raises(ValueError, match="returns a dict.*wrap the model"):
+    with pytest.raises(ValueError, match=r"returns \(\); .*one row per image.*wrap the model"):
         caffast.explain(Pair(), images, "conv")
 
 

@@ -59,11 +59,11 @@ def test_plans_are_reused_until_a_submodule_is_replaced():
     model = Plain().eval()
     images = torch.randn(2, 3, 20, 20)
     split(model, "body", images)
-    first = _PLANS[model]["body"][1]
+    first = _PLANS[model]["body"].plan
     split(model, "body", images)
-    assert _PLANS[model]["body"][1] is first
+    assert _PLANS[model]["body"].plan is first
     model.fc = torch.nn.Linear(8, 4)
     capture, tail = split(model, "body", images)
-    assert _PLANS[model]["body"][1] is not first
+    assert _PLANS[model]["body"].plan is not first
     torch.testing.assert_close(capture.output, model(images).detach())
     torch.testing.assert_close(tail(capture.features, torch.arange(2)), model(images).detach())

@@ -10,6 +10,7 @@ forward hook substituting the filtered map for the layer's output.
 from __future__ import annotations
 
 import difflib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -18,6 +19,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as module_hooks
+
+from .layouts import Layout, ReshapeTransform, resolve_layout
+from .outputs import describe, leaves, map_tensors, normalize_output, primary_output
 
 Layer = Union[str, nn.Module]
 
@@ -32,6 +36,35 @@ def hooks_of(module: nn.Module) -> tuple[int, ...]:
 def global_hooks() -> bool:
     """Whether module hooks registered for every module (register_module_forward_hook, ...) exist."""
     return any(getattr(module_hooks, f"_global{name}", None) for name in _HOOK_DICTS)
+
+
+class SlowTailWarning(UserWarning):
+    """The tail reruns the whole model in every evaluation (torch.fx could not split it)."""
+
+
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model inside DataParallel, DistributedDataParallel and torch.compile wrappers, and the
+    attribute names passed through ("module", "_orig_mod")."""
+    passed = []
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model, attribute = model.module, "module"
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model, attribute = model._orig_mod, "_orig_mod"
+        else:
+            return model, passed
+        passed.append(attribute)
+
+
+def _inner_name(layer: str, passed: list[str]) -> str:
+    """A layer name given from outside the wrappers ("module.layer4") as the inner model's ("layer4")."""
+    for attribute in passed:
+        if layer.startswith(attribute + "."):
+            layer = layer[len(attribute) + 1 :]
+    return layer
 
 
 def resolve_layer(model: nn.Module, layer: Layer) -> tuple[str, nn.Module]:
@@ -60,7 +93,8 @@ class Capture:
     """The unfiltered forward: the breakpoint's feature map and the model's output."""
 
     features: torch.Tensor
-    output: torch.Tensor
+    output: Any
+    layout: Optional[Layout] = None
 
 
 class Tail:
@@ -81,24 +115,26 @@ def _kind_of(value: Any) -> str:
 
 
 def check_capture(name: str, features: Any, output: Any) -> Capture:
-    if not isinstance(features, torch.Tensor) or features.dim() != 4:
-        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+    if not isinstance(features, torch.Tensor):
         raise ValueError(
-            f"layer {name!r} outputs {shape}; L2-CAF needs a 4-D (N, C, H, W) feature map: pick a "
-            "convolutional layer or block"
+            f"layer {name!r} outputs a {_kind_of(features)}; L2-CAF needs a tensor feature map: pick a "
+            "convolutional or transformer block"
         )
-    if not isinstance(output, torch.Tensor):
+    raw, output = output, normalize_output(output)
+    tensors = leaves(output)
+    batch = features.shape[0] if features.dim() else 0
+    if not tensors or any(t.dim() == 0 or t.shape[0] != batch for t in tensors):
         raise ValueError(
-            f"the model returns a {_kind_of(output)}; L2-CAF needs a tensor output: wrap the model "
-            "so that it returns the logits or the embedding"
+            f"the model returns {describe(raw)}; L2-CAF needs tensors with one row per image (a tensor, "
+            "a dict or tuple of them, or an object with .logits): wrap the model to return those"
         )
     if not torch.isfinite(features).all():
         raise ValueError(
             f"the feature map of layer {name!r} holds NaN or Inf; check the input images and the weights"
         )
-    if not torch.isfinite(output).all():
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
         raise ValueError("the model output holds NaN or Inf; check the input images and the weights")
-    return Capture(features=features.detach(), output=output.detach())
+    return Capture(features=features.detach(), output=map_tensors(torch.Tensor.detach, output))
 
 
 class HookTail(Tail):
@@ -114,7 +150,7 @@ class HookTail(Tail):
     def __call__(self, filtered: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         handle = self.module.register_forward_hook(lambda _module, _inputs, _output: filtered)
         try:
-            return self.model(self.images.index_select(0, image_index))
+            return normalize_output(self.model(self.images.index_select(0, image_index)))
         finally:
             handle.remove()
 
@@ -187,16 +223,39 @@ class FxTail(Tail):
 
 
 class _BreakpointTracer(fx.Tracer):
-    """Keeps the breakpoint as one opaque call, so that its output is one node of the graph, and so
-    every module with hooks: traced through, its hooks would run once on proxies and never again."""
+    """Keeps the breakpoint, the modules in `opaque` and every module with hooks as single calls: the
+    breakpoint's output is one node of the graph, and a hooked module traced through would run its
+    hooks once on proxies and never again."""
 
-    def __init__(self, breakpoint: nn.Module):
+    def __init__(self, breakpoint: nn.Module, opaque: frozenset[int] = frozenset()):
         super().__init__()
         self.breakpoint = breakpoint
+        self.opaque = opaque
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        hooked = bool(hooks_of(module))
-        return module is self.breakpoint or hooked or super().is_leaf_module(module, qualified_name)
+        opaque = module is self.breakpoint or id(module) in self.opaque or bool(hooks_of(module))
+        return opaque or super().is_leaf_module(module, qualified_name)
+
+
+def _untraceable_parts(model: nn.Module, breakpoint: nn.Module) -> frozenset[int]:
+    """The modules outside the path to the breakpoint that fx cannot trace on their own (by id)."""
+    ancestors = {id(m) for m in model.modules() if any(sub is breakpoint for sub in m.modules())}
+    parts: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is breakpoint:
+                continue
+            if id(child) in ancestors:
+                visit(child)
+                continue
+            try:
+                fx.Tracer().trace(child)
+            except Exception:
+                parts.add(id(child))
+
+    visit(model)
+    return frozenset(parts)
 
 
 class _Untraceable(Exception):
@@ -214,8 +273,12 @@ def _descendants(graph: fx.Graph, roots: set[fx.Node]) -> set[fx.Node]:
 def _trace(model: nn.Module, name: str, module: nn.Module) -> tuple[fx.GraphModule, fx.Node]:
     try:
         graph = _BreakpointTracer(module).trace(model)
-    except Exception as error:  # any failure to trace means: use the hook tail
-        raise _Untraceable(f"torch.fx could not trace the model: {error}") from error
+    except Exception as error:
+        try:  # again, with the parts that fx cannot trace as single calls
+            graph = _BreakpointTracer(module, _untraceable_parts(model, module)).trace(model)
+        except Exception:  # any failure to trace means: use the hook tail
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            raise _Untraceable(f"torch.fx could not trace the model: {first_line}") from error
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(calls) != 1:
         raise _Untraceable(f"layer {name!r} appears {len(calls)} times in the traced graph")
@@ -245,7 +308,9 @@ def _tail_graph(root: fx.GraphModule, breakpoint: fx.Node) -> tuple[fx.GraphModu
         if node.op == "output":
             if node not in after_breakpoint:
                 raise ValueError("the model output does not depend on the chosen layer; pick a layer before the output")
-            tail.output(fx.graph.map_arg(node.args[0], lambda n: env[n]))
+            result = node.args[0]
+            chosen = primary_output(result, fx.Node)
+            tail.output(fx.graph.map_arg(result if chosen is None else chosen, lambda n: env[n]))
         elif node not in depends_on_input or node in after_breakpoint:
             env[node] = tail.node_copy(node, lambda n: env[n])
     tail_module = fx.GraphModule(root, tail)
@@ -259,7 +324,8 @@ def _capture_module(root: fx.GraphModule, breakpoint: fx.Node, captured: list[fx
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(root.graph, env)
-    graph.output((env[breakpoint], tuple(env[node] for node in captured), output))
+    chosen = primary_output(output, fx.Node)
+    graph.output((env[breakpoint], tuple(env[node] for node in captured), output if chosen is None else chosen))
     return fx.GraphModule(root, graph)
 
 
@@ -271,28 +337,51 @@ class _Plan:
     tail: fx.GraphModule
 
 
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], Optional[_Plan]]]]"
-_PLANS = weakref.WeakKeyDictionary()
+@dataclass
+class _Entry:
+    """A cached plan (None: fx cannot split the model there) and whether the slow tail was announced."""
+
+    signature: tuple[int, ...]
+    plan: Optional[_Plan]
+    reason: str = ""
+    warned: bool = False
 
 
-def _plan(model: nn.Module, name: str, module: nn.Module) -> Optional[_Plan]:
-    """The fx plan for `name`, or None when the model cannot be split with fx (use the hook tail).
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[str, _Entry]]" = weakref.WeakKeyDictionary()
+
+
+def _entry(model: nn.Module, name: str, module: nn.Module) -> _Entry:
+    """The fx plan for `name` (None when the model cannot be split with fx: the hook tail runs).
 
     Tracing costs about as much as a forward pass, so plans are cached per model; the cache entry
     is dropped when any submodule of the model is replaced or a hook is added or removed.
     """
-    signature = tuple((id(module), hooks_of(module)) for module in model.modules())
+    signature = (global_hooks(), *((id(module), hooks_of(module)) for module in model.modules()))
     plans = _PLANS.setdefault(model, {})
-    if name in plans and plans[name][0] == signature:
-        return plans[name][1]
+    if name in plans and plans[name].signature == signature:
+        return plans[name]
+    if hooks_of(model) or global_hooks():
+        plans[name] = _Entry(signature, None, "hooks on the model itself, or on every module, run only in its own call")
+        return plans[name]
     try:
         root, breakpoint = _trace(model, name, module)
         tail_module, captured = _tail_graph(root, breakpoint)
-        plan: Optional[_Plan] = _Plan(_capture_module(root, breakpoint, captured), tail_module)
-    except _Untraceable:
-        plan = None
-    plans[name] = (signature, plan)
-    return plan
+        entry = _Entry(signature, _Plan(_capture_module(root, breakpoint, captured), tail_module))
+    except _Untraceable as reason:
+        entry = _Entry(signature, None, str(reason))
+    plans[name] = entry
+    return entry
+
+
+def _same_output(replay: Any, output: Any) -> bool:
+    first, second = leaves(replay), leaves(output)
+    if len(first) != len(second) or any(a.shape != b.shape for a, b in zip(first, second)):
+        return False
+    for a, b in zip(first, second):
+        scale = b.abs().max().clamp_min(1.0) if b.numel() and b.is_floating_point() else 1.0
+        if b.numel() and (a.double() - b.double()).abs().max() > 1e-4 * scale:
+            return False
+    return True
 
 
 def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, FxTail]:
@@ -305,20 +394,42 @@ def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, Fx
     tail = FxTail(plan.tail, [value.detach() for value in captured])
     with torch.no_grad():
         replay = tail(capture.features.clone(), torch.arange(batch, device=images.device))
-    scale = capture.output.abs().max().clamp_min(1.0)
-    if replay.shape != capture.output.shape or (replay - capture.output).abs().max() > 1e-4 * scale:
+    if not _same_output(replay, capture.output):
         raise _Untraceable("the extracted tail does not reproduce the model output")
     return capture, tail
 
 
-def split(model: nn.Module, layer: Layer, images: torch.Tensor) -> tuple[Capture, Tail]:
-    """Capture A and NT for `images` and build the tail after `layer` (an fx graph when possible)."""
-    name, module = resolve_layer(model, layer)
-    plan = None if hooks_of(model) or global_hooks() else _plan(model, name, module)
-    if plan is not None:
-        try:
-            return _fx_split(plan, name, images)
-        except _Untraceable:
-            pass
-    return capture_with_hook(model, name, module, images), HookTail(model, module, images)
+def split(
+    model: nn.Module,
+    layer: Layer,
+    images: torch.Tensor,
+    layout: Optional[str] = None,
+    reshape_transform: Optional[ReshapeTransform] = None,
+) -> tuple[Capture, Tail]:
+    """Capture A and NT for `images` and build the tail after `layer` (an fx graph when possible).
 
+    The capture's layout says where the grid lies in A (caffast.core.layouts).
+    """
+    model, passed = unwrap(model)
+    name, module = resolve_layer(model, _inner_name(layer, passed) if isinstance(layer, str) else layer)
+    entry = _entry(model, name, module)
+    split_at: Optional[tuple[Capture, Tail]] = None
+    if entry.plan is not None:
+        try:
+            split_at = _fx_split(entry.plan, name, images)
+        except _Untraceable as reason:
+            entry.reason = str(reason)
+    if split_at is None:
+        if not entry.warned:
+            entry.warned = True
+            warnings.warn(
+                f"{type(model).__name__} cannot be split at {name!r} with torch.fx ({entry.reason}); every "
+                "evaluation reruns the whole model, which is much slower",
+                SlowTailWarning,
+                stacklevel=3,
+            )
+        split_at = capture_with_hook(model, name, module, images), HookTail(model, module, images)
+    capture, tail = split_at
+    image = (images.shape[-2], images.shape[-1])
+    capture.layout = resolve_layout(name, capture.features, image, model, module, layout, reshape_transform)
+    return capture, tail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ..backends import filter_multiply, resolve_backend
 from ..backends.torch.autograd import AutogradProblem
 from ..core.breakpoints import Layer, resolve_layer, split
+from ..core.layouts import ReshapeTransform
 from ..core.choices import check_choice
 from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
 from ..core.exact import stationarity
@@ -20,9 +22,10 @@ from ..core.folds import fold_prefix
 from ..core.guard import frozen
 from ..core.heads import FusedProblem, detect_head, precompute
 from ..core.loop import LoopSettings
-from ..core.losses import MODES, Objective, UserObjective, class_signs
+from ..core.losses import MODES, Objective, UserObjective, as_dtype, class_signs
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
-from .inputs import Targets, check_images, check_settings, model_device, resolve_targets
+from ..core.outputs import primary_output, select_rows
+from .inputs import Targets, check_images, check_settings, model_device, target_table
 from .solvers import SOLVERS, SolverSettings, optimize
 
 @dataclass
@@ -40,7 +43,8 @@ class Explanation:
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
     tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
     form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran;
-    history: (iteration, maps) at every check when explain(history=True).
+    history: (iteration, maps) at every check when explain(history=True); features: the breakpoint's
+    map A as an (N, C, H, W) grid, whatever the layer's layout.
     """
 
     filters: torch.Tensor
@@ -61,6 +65,7 @@ class Explanation:
     path: str
     backend: str
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    features: Optional[torch.Tensor] = None
 
     def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
         """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
@@ -84,6 +89,11 @@ def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) 
     if mode == "oblivious":
         return lambda p: f"(image {int(image_index[p])})"
     return lambda p: f"(image {int(image_index[p])}, target {int(classes[p])})"
+
+
+def _multiply_in_layout(layout, constraint, grid, values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The filter applied where the grid lies in a channels-last or token layout."""
+    return layout.apply(values, constraint.multiplier(params, grid)).to(values.dtype)
 
 
 def explain(
@@ -110,6 +120,8 @@ def explain(
     tolerance: float = 1e-8,
     max_evaluations: int = 30,
     cuda_graphs: bool = True,
+    layout: Optional[str] = None,
+    reshape_transform: Optional[ReshapeTransform] = None,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
@@ -131,6 +143,9 @@ def explain(
     (caffast.backends.torch.graphs); `cuda_graphs=False` evaluates eagerly.
     A loss or filter that stops being finite raises caffast.NonFiniteError naming the problem and the
     cause (caffast.core.finite).
+    `layout` ("nchw", "nhwc", "tokens") says where the grid lies in the layer's output where it cannot
+    be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
+    defines it instead (caffast.core.layouts).
     """
     check_choice("mode", mode, MODES)
     constraint = as_constraint(constraint)
@@ -153,27 +168,34 @@ def explain(
 
     with frozen(model):
         images = images.to(device)
-        capture, tail = split(model, layer, images)
-        targets = resolve_targets(mode, targets, capture.output)
+        capture, tail = split(model, layer, images, layout, reshape_transform)
+        table = target_table(mode, targets, capture.output)
+        targets = table.classes
         batch, per_image = targets.shape
         image_index = torch.arange(batch, device=device).repeat_interleave(per_image)
-        features = capture.features
-        grid = (features.shape[2], features.shape[3])
+        features, grid_layout = capture.features, capture.layout
+        grid = grid_layout.grid
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
         settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history, end_lr=end_lr)
-        reference = capture.output.to(dtype).index_select(0, image_index)
-        signs = class_signs(targets.flatten(), reference.shape[1], dtype) if mode == "specific" else None
-        head = detect_head(tail, grid) if fused and objective is None else None
+        reference = select_rows(as_dtype(capture.output, dtype), image_index)
+        signs = None
+        if mode == "specific" and (targets >= 0).any():
+            signs = class_signs(targets.flatten(), primary_output(reference).shape[1], dtype)
+        # the fused algebra holds for class targets on a channels-first map
+        plain = objective is None and table.scores is None and grid_layout.channels_first
+        head = detect_head(tail, grid) if fused and plain else None
         initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
         fused_head = None if head is None else precompute(head, features, image_index, mode, signs)
         if fused_head is not None:
             problem = FusedProblem(fused_head, constraint)
         else:
-            loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective)
+            loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective, scores=table.scores)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
-            folded = fold_prefix(tail, features) if fused else None
+            if not grid_layout.channels_first:
+                multiply = functools.partial(_multiply_in_layout, grid_layout, constraint, grid)
+            folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
         suspects = Suspects(_problem_names(mode, image_index, targets), lr, resolve_layer(model, layer)[0], features,
@@ -215,4 +237,5 @@ def explain(
         path="generic" if head is None else "fused",
         backend=backend,
         history=[(step, final_maps(values)) for step, values in solution.history],
+        features=grid_layout.to_grid(features),
     )

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-Targets = Union[None, int, Sequence[int], torch.Tensor]
+from ..core.losses import Score
+from ..core.outputs import describe, leaves, primary_output
+
+Target = Union[int, Score]
+Targets = Union[None, Target, Sequence[Target], Sequence[Sequence[Target]], torch.Tensor, np.ndarray]
 
 MAX_COUNT = 2**63 - 1  # iterations are counted in int64, by the compiled solvers too
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -92,41 +97,133 @@ def check_settings(
     return Settings(max_iter, lr, min_error, check_every, tolerance, seed)
 
 
-def resolve_targets(mode: str, targets: Targets, output: torch.Tensor) -> torch.Tensor:
-    """(N, T) class indices: the top-1 class when none are given."""
-    batch = output.shape[0]
+class TargetTable(NamedTuple):
+    """The problems of each image: `classes` (N, T), -1 where a callable scores the problem, and
+    `scores` (N * T, row-major) the callables, None where every target is a class."""
+
+    classes: torch.Tensor
+    scores: Optional[list[Optional[Score]]]
+
+
+def resolve_targets(mode: str, targets: Targets, output: Any) -> torch.Tensor:
+    """(N, T) class indices: the top-1 class when none are given (class targets only)."""
+    table = target_table(mode, targets, output)
+    if table.scores is not None:
+        raise ValueError("these targets are callables; here only class indices are accepted")
+    return table.classes
+
+
+def target_table(mode: str, targets: Targets, output: Any) -> TargetTable:
+    """Every form of targets as one table.
+
+    None: the top-1 class of each image.  An int or a callable: that target for every image.  A list
+    of them: each for every image.  A list of N per-image lists, or an (N, T) tensor or array: each
+    image's own.  A 1-D tensor or array of N labels: one class per image.  A callable takes one
+    image's model output and returns the score to raise (pytorch-grad-cam's targets); its
+    ClassifierOutputTarget(c) is the class c, with the class-specific loss of the release.
+    """
+    scores = primary_output(output)
+    batch = leaves(output)[0].shape[0]
+    ranked = scores if scores is not None and scores.dim() == 2 else None
     if mode == "oblivious":
         if targets is not None:
             raise ValueError("targets apply to mode='specific'; class-oblivious explains the whole output")
-        if output.dim() == 2:
-            return output.argmax(dim=1, keepdim=True)
-        return torch.full((batch, 1), -1, dtype=torch.long, device=output.device)
-    if output.dim() != 2:
-        raise ValueError(
-            f"mode='specific' needs class scores of shape (N, K); the model outputs {tuple(output.shape)}: "
-            "use mode='oblivious' for other outputs"
-        )
-    classes = output.shape[1]
-    if isinstance(targets, bool) or (isinstance(targets, torch.Tensor) and targets.dtype == torch.bool):
-        got = repr(targets) if isinstance(targets, bool) else "a torch.bool tensor"
-        raise ValueError(f"targets must be class indices, not booleans; got {got}")
+        if ranked is not None:
+            return TargetTable(ranked.argmax(dim=1, keepdim=True), None)
+        return TargetTable(torch.full((batch, 1), -1, dtype=torch.long, device=ranked_device(output)), None)
     if targets is None:
-        resolved = output.argmax(dim=1, keepdim=True)
-    elif isinstance(targets, int):
-        resolved = torch.full((batch, 1), targets, dtype=torch.long)
-    elif isinstance(targets, torch.Tensor):
-        if targets.dim() != 2 or targets.shape[0] != batch or targets.dtype.is_floating_point:
+        if ranked is None:
             raise ValueError(
-                f"a targets tensor must be integer with shape (N, T) = ({batch}, T); got {targets.dtype} "
-                f"{tuple(targets.shape)} (for one class per image use targets.view(-1, 1))"
+                f"mode='specific' without targets explains each image's top class, which needs class scores of "
+                f"shape (N, K); the model outputs {describe(output)}: pass targets (callables that score one "
+                "image's output, such as pytorch-grad-cam's SemanticSegmentationTarget), or use mode='oblivious'"
             )
-        resolved = targets.long()
+        return TargetTable(ranked.argmax(dim=1, keepdim=True), None)
+    rows = _target_rows(targets, batch)
+    indices = [t for row in rows for t in row if isinstance(t, int)]
+    classes = torch.tensor([[t if isinstance(t, int) else -1 for t in row] for row in rows], dtype=torch.long)
+    classes = classes.to(ranked_device(output))
+    if indices:
+        if ranked is None:
+            raise ValueError(
+                f"class targets need class scores of shape (N, K); the model outputs {describe(output)}: pass "
+                "callables that score one image's output instead"
+            )
+        count = ranked.shape[1]
+        if min(indices) < 0 or max(indices) >= count:
+            raise ValueError(f"targets must be class indices in [0, {count}); got {classes.tolist()}")
+    callables = [t if callable(t) else None for row in rows for t in row]
+    return TargetTable(classes, callables if any(c is not None for c in callables) else None)
+
+
+def ranked_device(output: Any) -> torch.device:
+    return leaves(output)[0].device
+
+
+_FORMS = (
+    "targets must be None, a class index (an int, or an object with an integer `category` such as "
+    "ClassifierOutputTarget), a callable target, a list of those (each for every image), a list of "
+    "per-image lists, an (N, T) integer tensor or array, or a 1-D one of N labels (one class per image)"
+)
+
+
+def _target(value: Any) -> Union[int, Score]:
+    """One target: a class index or a callable."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item() if isinstance(value, torch.Tensor) else value[()]
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"a target is the boolean {value!r}; pass class indices (integers) or callables")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        raise TypeError(f"a target is the float {value!r}; class indices are integers (use int(...) or .long())")
+    category = getattr(value, "category", None)
+    is_class = type(value).__name__ == "ClassifierOutputTarget" or not callable(value)
+    if is_class and isinstance(category, (int, np.integer)) and not isinstance(category, (bool, np.bool_)):
+        return int(category)
+    if callable(value):
+        return value
+    raise TypeError(f"{_FORMS}; got a {type(value).__name__}")
+
+
+def _array_rows(targets: Union[torch.Tensor, np.ndarray], batch: int) -> list[list[Union[int, Score]]]:
+    dtype = str(targets.dtype)
+    if "bool" in dtype:
+        raise TypeError("targets are booleans; pass class indices (integers), e.g. mask.nonzero()")
+    if "float" in dtype or "complex" in dtype:
+        raise TypeError(f"targets are {dtype}; class indices are integers (use .long() or .astype(int))")
+    values = targets.tolist()
+    if targets.ndim == 1:
+        if len(values) != batch:
+            raise ValueError(
+                f"a 1-D targets tensor or array gives one class per image: {len(values)} labels for {batch} images; "
+                "for the same classes for every image pass a list"
+            )
+        return [[_target(v)] for v in values]
+    if targets.ndim != 2 or len(values) != batch:
+        raise ValueError(f"an integer targets tensor or array must have shape (N, T) = ({batch}, T); got {tuple(targets.shape)}")
+    return [[_target(v) for v in row] for row in values]
+
+
+def _target_rows(targets: Targets, batch: int) -> list[list[Union[int, Score]]]:
+    """The targets of each image, N rows of T."""
+    if isinstance(targets, (torch.Tensor, np.ndarray)) and targets.ndim > 0:
+        rows = _array_rows(targets, batch)
+    elif isinstance(targets, (list, tuple)):
+        nested = [isinstance(t, (list, tuple)) or (isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim > 0) for t in targets]
+        if not targets:
+            raise ValueError(f"targets is empty; {_FORMS}")
+        if any(nested) and not all(nested):
+            raise ValueError(f"targets mixes lists and single targets; {_FORMS}")
+        if all(nested):
+            if len(targets) != batch:
+                raise ValueError(f"{len(targets)} per-image target lists for {batch} images; pass one list per image")
+            rows = [[_target(t) for t in row] for row in targets]
+        else:
+            rows = [[_target(t) for t in targets]] * batch
     else:
-        classes_each = list(targets)
-        if not classes_each or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes_each):
-            raise ValueError(f"targets must be None, an int, a list of ints or an (N, T) tensor; got {targets!r}")
-        resolved = torch.tensor(classes_each, dtype=torch.long).repeat(batch, 1)
-    resolved = resolved.to(output.device)
-    if resolved.numel() == 0 or resolved.min() < 0 or resolved.max() >= classes:
-        raise ValueError(f"targets must be class indices in [0, {classes}); got {resolved.tolist()}")
-    return resolved
+        rows = [[_target(targets)]] * batch
+    counts = {len(row) for row in rows}
+    if 0 in counts or len(counts) != 1:
+        raise ValueError(f"every image needs the same number of targets (at least one); got {[len(r) for r in rows]}")
+    return rows

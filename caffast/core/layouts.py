@@ -1,0 +1,207 @@
+"""Where the spatial grid lies in a breakpoint's output, so that the filter multiplies the right cells.
+
+Convolutional layers give (N, C, H, W).  Transformers give channels-last maps (N, H, W, C)
+(torchvision's swin_t, timm's Swin) or tokens (N, L, C) with prefix tokens (a class token) before
+the H * W patch tokens (ViT).  A layout turns the layer's output into an (N, C, H, W) grid for the
+filter; the filter multiplies the patch cells where they lie, prefix tokens stay as they are, and the
+tail sees the layer's own layout.  pytorch-grad-cam's `reshape_transform` defines a layout too: any
+function that only selects and rearranges elements (slicing, reshape, permute) does.
+
+A 4-D shape is read as channels-first or channels-last only where one reading fits the image (a
+(N, 7, 7, 768) map of a 224 x 224 image cannot be a 7 x 768 grid), or, where both fit, where the
+layer's last module says so (a convolution: channels-first; a Linear or LayerNorm: channels-last);
+otherwise the layout must be given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .choices import check_choice
+
+LAYOUTS = ("nchw", "nhwc", "tokens")
+
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+Grid = tuple[int, int]
+
+
+@dataclass
+class Layout:
+    """How the grid sits in a layer's output of one image.
+
+    `positions` (the output's per-image shape) holds, for every element, 0 where the filter leaves it
+    alone (a prefix token) and 1 + h * W + w where cell (h, w) multiplies it; None for channels-first,
+    where the filter simply broadcasts over channels.
+    """
+
+    name: str
+    grid: Grid
+    to_grid: Callable[[torch.Tensor], torch.Tensor]
+    positions: Optional[torch.Tensor] = None
+
+    @property
+    def channels_first(self) -> bool:
+        return self.positions is None
+
+    def apply(self, features: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+        """`features` (P, ...) in the layer's layout times the filters `multiplier` (P, H, W)."""
+        if self.positions is None:
+            return features * multiplier[:, None]
+        cells = multiplier.flatten(1)
+        extended = torch.cat([torch.ones_like(cells[:, :1]), cells], dim=1)
+        return features * extended[:, self.positions.to(features.device)]
+
+
+def _nchw(features: torch.Tensor) -> Layout:
+    return Layout("nchw", (features.shape[2], features.shape[3]), lambda x: x)
+
+
+def _nhwc(features: torch.Tensor) -> Layout:
+    return _probed("nhwc", features, lambda x: x.permute(0, 3, 1, 2))
+
+
+def _tokens(features: torch.Tensor, prefix: int, grid: Grid) -> Layout:
+    height, width = grid
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:
+        return x[:, prefix:].reshape(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+
+    return _probed("tokens", features, to_grid)
+
+
+def _probed(name: str, features: torch.Tensor, to_grid: Callable[[torch.Tensor], torch.Tensor]) -> Layout:
+    """The layout of a gather: `to_grid` applied to the elements' own indices says which cell each
+    element lands in."""
+    shape = tuple(features.shape[1:])
+    count = math.prod(shape)
+    probe = torch.arange(1, count + 1, dtype=torch.float64).view(1, *shape)
+    explanation = (
+        "reshape_transform must only select and rearrange the layer's elements (slicing, reshape, "
+        "permute, transpose), as pytorch-grad-cam's ViT and Swin transforms do, and return (N, C, H, W)"
+    )
+    try:
+        grid = to_grid(probe)
+    except Exception as error:
+        raise ValueError(f"{explanation}; on the layer's output {tuple(features.shape)} it raised: {error}") from error
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 4 or grid.shape[0] != 1:
+        got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(f"{explanation}; it returned {got} for one image")
+    values = grid.flatten()
+    if grid.dtype != torch.float64 or (values != values.round()).any() or values.min() < 1 or values.max() > count \
+            or values.unique().numel() != values.numel():  # fmt: skip
+        raise ValueError(f"{explanation}; it changed or repeated the values")
+    _, channels, height, width = grid.shape
+    cells = torch.arange(height * width).repeat(channels)
+    positions = torch.zeros(count, dtype=torch.long)
+    positions[values.long() - 1] = 1 + cells
+    return Layout(name, (height, width), to_grid, positions.view(shape))
+
+
+def _fits(grid: Grid, image: Grid) -> bool:
+    """Whether a (h, w) grid can be the image seen at one stride s >= 1 (within rounding)."""
+    low, high = 1.0, math.inf
+    for cells, pixels in zip(grid, image):
+        slack = 1 + 0.1 * cells
+        low = max(low, pixels / (cells + slack))
+        if cells > slack:
+            high = min(high, pixels / (cells - slack))
+    return low <= high and all(cells <= pixels for cells, pixels in zip(grid, image))
+
+
+def _leaf_says(module: nn.Module, channels_last_size: int) -> Optional[str]:
+    """What the layer's last layout-bearing module implies: "nchw", "nhwc" or None (undecided)."""
+    for leaf in reversed([m for m in module.modules() if not list(m.children())]):
+        if isinstance(leaf, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.GroupNorm, nn.MaxPool2d,
+                             nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)):
+            return "nchw"
+        if isinstance(leaf, nn.Linear) and leaf.out_features == channels_last_size:
+            return "nhwc"
+        if isinstance(leaf, nn.LayerNorm) and tuple(leaf.normalized_shape) == (channels_last_size,):
+            return "nhwc"
+        dims = getattr(leaf, "dims", None)
+        if type(leaf).__name__ == "Permute" and dims is not None:
+            return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(dims))
+    return None
+
+
+def _prefix_tokens(model: nn.Module) -> Optional[int]:
+    """The number of tokens before the patch tokens, where the model says: timm's
+    `num_prefix_tokens`, torchvision's VisionTransformer (a class token), timm's Swin (none)."""
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if isinstance(prefix, int):
+        return prefix
+    if type(model).__name__ == "VisionTransformer" and isinstance(getattr(model, "class_token", None), torch.Tensor):
+        return 1
+    if getattr(model, "output_fmt", None) == "NHWC" or type(model).__name__ == "SwinTransformer":
+        return 0
+    return None
+
+
+def _token_grids(tokens: int, prefixes: list[int], image: Grid) -> list[tuple[int, Grid]]:
+    found = []
+    for prefix in prefixes:
+        patches = tokens - prefix
+        for height in range(1, patches + 1):
+            if patches % height == 0 and _fits((height, patches // height), image):
+                found.append((prefix, (height, patches // height)))
+    return found
+
+
+def resolve_layout(
+    name: str,
+    features: torch.Tensor,
+    image: Grid,
+    model: nn.Module,
+    module: nn.Module,
+    layout: Optional[str] = None,
+    reshape_transform: Optional[ReshapeTransform] = None,
+) -> Layout:
+    """The layout of layer `name`'s output `features` for images of size `image` (H, W)."""
+    shape = tuple(features.shape)
+    if reshape_transform is not None:
+        if layout is not None:
+            raise ValueError("pass either layout= or reshape_transform=, not both: the transform defines the layout")
+        return _probed("reshape_transform", features, reshape_transform)
+    if layout is not None:
+        check_choice("layout", layout, LAYOUTS)
+    if features.dim() == 4:
+        if layout == "tokens":
+            raise ValueError(f"layout='tokens' needs an (N, L, C) output; layer {name!r} outputs {shape}")
+        if layout is not None:
+            return _nchw(features) if layout == "nchw" else _nhwc(features)
+        readings = [kind for kind, grid in (("nchw", shape[2:]), ("nhwc", shape[1:3])) if _fits(grid, image)]
+        if len(readings) != 1:
+            said = _leaf_says(module, shape[3])
+            readings = [said] if said is not None else readings
+        if len(readings) == 1:
+            return _nchw(features) if readings[0] == "nchw" else _nhwc(features)
+        raise ValueError(
+            f"layer {name!r} outputs {shape} for {image[0]} x {image[1]} images: it cannot be told whether "
+            "channels come first (N, C, H, W) or last (N, H, W, C); pass layout='nchw' or layout='nhwc'"
+        )
+    if features.dim() == 3:
+        if layout in ("nchw", "nhwc"):
+            raise ValueError(f"layout={layout!r} needs a 4-D output; layer {name!r} outputs tokens {shape}")
+        known = _prefix_tokens(model)
+        if known is None and layout is None:
+            raise ValueError(
+                f"layer {name!r} outputs {shape}; if these are (N, L, C) tokens pass layout='tokens' (a class "
+                "token first is found from the count), or reshape_transform= for any other arrangement"
+            )
+        grids = _token_grids(shape[1], [known] if known is not None else [0, 1], image)
+        if len(grids) != 1:
+            raise ValueError(
+                f"layer {name!r} outputs {shape[1]} tokens for {image[0]} x {image[1]} images: they fit "
+                f"{len(grids)} grids {[g for _, g in grids]}; pass reshape_transform= to say how they lie"
+            )
+        prefix, grid = grids[0]
+        return _tokens(features, prefix, grid)
+    raise ValueError(
+        f"layer {name!r} outputs {shape}; L2-CAF needs a grid: a 4-D (N, C, H, W) or (N, H, W, C) feature map or "
+        "(N, L, C) tokens: pick a convolutional or transformer block, or pass reshape_transform="
+    )

@@ -117,10 +117,15 @@ def explain_rows(cases: dict[str, tuple[str, str]], batches: tuple[int, ...], so
 
     rows, baseline_name = [], "Grad-CAM"
     images = torch.randn(max(batches), 3, 224, 224, generator=torch.Generator().manual_seed(1)).cuda()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from test_breakpoints import build_model
+
     for case, (arch, layer) in cases.items():
-        torch.manual_seed(0)
-        extra = dict(aux_logits=False, init_weights=True) if arch == "googlenet" else {}
-        model = torchvision.models.get_model(arch, **extra).eval().cuda()
+        if arch == "googlenet":
+            torch.manual_seed(0)
+            model = torchvision.models.googlenet(aux_logits=False, init_weights=True).eval().cuda()
+        else:
+            model = build_model(arch, torch.device("cuda"))
         for batch in batches:
             x = images[:batch]
             baseline_name, gradcam = time_grad_cam(model, layer, x, repeats)

@@ -36,14 +36,30 @@ ONCE = dict(rounds=1, iterations=1, warmup_rounds=0)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def build_model(arch: str, device: torch.device = DEVICE) -> torch.nn.Module:
+    """A random-weight model whose batch-norm statistics come from a batch of random images, so that
+    activations have unit scale as in a trained network (with the raw initialization some nets,
+    mobilenet_v3 and efficientnet among them, output about 1e-20 and every problem is void)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: one batch sets the statistics
+    if norms:
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(3)))
+    return model.eval().to(device)
+
+
 @pytest.fixture(scope="module")
 def models():
     cache = {}
 
     def get(arch: str) -> torch.nn.Module:
         if arch not in cache:
-            torch.manual_seed(0)
-            cache[arch] = torchvision.models.get_model(arch).eval().to(DEVICE)
+            cache[arch] = build_model(arch)
         return cache[arch]
 
     return get

@@ -8,11 +8,10 @@ Groups are "<model>-<layer>-P<problems>-evaluation"; "fold once" is the one-time
 
 import pytest
 import torch
-import torchvision
 
 from caffast.core.breakpoints import split
 from caffast.core.folds import fold_tail
-from test_breakpoints import BREAKPOINTS
+from test_breakpoints import BREAKPOINTS, build_model
 
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=2)
 
@@ -24,8 +23,7 @@ def tails():
     def get(case):
         if case not in cache:
             arch, layer = BREAKPOINTS[case]
-            torch.manual_seed(0)
-            model = torchvision.models.get_model(arch).eval()
+            model = build_model(arch, torch.device("cpu"))
             images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 capture, tail = split(model, layer, images)

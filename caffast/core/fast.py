@@ -147,7 +147,7 @@ def fast_minimize(
         d = d * shrink[:, None]
         predicted = predicted * shrink
         # a model that predicts nothing above rounding level ends the problem
-        hopeless = predicted <= 8 * eps * fa.abs().clamp_min(1.0)
+        hopeless = predicted <= 8 * eps * fa.abs()
         if bool(hopeless.any()):
             active, xa, fa, ta, d, predicted = (
                 active[~hopeless], xa[~hopeless], fa[~hopeless], ta[~hopeless], d[~hopeless], predicted[~hopeless]

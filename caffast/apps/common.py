@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..models.zoo import build_model
+from ..models.zoo import build_model, timm_default_layer, timm_name
 from .imagefiles import IMAGENET, ImageReadError, read_image
 
 DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
@@ -61,8 +61,14 @@ def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
 
 def default_layer(arch: str) -> str:
     for family, layer in DEFAULT_LAYERS.items():
-        if arch.startswith(family):
+        if arch.startswith(family) and timm_name(arch) is None:
             return layer
+    try:
+        layer = timm_default_layer(arch)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if layer is not None:
+        return layer
     raise CliError(f"no default breakpoint for {arch!r}: pass --layer (a dotted module name)")
 
 

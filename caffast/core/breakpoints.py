@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 
 from .layouts import Layout, ReshapeTransform, resolve_layout
-from .outputs import describe, leaves, map_tensors, normalize_output, primary_output
+from .outputs import describe, leaves, map_tensors, normalize_output, primary_output, select_rows
 
 Layer = Union[str, nn.Module]
 
@@ -384,17 +384,47 @@ def _same_output(replay: Any, output: Any) -> bool:
     return True
 
 
+def _is_constant(value: Any) -> bool:
+    """A value the tail may take as a constant: sizes and numbers (the input's shape, say)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_constant(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _bake(tail: fx.GraphModule, captured: list[Any]) -> fx.GraphModule:
+    """The tail with the constant captured values written into its graph."""
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    placeholders = [n for n in tail.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders[1:], captured))
+    for node in tail.graph.nodes:
+        if node in values and _is_constant(values[node]):
+            env[node] = values[node]
+        elif node.op == "output":
+            graph.output(fx.graph.map_arg(node.args[0], lambda n: env[n]))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(tail, graph)
+
+
 def _fx_split(plan: _Plan, name: str, images: torch.Tensor) -> tuple[Capture, FxTail]:
     features, captured, output = unfiltered_forward(plan.capture, images)
     capture = check_capture(name, features, output)
     batch = images.shape[0]
-    for value in captured:
+    tensors = [value for value in captured if not _is_constant(value)]
+    for value in tensors:
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
             raise _Untraceable("the tail needs a value from before the layer that is not a per-image tensor")
-    tail = FxTail(plan.tail, [value.detach() for value in captured])
-    with torch.no_grad():
-        replay = tail(capture.features.clone(), torch.arange(batch, device=images.device))
-    if not _same_output(replay, capture.output):
+    baked = len(tensors) < len(captured)
+    tail = FxTail(_bake(plan.tail, list(captured)) if baked else plan.tail, [value.detach() for value in tensors])
+    # with constants baked in, replay twice the rows: a batch size among them would show
+    rows = torch.arange(batch, device=images.device).repeat(2 if baked else 1)
+    try:
+        with torch.no_grad():
+            replay = tail(capture.features.index_select(0, rows), rows)
+    except Exception as error:
+        raise _Untraceable(f"the extracted tail fails on other batch sizes ({error})") from error
+    if not _same_output(replay, select_rows(capture.output, rows)):
         raise _Untraceable("the extracted tail does not reproduce the model output")
     return capture, tail
 

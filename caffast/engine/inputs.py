@@ -97,6 +97,12 @@ def check_settings(
     return Settings(max_iter, lr, min_error, check_every, tolerance, seed)
 
 
+class TargetError(TypeError, ValueError):
+    """A target of the wrong kind (a bool, a float, an object that is neither a class nor a callable):
+    a TypeError by its cause and a ValueError as explain's other refused arguments, so either
+    `except` catches it."""
+
+
 class TargetTable(NamedTuple):
     """The problems of each image: `classes` (N, T), -1 where a callable scores the problem, and
     `scores` (N * T, row-major) the callables, None where every target is a class."""
@@ -172,26 +178,26 @@ def _target(value: Any) -> Union[int, Score]:
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item() if isinstance(value, torch.Tensor) else value[()]
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"a target is the boolean {value!r}; pass class indices (integers) or callables")
+        raise TargetError(f"a target is the boolean {value!r}; pass class indices (integers) or callables")
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        raise TypeError(f"a target is the float {value!r}; class indices are integers (use int(...) or .long())")
+        raise TargetError(f"a target is the float {value!r}; class indices are integers (use int(...) or .long())")
     category = getattr(value, "category", None)
     is_class = type(value).__name__ == "ClassifierOutputTarget" or not callable(value)
     if is_class and isinstance(category, (int, np.integer)) and not isinstance(category, (bool, np.bool_)):
         return int(category)
     if callable(value):
         return value
-    raise TypeError(f"{_FORMS}; got a {type(value).__name__}")
+    raise TargetError(f"{_FORMS}; got a {type(value).__name__}")
 
 
 def _array_rows(targets: Union[torch.Tensor, np.ndarray], batch: int) -> list[list[Union[int, Score]]]:
     dtype = str(targets.dtype)
     if "bool" in dtype:
-        raise TypeError("targets are booleans; pass class indices (integers), e.g. mask.nonzero()")
+        raise TargetError("targets are booleans; pass class indices (integers), e.g. mask.nonzero()")
     if "float" in dtype or "complex" in dtype:
-        raise TypeError(f"targets are {dtype}; class indices are integers (use .long() or .astype(int))")
+        raise TargetError(f"targets are {dtype}; class indices are integers (use .long() or .astype(int))")
     values = targets.tolist()
     if targets.ndim == 1:
         if len(values) != batch:

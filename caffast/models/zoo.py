@@ -1,5 +1,5 @@
 """torchvision models and their weights (local files, or torchvision's, downloaded as torchvision does),
-and the reference's `load_architecture`."""
+timm's models when timm is installed, and the reference's `load_architecture`."""
 
 from __future__ import annotations
 
@@ -62,13 +62,96 @@ def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Ten
         ) from None
 
 
+TIMM_PREFIX = "timm/"
+
+
+def _timm() -> Optional[Any]:
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def timm_name(arch: str) -> Optional[str]:
+    """The timm model name `arch` stands for: "timm/NAME" always (an error without timm), a name
+    torchvision does not know when timm knows it; None for torchvision's models."""
+    forced = arch.startswith(TIMM_PREFIX)
+    name = arch[len(TIMM_PREFIX):] if forced else arch
+    if not forced and name in torchvision.models.list_models(module=torchvision.models):
+        return None
+    timm = _timm()
+    if timm is None:
+        if forced:
+            raise ValueError(f"{arch!r} is a timm model and timm is not installed: pip install 'caffast[timm]'")
+        return None
+    if not timm.is_model(name):
+        if forced:
+            raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
+        return None
+    return name
+
+
+def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
+    """A timm model: random weights, a local state dict, or timm's pretrained weights (its default
+    tag with "DEFAULT" or "pretrained", or a tag such as "a1_in1k"), loaded as timm loads them."""
+    timm = _timm()
+    if weights is None:
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        model.load_state_dict(load_state_dict(name, weights))
+        return model.eval()
+    tag = os.fspath(weights)
+    full = name if tag in ("DEFAULT", "pretrained") or "." in name else f"{name}.{tag}"
+    try:
+        return timm.create_model(full, pretrained=True, **kwargs).eval()
+    except Exception as error:
+        raise FileNotFoundError(f"timm could not load the pretrained weights of {full!r}: {error}") from error
+
+
+def _timm_skeleton(name: str) -> nn.Module:
+    """A timm model without memory behind its weights, to read its configuration."""
+    with torch.device("meta"):
+        return _timm().create_model(name, pretrained=False)
+
+
+def timm_preprocessing(arch: str) -> Optional[dict[str, Any]]:
+    """timm's pretrained config for preparing images for `arch` (input_size, crop_pct, interpolation,
+    mean, std); None for torchvision's models, which take the reference's ImageNet preprocessing."""
+    name = timm_name(arch)
+    if name is None:
+        return None
+    config = _timm().data.resolve_data_config({}, model=_timm_skeleton(name))
+    return {key: config[key] for key in ("input_size", "crop_pct", "interpolation", "mean", "std")}
+
+
+def timm_default_layer(arch: str) -> Optional[str]:
+    """The breakpoint for a timm model: the last block's first norm for ViTs (the last block's output
+    patch tokens never reach a class-token head), its last feature stage otherwise; None for others."""
+    name = timm_name(arch)
+    if name is None:
+        return None
+    model = _timm_skeleton(name)
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "num_prefix_tokens", 0) and isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "norm1"):
+        return f"blocks.{len(blocks) - 1}.norm1"
+    info = getattr(model, "feature_info", None)
+    return info[-1]["module"] if info else None
+
+
 def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
-    """A torchvision classification model in eval mode, with random weights (None) or `weights`."""
+    """A torchvision classification model in eval mode, with random weights (None) or `weights`; a timm
+    model for "timm/NAME" or a name only timm knows, when timm is installed."""
+    name = timm_name(arch)
+    if name is not None:
+        return _build_timm(name, weights, **kwargs)
     try:
         builder: Callable[..., nn.Module] = torchvision.models.get_model_builder(arch)
     except ValueError:
         known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
-        raise ValueError(f"unknown architecture {arch!r}; torchvision classification models: {known}") from None
+        extra = "" if _timm() is not None else " (timm's models too after pip install 'caffast[timm]')"
+        raise ValueError(f"unknown architecture {arch!r}; torchvision classification models: {known}{extra}") from None
     state = load_state_dict(arch, weights)
     if arch in ("googlenet", "inception_v3"):
         kwargs.setdefault("aux_logits", False)

@@ -177,3 +177,14 @@ def test_the_releases_positional_order_and_keywords(tmp_path, monkeypatch, capsy
         apply_heatmap(np.zeros((8, 8, 3)), np.eye(2), axis="sideways")
     with pytest.raises(ValueError, match="unknown style"):
         apply_heatmap(np.zeros((8, 8, 3)), np.eye(2), style="tf")
+
+
+def test_save_mask_writes_the_map_as_imageio_does(tmp_path):
+    from caffast.viz import save_mask
+
+    save_mask(np.array([[0.0, 0.5], [1.0, 0.2]]), tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as mask:
+        assert mask.mode == "L"
+        np.testing.assert_array_equal(np.asarray(mask), [[0, 127], [255, 51]])  # v * 255 + 0.499999999, floored
+    save_mask(torch.tensor([[-1.0, 0.0, 1.0]]), tmp_path / "signed.png")  # outside [0, 1]: min-max scaled
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "signed.png")), [[0, 127, 255]])

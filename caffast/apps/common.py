@@ -63,10 +63,7 @@ def default_layer(arch: str) -> str:
     for family, layer in DEFAULT_LAYERS.items():
         if arch.startswith(family) and timm_name(arch) is None:
             return layer
-    try:
-        layer = timm_default_layer(arch)
-    except ValueError as error:
-        raise CliError(str(error)) from None
+    layer = timm_default_layer(arch)
     if layer is not None:
         return layer
     raise CliError(f"no default breakpoint for {arch!r}: pass --layer (a dotted module name)")

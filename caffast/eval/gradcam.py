@@ -42,6 +42,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
         finally:
             handle.remove()
         check_capture(name, captured[0][0] if len(captured) == 1 else None, output)
+        if captured[0][0].dim() != 4:
+            raise ValueError(
+                f"layer {name!r} outputs {tuple(captured[0][0].shape)}; the Grad-CAM baseline needs a 4-D "
+                "(N, C, H, W) feature map: pick a convolutional layer or block"
+            )
         targets = resolve_targets("specific", targets, output.detach())
         leaf, activations = captured[0][0], captured[0][1].detach()
         maps = []

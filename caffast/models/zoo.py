@@ -62,9 +62,6 @@ def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Ten
         ) from None
 
 
-TIMM_PREFIX = "timm/"
-
-
 def _timm() -> Optional[Any]:
     try:
         import timm
@@ -74,22 +71,13 @@ def _timm() -> Optional[Any]:
 
 
 def timm_name(arch: str) -> Optional[str]:
-    """The timm model name `arch` stands for: "timm/NAME" always (an error without timm), a name
-    torchvision does not know when timm knows it; None for torchvision's models."""
-    forced = arch.startswith(TIMM_PREFIX)
-    name = arch[len(TIMM_PREFIX):] if forced else arch
-    if not forced and name in torchvision.models.list_models(module=torchvision.models):
-        return None
+    """`arch` when it names a timm model that torchvision does not have ("vit_tiny_patch16_224",
+    "resnet50.a1_in1k" with a pretrained tag) and timm is installed; None otherwise (torchvision's
+    names stay torchvision's)."""
     timm = _timm()
-    if timm is None:
-        if forced:
-            raise ValueError(f"{arch!r} is a timm model and timm is not installed: pip install 'caffast[timm]'")
+    if timm is None or arch in torchvision.models.list_models(module=torchvision.models) or not timm.is_model(arch):
         return None
-    if not timm.is_model(name):
-        if forced:
-            raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
-        return None
-    return name
+    return arch
 
 
 def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:

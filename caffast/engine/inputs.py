@@ -178,11 +178,11 @@ def _target(value: Any) -> Union[int, Score]:
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
         value = value.item() if isinstance(value, torch.Tensor) else value[()]
     if isinstance(value, (bool, np.bool_)):
-        raise TargetError(f"a target is the boolean {value!r}; pass class indices (integers) or callables")
+        raise TargetError(f"targets must be class indices (integers) or callables, not booleans; got {value!r}")
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        raise TargetError(f"a target is the float {value!r}; class indices are integers (use int(...) or .long())")
+        raise TargetError(f"targets must be class indices (integers), not floats; got {value!r} (use int(...) or .long())")
     category = getattr(value, "category", None)
     is_class = type(value).__name__ == "ClassifierOutputTarget" or not callable(value)
     if is_class and isinstance(category, (int, np.integer)) and not isinstance(category, (bool, np.bool_)):
@@ -195,9 +195,9 @@ def _target(value: Any) -> Union[int, Score]:
 def _array_rows(targets: Union[torch.Tensor, np.ndarray], batch: int) -> list[list[Union[int, Score]]]:
     dtype = str(targets.dtype)
     if "bool" in dtype:
-        raise TargetError("targets are booleans; pass class indices (integers), e.g. mask.nonzero()")
+        raise TargetError("targets must be class indices (integers), not booleans: e.g. mask.nonzero()")
     if "float" in dtype or "complex" in dtype:
-        raise TargetError(f"targets are {dtype}; class indices are integers (use .long() or .astype(int))")
+        raise TargetError(f"targets must be class indices (integers), not {dtype} (use .long() or .astype(int))")
     values = targets.tolist()
     if targets.ndim == 1:
         if len(values) != batch:

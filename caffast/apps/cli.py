@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from ..cam import GradCAM
-from ..viz import apply_heatmap, save_gif, save_mask
 from ..core.constraints import CONSTRAINTS, INITS, MAPS
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..engine.explain import Explanation, explain
 from ..engine.solvers import SOLVERS
 from ..eval.localization import evaluate_scenes, scene_batch
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
+from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
     parse_classes, say, show_progress,
@@ -140,24 +140,30 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
         if mode == "specific":
             log.info("Top K={} {}".format(len(targets), [labels[t] if labels else str(t) for t in targets]))
-        symmetric = exp.map == "signed"
         for column, target in enumerate(targets):
-            picture, mask, gif = _release_names(args, mode, Path(args.input_img).stem, target, layer, labels)
-            heat = exp.maps[0, column].cpu().numpy()
-            apply_heatmap(rgb, heat, alpha=0.6, save=out / picture, cmap="bwr", axis="off", symmetric=symmetric,
-                          style="release")  # fmt: skip
-            written.append(out / picture)
-            if mask is not None:
-                save_mask(heat, out / mask)
-                written.append(out / mask)
-            if args.gif and exp.history:
-                frames = [apply_heatmap(rgb, maps[0, column].cpu().numpy(), alpha=GIF_ALPHA, cmap="bwr",
-                                        symmetric=symmetric, style="release") for _, maps in exp.history]  # fmt: skip
-                save_gif(frames, out / gif, duration_ms=GIF_FRAME_MS)
-                written.append(out / gif)
+            names = _release_names(args, mode, Path(args.input_img).stem, target, layer, labels)
+            written += _write_release_files(rgb, exp, column, out, *names, gif=args.gif)
             log.info(f"Done after {_release_count(int(exp.iterations[0, column]), args)} iterations")
     for path in written:
         print(f"saved {path}")
+
+
+def _write_release_files(rgb: np.ndarray, exp: Explanation, column: int, out: Path, picture: str, mask: Optional[str],
+                         gif_name: str, gif: bool) -> list[Path]:  # fmt: skip
+    """The release's picture of target `column` (and its raw mask, and its GIF); returns the paths."""
+    symmetric = exp.map == "signed"
+    heat = exp.maps[0, column].cpu().numpy()
+    apply_heatmap(rgb, heat, alpha=0.6, save=out / picture, cmap="bwr", axis="off", symmetric=symmetric, style="release")
+    written = [out / picture]
+    if mask is not None:
+        save_mask(heat, out / mask)
+        written.append(out / mask)
+    if gif and exp.history:
+        frames = [apply_heatmap(rgb, maps[0, column].cpu().numpy(), alpha=GIF_ALPHA, cmap="bwr", symmetric=symmetric,
+                                style="release") for _, maps in exp.history]  # fmt: skip
+        save_gif(frames, out / gif_name, duration_ms=GIF_FRAME_MS)
+        written.append(out / gif_name)
+    return written
 
 
 @contextlib.contextmanager

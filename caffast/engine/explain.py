@@ -167,8 +167,7 @@ def explain(
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
-                def multiply(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-                    return grid_layout.apply(values, constraint.multiplier(params, grid)).to(values.dtype)
+                multiply = grid_layout.multiply_with(constraint)
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 

@@ -7,17 +7,17 @@ filter; the filter multiplies the patch cells where they lie, prefix tokens stay
 tail sees the layer's own layout.  pytorch-grad-cam's `reshape_transform` defines a layout too: any
 function that only selects and rearranges elements (slicing, reshape, permute) does.
 
-A 4-D shape is read as channels-first or channels-last only where one reading fits the image (a
-(N, 7, 7, 768) map of a 224 x 224 image cannot be a 7 x 768 grid), or, where both fit, where the
-layer's last module says so (a convolution: channels-first; a Linear or LayerNorm: channels-last);
-otherwise the layout must be given.
+A 4-D shape is read as channels-first or channels-last where the layer's last module says so (a
+convolution, normalization or pooling: channels-first; a Linear or LayerNorm over the last axis:
+channels-last) and that reading fits the image, or else where only one reading fits (a (N, 7, 7, 768)
+map of a 224 x 224 image cannot be a 7 x 768 grid); otherwise the layout must be given.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,10 @@ class Layout:
     @property
     def channels_first(self) -> bool:
         return self.positions is None
+
+    def multiply_with(self, constraint: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(features, filter parameters) -> the filtered features, for the constraint's filters."""
+        return lambda features, params: self.apply(features, constraint.multiplier(params, self.grid)).to(features.dtype)
 
     def apply(self, features: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
         """`features` (P, ...) in the layer's layout times the filters `multiplier` (P, H, W)."""
@@ -106,18 +110,24 @@ def _fits(grid: Grid, image: Grid) -> bool:
     """Whether a (h, w) grid can be the image seen at one stride s >= 1 (within rounding)."""
     low, high = 1.0, math.inf
     for cells, pixels in zip(grid, image):
-        slack = 1 + 0.1 * cells
+        slack = 1 + 0.05 * cells
         low = max(low, pixels / (cells + slack))
         if cells > slack:
             high = min(high, pixels / (cells - slack))
     return low <= high and all(cells <= pixels for cells, pixels in zip(grid, image))
 
 
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
+    nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample, nn.PixelShuffle,
+)  # fmt: skip
+
+
 def _leaf_says(module: nn.Module, channels_last_size: int) -> Optional[str]:
     """What the layer's last layout-bearing module implies: "nchw", "nhwc" or None (undecided)."""
     for leaf in reversed([m for m in module.modules() if not list(m.children())]):
-        if isinstance(leaf, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.GroupNorm, nn.MaxPool2d,
-                             nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)):
+        if isinstance(leaf, _CHANNELS_FIRST):
             return "nchw"
         if isinstance(leaf, nn.Linear) and leaf.out_features == channels_last_size:
             return "nhwc"
@@ -175,9 +185,9 @@ def resolve_layout(
         if layout is not None:
             return _nchw(features) if layout == "nchw" else _nhwc(features)
         readings = [kind for kind, grid in (("nchw", shape[2:]), ("nhwc", shape[1:3])) if _fits(grid, image)]
-        if len(readings) != 1:
-            said = _leaf_says(module, shape[3])
-            readings = [said] if said is not None else readings
+        said = _leaf_says(module, shape[3])
+        if said in readings:  # the layer's last module decides where its reading fits the image
+            readings = [said]
         if len(readings) == 1:
             return _nchw(features) if readings[0] == "nchw" else _nhwc(features)
         raise ValueError(

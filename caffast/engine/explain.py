@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -90,10 +89,6 @@ def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) 
         return lambda p: f"(image {int(image_index[p])})"
     return lambda p: f"(image {int(image_index[p])}, target {int(classes[p])})"
 
-
-def _multiply_in_layout(layout, constraint, grid, values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """The filter applied where the grid lies in a channels-last or token layout."""
-    return layout.apply(values, constraint.multiplier(params, grid)).to(values.dtype)
 
 
 def explain(
@@ -194,7 +189,7 @@ def explain(
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
-                multiply = functools.partial(_multiply_in_layout, grid_layout, constraint, grid)
+                multiply = grid_layout.multiply_with(constraint)
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 

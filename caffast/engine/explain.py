@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..backends import filter_multiply, resolve_backend
 from ..backends.torch.autograd import AutogradProblem
-from ..core.breakpoints import Layer, resolve_layer, split
+from ..core.breakpoints import Layer, resolve_layer, split, unwrap
 from ..core.layouts import ReshapeTransform
 from ..core.choices import check_choice
 from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
@@ -89,6 +89,11 @@ def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) 
         return lambda p: f"(image {int(image_index[p])})"
     return lambda p: f"(image {int(image_index[p])}, target {int(classes[p])})"
 
+
+
+def _layer_name(model: nn.Module, layer: Layer) -> str:
+    """The breakpoint's name for messages (a wrapper's own prefix, "module.", included or not)."""
+    return layer if isinstance(layer, str) else resolve_layer(unwrap(model)[0], layer)[0]
 
 
 def explain(
@@ -193,7 +198,7 @@ def explain(
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
-        suspects = Suspects(_problem_names(mode, image_index, targets), lr, resolve_layer(model, layer)[0], features,
+        suspects = Suspects(_problem_names(mode, image_index, targets), lr, _layer_name(model, layer), features,
                             objective is not None)  # fmt: skip
         beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
         solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)

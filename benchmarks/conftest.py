@@ -1,3 +1,4 @@
+import functools
 import sys
 from pathlib import Path
 
@@ -19,14 +20,7 @@ def build(arch: str) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def models():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = build(arch)
-        return cache[arch]
-
-    return get
+    return functools.cache(build)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ CAFFAST_BENCH_ITERATIONS iterations (100 by default, the CPU machine's budget; 1
 min_error 0, so every method does its full work; the reference loop runs one image (batch-1
 groups only).  Every row records the objective it reached and the tail evaluations it used, so the
 solvers' quality is read off the same run (benchmarks/quality.py compares fast with gd at 1000).
+CAFFAST_BENCH_BATCHES (default "1,8") chooses the batch sizes.
 """
 
+import functools
 import os
 
 import pytest
@@ -31,6 +33,7 @@ BREAKPOINTS = {
     "efficientnet_b0-features.5": ("efficientnet_b0", "features.5"),
 }
 ITERATIONS = int(os.environ.get("CAFFAST_BENCH_ITERATIONS", "100"))
+BATCHES = [int(b) for b in os.environ.get("CAFFAST_BENCH_BATCHES", "1,8").split(",")]
 LOOP = dict(max_iter=ITERATIONS, min_error=0.0)
 ONCE = dict(rounds=1, iterations=1, warmup_rounds=0)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,14 +58,8 @@ def build_model(arch: str, device: torch.device = DEVICE) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def models():
-    cache = {}
-
-    def get(arch: str) -> torch.nn.Module:
-        if arch not in cache:
-            cache[arch] = build_model(arch)
-        return cache[arch]
-
-    return get
+    """The batch-norm-calibrated models (not conftest's), each built once."""
+    return functools.cache(build_model)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +75,7 @@ def record(benchmark, result: caffast.Explanation) -> None:
 
 
 @pytest.mark.parametrize("mode", ["oblivious", "specific"])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", BREAKPOINTS)
 class TestAnyBreakpoint:
     def _case(self, benchmark, models, images, case, batch, mode):

@@ -25,7 +25,7 @@ from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
-    parse_classes, say, show_progress,
+    model_preprocessing, parse_classes, say, show_progress,
 )  # fmt: skip
 from .distributed import DEFAULT_RANK_TIMEOUT
 
@@ -70,12 +70,13 @@ def _explain_files(
 ) -> list[Path]:
     """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
     model = load_model(arch, weights, device)
+    preprocessing = model_preprocessing(arch, weights)
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
-        rgb, tensor = load_image(path)
+        rgb, tensor = load_image(path, preprocessing)
         exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
         names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
         paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
@@ -134,7 +135,7 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         image = _release_image(args.input_img)
         model = load_model(args.arch, args.weights, args.device)
         layer = args.layer or default_layer(args.arch)
-        rgb, tensor = load_image(str(image))
+        rgb, tensor = load_image(str(image), model_preprocessing(args.arch, args.weights))
         exp = _explain(model, tensor[None].to(args.device), layer, history=args.gif, **options)
         targets = exp.targets[0].tolist()
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None

@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..models.zoo import build_model, timm_default_layer, timm_name
-from .imagefiles import IMAGENET, ImageReadError, read_image
+from ..models.zoo import build_model, timm_default_layer, timm_name, timm_preprocessing
+from .imagefiles import IMAGENET, ImageReadError, Preprocessing, read_image
 
 DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
                   "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
@@ -50,13 +50,29 @@ def say(message: str) -> None:
     _progress_open = False
 
 
-def load_image(path: str, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
-    """The reference's preprocessing: shorter side to 256, centre crop 224, ImageNet normalization.
-    Returns the crop as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
+def load_image(path: str, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
+    """The image file as the model sees it (the reference's ImageNet preprocessing by default).
+    Returns the picture as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
     try:
-        return read_image(path, replace(IMAGENET, size=size))
+        return read_image(path, preprocessing)
     except ImageReadError as error:
         raise CliError(str(error)) from None
+
+
+def model_preprocessing(arch: str, weights: Optional[str]) -> Preprocessing:
+    """How images are prepared for `arch`: timm's models by their pretrained config (size, crop, resize
+    filter, mean and std), torchvision's by the reference's ImageNet preprocessing."""
+    config = timm_preprocessing(arch, None if weights == "random" else weights)
+    if config is None:
+        return IMAGENET
+    _, height, width = config["input_size"]
+    if height != width or config["crop_mode"] not in (None, "center"):
+        raise CliError(
+            f"timm's {arch!r} takes {height} x {width} inputs cropped by {config['crop_mode']!r}; caffast prepares "
+            "square centre crops only: explain it through caffast.explain with your own preprocessing"
+        )
+    return replace(IMAGENET, size=height, crop_pct=config["crop_pct"], interpolation=config["interpolation"],
+                   mean=tuple(config["mean"]), std=tuple(config["std"]))  # fmt: skip
 
 
 def default_layer(arch: str) -> str:

@@ -16,6 +16,7 @@ Grayscale is repeated over the three channels.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,17 @@ class ImageReadError(Exception):
 class Preprocessing:
     """How an image file becomes a model input.
 
-    crop: the reference's resize (shorter side to size * 256 / 224, then a centre crop of size x size);
-    otherwise the whole picture is resized to size x size.  Then each channel becomes (x - mean) / std.
+    crop: the shorter side is resized to size / crop_pct (the reference's 256 for 224), then a centre
+    crop of size x size is taken; otherwise the whole picture is resized to size x size.  Then each
+    channel becomes (x - mean) / std.  timm's models bring their own crop_pct, interpolation, mean and std.
     """
 
     size: int
     crop: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_pct: float = 224 / 256
+    interpolation: str = "bilinear"  # a torchvision InterpolationMode value: "bilinear", "bicubic", ...
 
 
 IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -125,9 +129,11 @@ def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple
     except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
     size = preprocessing.size
+    interpolation = TF.InterpolationMode(preprocessing.interpolation)
     if preprocessing.crop:
-        image = TF.center_crop(TF.resize(image, round(size * 256 / 224)), [size, size])
+        image = TF.resize(image, math.floor(size / preprocessing.crop_pct), interpolation)
+        image = TF.center_crop(image, [size, size])
     else:
-        image = TF.resize(image, [size, size])
+        image = TF.resize(image, [size, size], interpolation)
     tensor = TF.to_tensor(image).expand(3, -1, -1).contiguous()
     return tensor.permute(1, 2, 0).numpy(), TF.normalize(tensor, list(preprocessing.mean), list(preprocessing.std))

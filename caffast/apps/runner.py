@@ -31,10 +31,12 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomically
-from .common import CliError, default_layer, explain_options, load_model, say, show_progress, weights_error
+from .common import (
+    CliError, default_layer, explain_options, load_model, model_preprocessing, say, show_progress, weights_error,
+)  # fmt: skip
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
-from .imagefiles import DEMO, IMAGE_SUFFIXES, IMAGENET, ImageReadError, Preprocessing, find_images, read_image
+from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder
 from ..viz import apply_heatmap
 
@@ -102,7 +104,8 @@ def load_run_model(arch: str, weights: str, layer: Optional[str], device: str, d
         if arch == DEMO_ARCH:
             model, preprocessing, layer = _demo_model(weights), DEMO, layer or "features"
         else:
-            model, preprocessing, layer = load_model(arch, weights, "cpu"), IMAGENET, layer or default_layer(arch)
+            model, layer = load_model(arch, weights, "cpu"), layer or default_layer(arch)
+            preprocessing = model_preprocessing(arch, weights)
     try:
         model = model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as error:

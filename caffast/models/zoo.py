@@ -90,12 +90,20 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
         model = timm.create_model(name, pretrained=False, **kwargs)
         model.load_state_dict(load_state_dict(name, weights))
         return model.eval()
-    tag = os.fspath(weights)
-    full = name if tag in ("DEFAULT", "pretrained") or "." in name else f"{name}.{tag}"
+    full = _timm_tagged(name, weights)
     try:
         return timm.create_model(full, pretrained=True, **kwargs).eval()
     except Exception as error:
         raise FileNotFoundError(f"timm could not load the pretrained weights of {full!r}: {error}") from error
+
+
+def _timm_tagged(name: str, weights: Weights) -> str:
+    """timm's name for `name` with the pretrained tag that `weights` names ("a1_in1k"); "DEFAULT",
+    "pretrained", random weights, a file, or a name that has its tag already keep timm's default."""
+    tag = None if weights is None or isinstance(weights, WeightsEnum) else os.fspath(weights)
+    if tag is None or tag in ("DEFAULT", "pretrained", "random") or "." in name or os.path.isfile(tag):
+        return name
+    return f"{name}.{tag}"
 
 
 def _timm_skeleton(name: str) -> nn.Module:
@@ -104,14 +112,15 @@ def _timm_skeleton(name: str) -> nn.Module:
         return _timm().create_model(name, pretrained=False)
 
 
-def timm_preprocessing(arch: str) -> Optional[dict[str, Any]]:
-    """timm's pretrained config for preparing images for `arch` (input_size, crop_pct, interpolation,
-    mean, std); None for torchvision's models, which take the reference's ImageNet preprocessing."""
+def timm_preprocessing(arch: str, weights: Weights = None) -> Optional[dict[str, Any]]:
+    """timm's pretrained config for preparing images for `arch` with `weights` (a pretrained tag
+    changes it): input_size, crop_pct, crop_mode, interpolation, mean and std; None for torchvision's
+    models, which take the reference's ImageNet preprocessing."""
     name = timm_name(arch)
     if name is None:
         return None
-    config = _timm().data.resolve_data_config({}, model=_timm_skeleton(name))
-    return {key: config[key] for key in ("input_size", "crop_pct", "interpolation", "mean", "std")}
+    config = _timm().data.resolve_data_config({}, model=_timm_skeleton(_timm_tagged(name, weights)))
+    return {key: config.get(key) for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
 
 
 def timm_default_layer(arch: str) -> Optional[str]:

@@ -1,23 +1,27 @@
 """Turn a pytest-benchmark JSON file into the markdown tables of RESULTS.md.
 
-    python benchmarks/report.py bench.json
+    python benchmarks/report.py bench.json             # one table per group
+    python benchmarks/report.py --summary bench.json   # test_breakpoints.py: one row per group
+
+The summary puts each group's methods side by side: time over GradCAM's, the speed-up of gd over the
+reference loop, and the objective and tail evaluations of each solver.
 """
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
-def main(path: str) -> None:
-    with open(path) as handle:
-        data = json.load(handle)
+def _groups(data: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for bench in data["benchmarks"]:
         groups[bench["group"]].append(bench)
-    print(f"machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
-          f"{data['machine_info'].get('cpu', {}).get('count', '?')} cores; {data['datetime']}\n")
-    for group in sorted(groups):
-        rows = sorted(groups[group], key=lambda b: b["stats"]["mean"])
+    return groups
+
+
+def tables(data: dict) -> None:
+    for group, rows in sorted(_groups(data).items()):
+        rows = sorted(rows, key=lambda b: b["stats"]["mean"])
         baseline = next((b for b in rows if "GradCAM" in b["name"] or "reference" in b["name"]), None)
         print(f"### {group}\n")
         print("| what | mean (s) | min (s) | rounds | iterations | speed-up over " + (baseline["name"] if baseline else "-") + " |")
@@ -30,5 +34,45 @@ def main(path: str) -> None:
         print()
 
 
+def summary(data: dict) -> None:
+    print("| group | GradCAM (s) | reference (s) | gd (s) | fast (s) | exact (s) | gd / GradCAM | fast / GradCAM "
+          "| exact / GradCAM | gd over reference | objective gd / fast / exact | fast evaluations |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for group, rows in sorted(_groups(data).items()):
+        by_kind = {}
+        for bench in rows:
+            name = bench["name"]
+            words = name.split()  # "caffast fast", "caffast gd 100 iterations", "pytorch-grad-cam GradCAM", ...
+            kind = next((k for k in ("GradCAM", "reference", "gd", "fast", "exact") if k in words), name)
+            by_kind[kind] = bench
+        seconds = {kind: bench["stats"]["min"] for kind, bench in by_kind.items()}
+
+        def shown(kind):
+            return f"{seconds[kind]:.3f}" if kind in seconds else "-"
+
+        def ratio(a, b):
+            return f"{seconds[a] / seconds[b]:.2f}" if a in seconds and b in seconds else "-"
+
+        objectives = " / ".join(
+            f"{by_kind[k]['extra_info']['objective']:.4g}" if k in by_kind else "-" for k in ("gd", "fast", "exact")
+        )
+        evaluations = by_kind.get("fast", {}).get("extra_info", {}).get("evaluations", "-")
+        print(f"| {group} | {shown('GradCAM')} | {shown('reference')} | {shown('gd')} | {shown('fast')} | {shown('exact')} "
+              f"| {ratio('gd', 'GradCAM')} | {ratio('fast', 'GradCAM')} | {ratio('exact', 'GradCAM')} "
+              f"| {ratio('reference', 'gd')} | {objectives} | {evaluations} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path")
+    parser.add_argument("--summary", action="store_true", help="one row per group (test_breakpoints.py)")
+    args = parser.parse_args()
+    with open(args.path) as handle:
+        data = json.load(handle)
+    print(f"machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
+          f"{data['machine_info'].get('cpu', {}).get('count', '?')} cores; {data['datetime']}\n")
+    (summary if args.summary else tables)(data)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

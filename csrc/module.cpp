@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "arrays.h"
+#include "bundle_qp.h"
 #include "hadamard.h"
 #include "interrupt.h"
 #include "parallel.h"
@@ -167,13 +168,41 @@ void projected_update_py(const py::handle& params_obj, const py::handle& grad_ob
   });
 }
 
+py::array bundle_qp_py(const py::handle& gram_obj, const py::handle& alpha_obj, const py::handle& t_obj,
+                       const py::handle& valid_obj, int64_t iterations) {
+  auto gram = as_array<double>(gram_obj, "gram", 3);
+  const int64_t problems = gram.shape(0), cuts = gram.shape(1);
+  require_shape(gram, "gram", {problems, cuts, cuts});
+  auto alpha = as_array<double>(alpha_obj, "alpha", 2);
+  require_shape(alpha, "alpha", {problems, cuts});
+  auto t = as_array<double>(t_obj, "t", 1);
+  require_shape(t, "t", {problems});
+  if (!py::isinstance<py::array_t<bool, py::array::c_style>>(valid_obj))
+    throw py::type_error("valid must be a C-contiguous numpy array of dtype bool");
+  auto valid = py::reinterpret_borrow<py::array_t<bool, py::array::c_style>>(valid_obj);
+  require(valid.ndim() == 2, "valid must have 2 dimensions");
+  require_shape(valid, "valid", {problems, cuts});
+  require(iterations >= 0, "iterations must be non-negative");
+  py::array_t<double> lambda({problems, cuts});
+  const double* g = gram.data();
+  const double* a = alpha.data();
+  const double* step = t.data();
+  const bool* ok = valid.data();
+  double* out = lambda.mutable_data();
+  {
+    py::gil_scoped_release release;
+    bundle_qp(g, a, step, ok, problems, cuts, iterations, out);
+  }
+  return lambda;
+}
+
 }  // namespace
 }  // namespace caffast
 
 PYBIND11_MODULE(_C, m) {
   using namespace caffast;
   namespace py = pybind11;
-  m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter and the projected update.";
+  m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter, the projected update and the bundle QP of solver=\"fast\".";
   m.def("solve_fused", &solve_fused_py, py::arg("gram"), py::arg("linear"), py::arg("constant"), py::arg("image"),
         py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
         py::arg("height"), py::arg("width"), py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
@@ -185,5 +214,7 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("threads") = 0, "The gradient of hadamard_forward with respect to filter.");
   m.def("projected_update", &projected_update_py, py::arg("params"), py::arg("grad"), py::arg("lr"), py::kw_only(),
         py::arg("threads") = 0, "params (P, D) -= lr * the sphere-projected gradient, in place.");
+  m.def("bundle_qp", &bundle_qp_py, py::arg("gram"), py::arg("alpha"), py::arg("t"), py::arg("valid"),
+        py::arg("iterations"), "solver='fast''s bundle QP: FISTA over the simplex of each problem's valid cuts.");
   m.def("openmp", &built_with_openmp, "Whether the module was built with OpenMP.");
 }

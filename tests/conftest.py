@@ -1,8 +1,10 @@
 from urllib.error import URLError
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +24,12 @@ def _no_network(monkeypatch):
         return download(url, *args, **kwargs)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", local_only)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 300 x 240 RGB picture of random pixels, as a PNG file."""
+    path = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 255, size=(240, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path

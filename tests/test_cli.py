@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,14 +11,6 @@ from PIL import Image
 from caffast.apps.cli import main
 from caffast.apps.common import class_names
 from caffast.eval.localization import evaluate_scenes
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    pixels = np.random.default_rng(0).integers(0, 255, size=(240, 300, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def test_demo_writes_pictures_and_prints_the_comparison(tmp_path, capsys):

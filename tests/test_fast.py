@@ -1,6 +1,7 @@
 """solver="fast" against the reference loop on random problems: never a higher objective, within its
 evaluation budget, and a projected gradient below the tolerance wherever it reports convergence."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +11,7 @@ from caffast.backends.torch.autograd import AutogradProblem
 from caffast.core.breakpoints import split
 from caffast.core.constraints import as_constraint, initial_parameters
 from caffast.core.exact import stationarity
-from caffast.core.fast import fast_minimize
+from caffast.core.fast import bundle_qp, fast_minimize
 from caffast.core.losses import Objective, class_signs
 
 CLASSES = 10
@@ -138,3 +139,66 @@ def test_the_loss_never_rises_along_the_way():
         assert (result.evaluations <= budget).all()
         assert (result.loss <= previous + 1e-12).all()
         previous = result.loss
+
+
+def random_bundle(seed: int, problems: int, cuts: int, dimension: int = 9):
+    """A batch of bundle QPs as the solver builds them: Gram matrices of random cuts, non-negative
+    errors, random step lengths and a random set of filled slots (slot 0, the centre, always)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((problems, cuts, dimension)) * rng.uniform(0.1, 10, (problems, 1, 1))
+    gram = vectors @ vectors.transpose(0, 2, 1)
+    valid = rng.random((problems, cuts)) < 0.7
+    valid[:, 0] = True
+    alpha = np.where(valid, rng.exponential(1.0, (problems, cuts)), np.inf)
+    alpha[:, 0] = 0.0
+    t = rng.uniform(0.01, 2.0, problems)
+    return gram, alpha, t, valid
+
+
+def qp_objective(lam, gram, alpha, t, valid):
+    return 0.5 * t * np.einsum("ak,akj,aj->a", lam, gram, lam) + (lam * np.where(valid, alpha, 0)).sum(1)
+
+
+@pytest.mark.parametrize("cuts", [1, 2, 7, 20])
+def test_the_compiled_bundle_qp_equals_its_numpy_twin(cuts):
+    cpp = pytest.importorskip("caffast.backends.cpp")
+    if not cpp.available():
+        pytest.skip(f"caffast._C is not built: {cpp.import_error()}")
+    for seed in range(3):
+        problem = random_bundle(seed, problems=5, cuts=cuts)
+        for iterations in (0, 1, 150):
+            compiled = cpp.bundle_qp(*problem, iterations)
+            twin = bundle_qp(*problem, iterations)
+            np.testing.assert_allclose(compiled, twin, rtol=0, atol=1e-12)
+        gram, alpha, t, valid = problem
+        # on the simplex of the filled slots, and no worse than its start (all weight on the centre)
+        assert np.allclose(compiled.sum(1), 1.0) and (compiled >= 0).all() and (compiled[~valid] == 0).all()
+        centre = np.zeros_like(compiled)
+        centre[:, 0] = 1.0
+        assert (qp_objective(compiled, *problem) <= qp_objective(centre, *problem) + 1e-12).all()
+
+
+def test_the_bundle_qp_finds_the_minimum_of_a_two_cut_bundle():
+    # two cuts: lambda = (1 - s, s) with s the clipped minimizer of a parabola in closed form
+    gram, alpha, t, valid = random_bundle(4, problems=6, cuts=2)
+    valid[:] = True
+    alpha[:, 1] = np.abs(alpha[:, 1])
+    g00, g01, g11 = gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1]
+    curvature = t * (g00 - 2 * g01 + g11)
+    slope = t * (g01 - g00) + alpha[:, 1] - alpha[:, 0]
+    s = np.clip(-slope / curvature, 0, 1)
+    lam = bundle_qp(gram, alpha, t, valid, 2000)
+    np.testing.assert_allclose(lam[:, 1], s, atol=1e-6)
+
+
+def test_fast_gives_the_same_answer_with_the_compiled_qp_and_the_twin():
+    cpp = pytest.importorskip("caffast.backends.cpp")
+    if not cpp.available():
+        pytest.skip(f"caffast._C is not built: {cpp.import_error()}")
+    model = make_model(3)
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for mode in ("oblivious", "specific"):
+        compiled = caffast.explain(model, images, "block1", mode=mode, solver="fast", backend="cpp")
+        twin = caffast.explain(model, images, "block1", mode=mode, solver="fast", backend="torch")
+        torch.testing.assert_close(compiled.objective, twin.objective, rtol=1e-9, atol=1e-12)
+        assert torch.equal(compiled.evaluations, twin.evaluations)

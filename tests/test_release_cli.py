@@ -19,14 +19,6 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[INFO\] L2-CAF: (
 MONARCH = "monarch, monarch butterfly, milkweed butterfly, Danaus plexippus"
 
 
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    pixels = np.random.default_rng(0).integers(0, 255, size=(240, 300, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 def log_messages(path):
     lines = path.read_text(encoding="utf-8").splitlines()
     matches = [LOG_LINE.match(line) for line in lines]

@@ -14,8 +14,8 @@ from caffast.apps.imagefiles import IMAGENET, read_image
 timm = pytest.importorskip("timm")
 
 
-def photo(tmp_path, height, width, seed):
-    path = tmp_path / f"photo-{seed}.png"
+def write_photo(folder, height, width, seed):
+    path = folder / f"photo-{seed}.png"
     pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return path
@@ -26,7 +26,7 @@ def test_timm_models_get_timm_s_evaluation_transform(tmp_path, arch):
     config = timm.data.resolve_data_config({}, model=timm.create_model(arch, pretrained=False))
     expected_transform = timm.data.create_transform(**config, is_training=False)
     for seed, (height, width) in enumerate([(300, 410), (380, 260)]):
-        path = photo(tmp_path, height, width, seed)
+        path = write_photo(tmp_path, height, width, seed)
         with Image.open(path) as image:
             expected = expected_transform(image.convert("RGB"))
         rgb, tensor = read_image(path, model_preprocessing(arch, "random"))
@@ -64,7 +64,7 @@ def test_run_feeds_a_vit_its_own_input(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    photo(data, 250, 330, 7)
+    write_photo(data, 250, 330, 7)
     out = tmp_path / "out"
     code = main(["run", str(data), "--out", str(out), "--arch", "vit_tiny_patch16_224", "--weights", "random",
                  "--classes", "2", "--max-iter", "3", "--batch-size", "1"])  # fmt: skip

@@ -16,6 +16,7 @@ import torch
 
 from ..core.choices import check_choice
 from ..core.constraints import Constraint
+from ..core.fast import BundleQP
 from ..core.heads import FusedHead, FusedProblem
 from ..core.loop import LoopSettings, Solution, solve
 from ..core.optimizers import COMPILED_OPTIMIZERS, MIN_LEARNING_RATE
@@ -71,4 +72,12 @@ def filter_multiply(backend: str, constraint: Constraint) -> Optional[Multiply]:
     """A compiled `features * filter / ||filter||` for the generic tail, or None for plain torch."""
     if backend in ("cpp", "triton") and constraint.on_sphere:
         return _compiled(backend).Hadamard.apply
+    return None
+
+
+def bundle_qp(backend: str) -> Optional[BundleQP]:
+    """The compiled QP of solver="fast"'s steps where the C++ module is built (the QP runs on the host
+    whatever the model's device), or None for its NumPy twin: always with backend "torch"."""
+    if backend != "torch" and _compiled("cpp").available():
+        return _compiled("cpp").bundle_qp
     return None

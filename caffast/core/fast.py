@@ -44,8 +44,9 @@ A problem leaves the active set when its projected gradient at the centre is bel
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from .constraints import ConstraintLike, as_constraint
@@ -79,6 +80,7 @@ def fast_minimize(
     distance_weight: float = 0.6,
     sufficient_decrease: float = 0.1,
     growth: float = 2.0,
+    qp: Optional[BundleQP] = None,
 ) -> FastResult:
     """Minimize each problem from `initial` (P, *shape) with a proximal bundle method (module doc).
 
@@ -87,8 +89,10 @@ def fast_minimize(
     caps every step, `bundle_size` is the number of cuts kept, `distance_weight` is gamma in the
     non-convex linearization error, `sufficient_decrease` the fraction of the predicted decrease a
     serious step must achieve, and `growth` the factor by which t grows after a serious step that
-    achieved at least half the predicted decrease.
+    achieved at least half the predicted decrease.  `qp` solves the bundle's dual QP (`bundle_qp`, or
+    its compiled copy, which the engine passes when it is built).
     """
+    qp = qp or bundle_qp
     if max_evaluations < 1:
         raise ValueError(f"max_evaluations must be at least 1, got {max_evaluations}")
     sphere = as_constraint(constraint).on_sphere
@@ -137,7 +141,7 @@ def fast_minimize(
         linear = La + (Ca * offset).sum(-1)
         alpha = torch.maximum((fa[:, None] - linear).abs(), gamma[active, None] * offset.square().sum(-1))
         alpha = torch.where(va, alpha, torch.inf)
-        lam = _bundle_qp(Ct, alpha, ta, va)
+        lam = _bundle_step(Ct, alpha, ta, va, qp)
         v = (lam[..., None] * Ct).sum(1)
         alpha_term = (lam * torch.where(va, alpha, 0)).sum(1)
         predicted = ta * v.square().sum(1) + alpha_term
@@ -177,33 +181,49 @@ def fast_minimize(
     return FastResult(params, evaluations, converged, fx)
 
 
-def _bundle_qp(cuts: torch.Tensor, alpha: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """min over the simplex of t/2 ||lambda^T cuts||^2 + alpha^T lambda, batched: (A, K, n) cuts,
-    (A, K) errors (inf where a slot is empty), (A,) t.  FISTA with a Euclidean simplex projection,
-    started at the cut of least error (the centre)."""
-    gram = cuts @ cuts.transpose(1, 2)  # (A, K, K)
-    a = torch.where(valid, alpha, 0)
+# solves the bundle's dual QP: (gram (A, K, K), alpha (A, K), t (A,), valid (A, K), iterations) -> lambda (A, K)
+BundleQP = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _bundle_step(cuts: torch.Tensor, alpha: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
+                 qp: BundleQP) -> torch.Tensor:
+    """The bundle's multipliers lambda (A, K) for (A, K, n) cuts, (A, K) errors (inf where a slot is
+    empty) and (A,) t.  Only the (A, K, K) Gram matrix depends on n; the QP itself runs on the host."""
+    gram = (cuts @ cuts.transpose(1, 2)).to(torch.float64).cpu().numpy()
+    lam = qp(gram, alpha.to(torch.float64).cpu().numpy(), t.to(torch.float64).cpu().numpy(),
+             valid.cpu().numpy(), _QP_ITERATIONS)  # fmt: skip
+    return torch.from_numpy(lam).to(device=cuts.device, dtype=cuts.dtype)
+
+
+def bundle_qp(gram: np.ndarray, alpha: np.ndarray, t: np.ndarray, valid: np.ndarray, iterations: int) -> np.ndarray:
+    """min over the simplex of t/2 lambda^T gram lambda + alpha^T lambda, batched over the first axis
+    (only the valid cuts take weight): `iterations` FISTA steps with a Euclidean simplex projection,
+    started at the cut of least error (the centre).  The twin of the compiled caffast._C.bundle_qp."""
+    a = np.where(valid, alpha, 0.0)
+    steps = t[:, None]
     # a Lipschitz bound of the gradient t * gram @ lambda: t times the largest eigenvalue <= t * trace
-    lipschitz = (t * torch.diagonal(gram, dim1=1, dim2=2).sum(1)).clamp_min(1e-300)
-    lam = torch.nn.functional.one_hot(torch.where(valid, alpha, torch.inf).argmin(1), valid.shape[1]).to(cuts.dtype)
+    lipschitz = np.maximum(t * np.trace(gram, axis1=1, axis2=2), 1e-300)[:, None]
+    start = np.where(valid, alpha, np.inf).argmin(1)
+    lam = np.zeros_like(a)
+    lam[np.arange(len(start)), start] = 1.0
     previous, z, momentum = lam, lam, 1.0
-    for _ in range(_QP_ITERATIONS):
-        grad = t[:, None] * (gram @ z[..., None])[..., 0] + a
-        lam = _project_simplex(z - grad / lipschitz[:, None], valid)
+    for _ in range(iterations):
+        grad = steps * np.einsum("akj,aj->ak", gram, z) + a
+        lam = _project_simplex(z - grad / lipschitz, valid)
         following = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
         z = lam + ((momentum - 1) / following) * (lam - previous)
         previous, momentum = lam, following
     return lam
 
 
-def _project_simplex(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _project_simplex(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Euclidean projection of each row onto the simplex over its valid entries (others get 0)."""
-    values = torch.where(valid, values, -torch.inf)
-    ordered, _ = values.sort(dim=1, descending=True)
-    finite = torch.isfinite(ordered)
-    cumulative = torch.where(finite, ordered, 0).cumsum(1) - 1
-    index = torch.arange(1, values.shape[1] + 1, dtype=values.dtype, device=values.device)
+    values = np.where(valid, values, -np.inf)
+    ordered = -np.sort(-values, axis=1)
+    finite = np.isfinite(ordered)
+    cumulative = np.where(finite, ordered, 0.0).cumsum(1) - 1
+    index = np.arange(1, values.shape[1] + 1, dtype=values.dtype)
     condition = finite & (ordered - cumulative / index > 0)
-    rho = condition.to(values.dtype).cumsum(1).argmax(1, keepdim=True)  # last index where it holds
-    theta = cumulative.gather(1, rho) / (rho + 1).to(values.dtype)
-    return torch.where(valid, (values - theta).clamp_min(0), 0)
+    rho = condition.cumsum(1).argmax(1)[:, None]  # last index where it holds
+    theta = np.take_along_axis(cumulative, rho, 1) / (rho + 1)
+    return np.where(valid, np.maximum(values - theta, 0.0), 0.0)

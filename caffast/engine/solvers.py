@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import solve_fused
+from ..backends import bundle_qp, solve_fused
 from ..backends.torch.graphs import GraphedProblem
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
@@ -45,7 +45,7 @@ def optimize(
         zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
         solution = Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
     elif solver == "fast":
-        solution = _fast(problem, initial, constraint, beyond)
+        solution = _fast(problem, initial, constraint, beyond, backend)
     else:
         if fused_head is not None:
             solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
@@ -56,7 +56,9 @@ def optimize(
             check_solution(solution, constraint, initial.dtype, suspects)  # the loop's own cause first
             start, evaluations = solution.params, solution.evaluations
             if fused_head is None:
-                start, evaluations = _better_of(problem, solution, _fast(problem, initial, constraint, beyond))
+                start, evaluations = _better_of(
+                    problem, solution, _fast(problem, initial, constraint, beyond, backend)
+                )
             budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
             params, steps, descent = descend(problem, start, constraint, beyond.tolerance, budget)
             solution.params, solution.iterations = params, solution.iterations + steps
@@ -65,8 +67,11 @@ def optimize(
     return solution
 
 
-def _fast(problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings) -> Solution:
-    result = fast_minimize(problem, initial, constraint, beyond.tolerance, beyond.max_evaluations)
+def _fast(
+    problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings, backend: str
+) -> Solution:
+    result = fast_minimize(problem, initial, constraint, beyond.tolerance, beyond.max_evaluations,
+                           qp=bundle_qp(backend))  # fmt: skip
     return Solution(params=result.params, iterations=result.evaluations, loss=result.loss)
 
 

@@ -396,7 +396,9 @@ def test_gauss_far_off_the_grid_stays_finite():
 # Ctrl-C reaches a long compiled loop.
 
 INTERRUPTED_EXPLAIN = """
-import sys, time, torch, caffast
+import signal, sys, time, torch, caffast
+# a shell's background job starts with SIGINT ignored, and Python then installs no handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from caffast.eval.demo_model import DemoCNN
 torch.manual_seed(0)
 model, images = DemoCNN().eval(), torch.randn(int(sys.argv[1]), 3, 64, 64)

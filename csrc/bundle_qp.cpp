@@ -1,4 +1,5 @@
-// Each problem alone, in the operation order of the NumPy twin, so that both give the same numbers.
+// Each problem alone, in the operation order of the NumPy twin, so that both agree to rounding
+// (NumPy's trace and einsum may sum in another order: differences of about 1e-15).
 #include "bundle_qp.h"
 
 #include <algorithm>

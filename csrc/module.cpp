@@ -183,6 +183,7 @@ py::array bundle_qp_py(const py::handle& gram_obj, const py::handle& alpha_obj, 
   require(valid.ndim() == 2, "valid must have 2 dimensions");
   require_shape(valid, "valid", {problems, cuts});
   require(iterations >= 0, "iterations must be non-negative");
+  require(cuts > 0 || problems == 0, "each problem needs at least one cut (gram has K = 0)");
   py::array_t<double> lambda({problems, cuts});
   const double* g = gram.data();
   const double* a = alpha.data();

@@ -72,3 +72,19 @@ def test_run_feeds_a_vit_its_own_input(tmp_path):
     recorded = json.loads((out / "config.json").read_text())["input"]
     assert recorded["mean"] == [0.5, 0.5, 0.5] and recorded["interpolation"] == "bicubic"
     assert recorded["crop_pct"] == pytest.approx(0.9)
+
+
+def test_the_default_preprocessing_is_recorded_as_before_so_older_runs_resume():
+    # run folders made before crop_pct and interpolation existed hold these four keys only
+    assert IMAGENET.record() == {"size": 224, "crop": True, "mean": IMAGENET.mean, "std": IMAGENET.std}
+    vit = model_preprocessing("vit_tiny_patch16_224", "random").record()
+    assert vit["crop_pct"] == pytest.approx(0.9) and vit["interpolation"] == "bicubic"
+
+
+def test_torchvision_weights_for_a_timm_model_are_refused():
+    from torchvision.models import ResNet18_Weights
+
+    from caffast.models.zoo import build_model
+
+    with pytest.raises(ValueError, match="timm pretrained tag"):
+        build_model("resnet18.a1_in1k", ResNet18_Weights.IMAGENET1K_V1)

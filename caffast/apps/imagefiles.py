@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -42,9 +42,10 @@ class ImageReadError(Exception):
 class Preprocessing:
     """How an image file becomes a model input.
 
-    crop: the shorter side is resized to size / crop_pct (the reference's 256 for 224), then a centre
-    crop of size x size is taken; otherwise the whole picture is resized to size x size.  Then each
-    channel becomes (x - mean) / std.  timm's models bring their own crop_pct, interpolation, mean and std.
+    crop: the shorter side is resized to floor(size / crop_pct) as timm does (the reference's 256 for
+    224; other sizes may differ by a pixel from round(size * 256 / 224)), then a centre crop of size x
+    size is taken; otherwise the whole picture is resized to size x size.  Then each channel becomes
+    (x - mean) / std.  timm's models bring their own crop_pct, interpolation, mean and std.
     """
 
     size: int
@@ -53,6 +54,16 @@ class Preprocessing:
     std: tuple[float, float, float]
     crop_pct: float = 224 / 256
     interpolation: str = "bilinear"  # a torchvision InterpolationMode value: "bilinear", "bicubic", ...
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a run's config.json holds them.  crop_pct and interpolation came later and
+        are written only where they differ from their defaults, so that folders made before them
+        (with the same, default, preprocessing) still resume."""
+        settings = asdict(self)
+        for later in ("crop_pct", "interpolation"):
+            if settings[later] == getattr(Preprocessing, later):
+                del settings[later]
+        return settings
 
 
 IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)

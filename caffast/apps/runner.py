@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -459,7 +459,7 @@ def _run(
         "weights": model.weights,
         "layer": model.layer,
         "dtype": args.dtype,
-        "input": asdict(model.preprocessing),
+        "input": model.preprocessing.record(),
         "explain": options,
         "overlays": args.overlays,
     }

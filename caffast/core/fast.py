@@ -198,7 +198,8 @@ def _bundle_step(cuts: torch.Tensor, alpha: torch.Tensor, t: torch.Tensor, valid
 def bundle_qp(gram: np.ndarray, alpha: np.ndarray, t: np.ndarray, valid: np.ndarray, iterations: int) -> np.ndarray:
     """min over the simplex of t/2 lambda^T gram lambda + alpha^T lambda, batched over the first axis
     (only the valid cuts take weight): `iterations` FISTA steps with a Euclidean simplex projection,
-    started at the cut of least error (the centre).  The twin of the compiled caffast._C.bundle_qp."""
+    started at the cut of least error (the centre).  The twin of the compiled caffast._C.bundle_qp,
+    which agrees with it to rounding."""
     a = np.where(valid, alpha, 0.0)
     steps = t[:, None]
     # a Lipschitz bound of the gradient t * gram @ lambda: t times the largest eigenvalue <= t * trace

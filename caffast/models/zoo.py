@@ -84,6 +84,11 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
     """A timm model: random weights, a local state dict, or timm's pretrained weights (its default
     tag with "DEFAULT" or "pretrained", or a tag such as "a1_in1k"), loaded as timm loads them."""
     timm = _timm()
+    if isinstance(weights, WeightsEnum):
+        raise ValueError(
+            f"{weights} are torchvision weights, but {name!r} is a timm model: pass a timm pretrained tag "
+            "(\"DEFAULT\" or one such as \"a1_in1k\"), a state-dict file, or None for random weights"
+        )
     if weights is None:
         return timm.create_model(name, pretrained=False, **kwargs).eval()
     if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
@@ -99,9 +104,9 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
 
 def _timm_tagged(name: str, weights: Weights) -> str:
     """timm's name for `name` with the pretrained tag that `weights` names ("a1_in1k"); "DEFAULT",
-    "pretrained", random weights, a file, or a name that has its tag already keep timm's default."""
+    "pretrained", random weights (None), a file, or a name that has its tag already keep timm's default."""
     tag = None if weights is None or isinstance(weights, WeightsEnum) else os.fspath(weights)
-    if tag is None or tag in ("DEFAULT", "pretrained", "random") or "." in name or os.path.isfile(tag):
+    if tag is None or tag in ("DEFAULT", "pretrained") or "." in name or os.path.isfile(tag):
         return name
     return f"{name}.{tag}"
 

@@ -10,6 +10,7 @@ from torchvision.ops.misc import Permute
 
 import caffast
 from caffast.cam import L2CAF
+from reference_loop import capture
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +69,7 @@ def vit_transform(height, width):
 def test_vit_tokens_leave_the_class_token_alone(vit):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     layer = vit.encoder.layers[-2]
-    with torch.no_grad():
-        seen = []
-        handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        vit(images)
-        handle.remove()
-    tokens = seen[0]
+    _, tokens = capture(vit, layer, images)
     filters = torch.ones(2, 4, 4, requires_grad=True)
 
     def filtered(_m, _i, _out):  # the oracle: patch tokens times f / ||f||, the class token as it was

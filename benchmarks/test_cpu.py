@@ -13,7 +13,7 @@ import caffast
 from caffast.backends import solve_fused
 from caffast.eval.gradcam import grad_cam
 from caffast.core.heads import detect_head, precompute
-from caffast.core.losses import class_signs
+from caffast.core.losses import CLASS_LOSSES
 from caffast.core.loop import LoopSettings
 from caffast.core.breakpoints import split
 from caffast.models.zoo import reference_head
@@ -104,8 +104,7 @@ class TestLoop:
         spec = detect_head(tail, grid)
         index = torch.zeros(1, dtype=torch.long)
         targets = capture.output.argmax(dim=1)
-        signs = class_signs(targets, capture.output.shape[1], torch.float64) if mode == "specific" else None
-        head = precompute(spec, capture.features, index, mode, signs)
+        head = precompute(spec, capture.features, index, mode, CLASS_LOSSES["release"], targets)
         settings = LoopSettings(optimizer="sgd", lr=0.5, check_every=50, **STOPPING[stopping])
         initial = torch.ones(1, *grid, dtype=torch.float64)
         benchmark.group = f"{arch}-{mode}-{stopping}-loop"

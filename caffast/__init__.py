@@ -3,12 +3,17 @@
 from .engine.explain import Explanation, explain
 from .core.constraints import L2_CAF, normalize_filter
 from .core.finite import NonFiniteError
+from .core.losses import CLASS_LOSSES, ClassLoss
+from .engine.flat import FlatMapWarning
 from .core.optimizers import polynomial_lr_decay
 from .viz import apply_heatmap
 from .models.zoo import load_architecture
 
 __all__ = [
+    "CLASS_LOSSES",
+    "ClassLoss",
     "Explanation",
+    "FlatMapWarning",
     "L2_CAF",
     "NonFiniteError",
     "apply_heatmap",

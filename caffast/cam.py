@@ -149,7 +149,9 @@ class L2CAF(_CAM):
     (max_iter, lr, solver, map, layout, ...).
 
     The default is class-specific for the given targets (the top-1 class when None), as a
-    class-discriminative CAM method would be.  With `eigen_smooth` the map is the first principal
+    class-discriminative CAM method would be.  A class target (an int, or ClassifierOutputTarget(c))
+    raises class c's logit, as it scores for pytorch-grad-cam (`loss="logit"`; pass another `loss`
+    among explain_options to change it).  With `eigen_smooth` the map is the first principal
     component of A * f, the activations times the converged filter.
     """
 
@@ -159,7 +161,7 @@ class L2CAF(_CAM):
         base = {key: explain_options.pop(key) for key in accepted if key in explain_options}
         super().__init__(model, target_layers, reshape_transform, *args, **base)
         self.mode = mode
-        self.explain_options = explain_options
+        self.explain_options = {"loss": "logit", **explain_options}
 
     def maps(self, images: torch.Tensor, layer: Union[str, nn.Module], rows: Optional[list], eigen_smooth: bool) -> torch.Tensor:
         targets = rows if self.mode == "specific" else None

@@ -44,7 +44,7 @@ def test_l2caf_equals_explain_upsampled(model):
     images = torch.randn(2, 3, 64, 64)
     with L2CAF(model, target_layers=[model.layer4], max_iter=30) as cam:
         maps = cam(input_tensor=images, targets=[ClassifierOutputTarget(3), 1])
-    exp = caffast.explain(model, images, model.layer4, mode="specific", targets=torch.tensor([[3], [1]]), max_iter=30)
+    exp = caffast.explain(model, images, model.layer4, mode="specific", targets=torch.tensor([[3], [1]]), max_iter=30, loss="logit")
     np.testing.assert_allclose(maps, exp.upsample(64)[:, 0].numpy(), atol=1e-6)
 
 
@@ -72,5 +72,5 @@ def test_l2caf_takes_the_map_and_solver_options(model):
     with L2CAF(model, target_layers=[model.layer4], map="positive", solver="exact") as cam:
         maps = cam(input_tensor=images, targets=[3, 1])
     exp = caffast.explain(model, images, model.layer4, mode="specific", targets=torch.tensor([[3], [1]]),
-                          map="positive", solver="exact")
+                          map="positive", solver="exact", loss="logit")
     np.testing.assert_allclose(maps, exp.upsample(64)[:, 0].numpy(), atol=1e-6)

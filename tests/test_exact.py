@@ -200,13 +200,18 @@ def test_objective_is_the_loss_at_the_returned_filter():
     torch.manual_seed(4)
     model = small_cnn(6, relu_head=True)
     images = torch.randn(2, 3, 10, 10, dtype=torch.float64)
-    result = caffast.explain(model, images, "2", mode="specific", targets=[1], max_iter=100)
+    result = caffast.explain(model, images, "2", mode="specific", targets=[1], max_iter=100, loss="release")
     features = model[:3](images)
     g = F.normalize(result.filters.flatten(2), dim=2).view_as(result.filters)[:, 0]
     logits = model[3:](features * g[:, None])
     signs = torch.ones(6, dtype=torch.float64)
     signs[1] = -1
     assert torch.allclose(result.objective[:, 0], logits @ signs)
+    default = caffast.explain(model, images, "2", mode="specific", targets=[1], max_iter=100)
+    g = F.normalize(default.filters.flatten(2), dim=2).view_as(default.filters)[:, 0]
+    logits = model[3:](features * g[:, None])
+    margin = (logits.sum(1) - logits[:, 1]) / 5 - logits[:, 1]  # the mean of the other five, minus the target
+    assert torch.allclose(default.objective[:, 0], margin)
 
 
 def test_no_cell_lowers_the_loss_and_two_tie():

@@ -12,7 +12,7 @@ from caffast.core.breakpoints import split
 from caffast.core.constraints import as_constraint, initial_parameters
 from caffast.core.exact import stationarity
 from caffast.core.fast import bundle_qp, fast_minimize
-from caffast.core.losses import Objective, class_signs
+from caffast.core.losses import CLASS_LOSSES, Objective
 
 CLASSES = 10
 
@@ -102,8 +102,9 @@ def _problem(model: nn.Module, images: torch.Tensor, layer: str, mode: str, cons
     image_index = torch.arange(images.shape[0])
     reference = capture.output.index_select(0, image_index)
     targets = capture.output.argmax(1)
-    signs = class_signs(targets, CLASSES, torch.float64) if mode == "specific" else None
-    objective = Objective(mode=mode, reference=reference, signs=signs)
+    loss = CLASS_LOSSES["margin"]
+    weights = loss.weights(targets, CLASSES, torch.float64) if mode == "specific" else None
+    objective = Objective(mode, reference, loss, targets, weights)
     grid = tuple(capture.features.shape[2:])
     kind = as_constraint(constraint)
     problem = AutogradProblem(tail, capture.features, image_index, objective, kind, grid)

@@ -98,7 +98,7 @@ def test_first_component_is_pytorch_grad_cams_projection():
 def test_eigen_smooth_maps_the_first_component_of_the_filtered_activations(resnet):
     images = torch.randn(2, 3, 64, 64)
     maps = L2CAF(resnet, [resnet.layer4], max_iter=30)(images, [1, 2], eigen_smooth=True)
-    exp = explain(resnet, images, "layer4", mode="specific", targets=torch.tensor([[1], [2]]), max_iter=30)
+    exp = explain(resnet, images, "layer4", mode="specific", targets=torch.tensor([[1], [2]]), max_iter=30, loss="logit")
     projection = get_2d_projection((exp.features * exp.filters).numpy())
     expected = upsample_maps(torch.from_numpy(np.maximum(projection, 0))[:, None], 64)[:, 0].numpy()
     np.testing.assert_allclose(maps, expected, atol=1e-5)

@@ -34,6 +34,11 @@ from reference_loop import (  # noqa: E402
 import caffast  # noqa: E402
 
 
+def explain(*args, **kwargs):
+    """caffast.explain with the release's class-specific loss, the one the reference loop computes."""
+    return caffast.explain(*args, loss="release", **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread for both the oracle and the library here.  Every tensor in these tests
@@ -211,7 +216,7 @@ def test_arch_parity(get_model, gen, arch, layer, hw, mode):
     else:
         targets, targets_arg = [[None], [None]], None
     m, refs, _ = _calibrated(model, images, layer, targets, mode, **ARCH_KW)
-    exp = caffast.explain(model, images, layer, mode=mode, targets=targets_arg, min_error=m,
+    exp = explain(model, images, layer, mode=mode, targets=targets_arg, min_error=m,
                           **ARCH_KW)
     assert_parity(exp, refs, model, images, ARCH_KW["max_iter"])
 
@@ -280,7 +285,7 @@ def test_batch_targets_list(get_model, gen):
     a, b = rand_classes(gen, 2)
     targets = [[a, b]] * 3
     m, refs, mixed = _calibrated(model, images, "layer4", targets, "specific", **BATCH_KW)
-    exp = caffast.explain(model, images, "layer4", mode="specific", targets=[a, b],
+    exp = explain(model, images, "layer4", mode="specific", targets=[a, b],
                           min_error=m, **BATCH_KW)
     assert tuple(exp.targets.shape) == (3, 2)
     assert_parity(exp, refs, model, images, BATCH_KW["max_iter"])
@@ -293,7 +298,7 @@ def test_batch_targets_tensor(get_model, gen):
     tt = torch.stack([torch.randperm(NUM_CLASSES, generator=gen)[:2] for _ in range(3)])
     targets = tt.tolist()
     m, refs, mixed = _calibrated(model, images, "layer4", targets, "specific", **BATCH_KW)
-    exp = caffast.explain(model, images, "layer4", mode="specific", targets=tt,
+    exp = explain(model, images, "layer4", mode="specific", targets=tt,
                           min_error=m, **BATCH_KW)
     assert torch.equal(torch.as_tensor(exp.targets).long(), tt.long())
     assert_parity(exp, refs, model, images, BATCH_KW["max_iter"])
@@ -305,7 +310,7 @@ def test_oblivious_mixed_stops(get_model, gen):
     images = rand_images(gen, 3, SMALL_HW)
     targets = [[None]] * 3
     m, refs, mixed = _calibrated(model, images, "layer3.1.conv1", targets, "oblivious", **BATCH_KW)
-    exp = caffast.explain(model, images, "layer3.1.conv1", mode="oblivious", min_error=m,
+    exp = explain(model, images, "layer3.1.conv1", mode="oblivious", min_error=m,
                           **BATCH_KW)
     assert_parity(exp, refs, model, images, BATCH_KW["max_iter"])
     _assert_mixed_stops(refs, exp, BATCH_KW["max_iter"], mixed)
@@ -316,7 +321,7 @@ def test_runs_to_max_iter_with_zero_min_error(get_model, gen):
     images = rand_images(gen, 2, BATCH_HW)
     a, b = rand_classes(gen, 2)
     kw = dict(max_iter=13, lr=0.5, min_error=0.0, check_every=1)
-    exp = caffast.explain(model, images, "layer4", mode="specific", targets=[a, b], **kw)
+    exp = explain(model, images, "layer4", mode="specific", targets=[a, b], **kw)
     refs = solve_all(model, images, "layer4", [[a, b]] * 2, "specific", **kw)
     assert all(r["iterations"] == 13 for row in refs for r in row)
     assert (torch.as_tensor(exp.iterations) == 13).all()
@@ -331,7 +336,7 @@ def test_default_check_every(get_model, gen):
                   check_every=50, min_error=0.0)
     assert [i for i, _ in full["history"]] == [0, 50]
     m = 2.0 * min_check_delta(full["history"])
-    exp = caffast.explain(model, images, "layer3", mode="oblivious", max_iter=53, min_error=m)
+    exp = explain(model, images, "layer3", mode="oblivious", max_iter=53, min_error=m)
     refs = solve_all(model, images, "layer3", [[None]] * 2, "oblivious", max_iter=53, lr=0.5,
                      check_every=50, min_error=m)
     assert refs[0][0]["iterations"] == 51
@@ -343,7 +348,7 @@ def test_stop_at_first_check(get_model, gen):
     model = get_model("resnet18")
     images = rand_images(gen, 2, SMALL_HW)
     kw = dict(max_iter=20, min_error=1e9, check_every=7)
-    exp = caffast.explain(model, images, "layer3", mode="oblivious", **kw)
+    exp = explain(model, images, "layer3", mode="oblivious", **kw)
     refs = solve_all(model, images, "layer3", [[None]] * 2, "oblivious", **kw)
     assert all(r["iterations"] == 1 for row in refs for r in row)
     assert_parity(exp, refs, model, images, 20)
@@ -380,7 +385,7 @@ def test_options_parity(get_model, gen, constraint, optimizer, init):
         H, W = hw[0] // 16, hw[1] // 16
         inits = normal_init(seed, 2, 1, (2,) if constraint == "gauss" else (H, W))
     m, refs, _ = _calibrated(model, images, layer, targets, mode, inits=inits, **kw)
-    exp = caffast.explain(model, images, layer, mode=mode, targets=targets_arg, init=init,
+    exp = explain(model, images, layer, mode=mode, targets=targets_arg, init=init,
                           seed=seed if init == "normal" else None, min_error=m, **kw)
     assert_parity(exp, refs, model, images, OPT_KW["max_iter"], constraint=constraint)
     if constraint in ("softmax", "gauss"):
@@ -464,7 +469,7 @@ def test_user_objective(get_model, gen):
     model = get_model("resnet18")
     images = rand_images(gen, 2, (64, 80))
     kw = dict(max_iter=10, lr=0.5, min_error=1e-4, check_every=3)
-    exp = caffast.explain(model, images, "layer4", objective=l1_objective, **kw)
+    exp = explain(model, images, "layer4", objective=l1_objective, **kw)
     refs = solve_all(model, images, "layer4", [[None]] * 2, "oblivious",
                      objective=l1_objective, **kw)
     assert_parity(exp, refs, model, images, 10, check_targets=False)
@@ -477,7 +482,7 @@ def test_targets_none_is_top1(get_model, gen):
     model = get_model("googlenet")
     images = rand_images(gen, 3, (64, 64))
     kw = dict(max_iter=6, lr=0.5, min_error=1e-6, check_every=2)
-    exp = caffast.explain(model, images, "inception5b", mode="specific", targets=None, **kw)
+    exp = explain(model, images, "inception5b", mode="specific", targets=None, **kw)
     with torch.no_grad():
         top1 = model(images).argmax(dim=1)
     assert tuple(exp.targets.shape) == (3, 1)
@@ -492,7 +497,7 @@ def test_layer_as_module(get_model, gen):
     module = model.layer3[1].conv1
     kw = dict(max_iter=8, lr=0.5, min_error=1e-6, check_every=4)
     cls = rand_classes(gen, 1)
-    exp = caffast.explain(model, images, module, mode="specific", targets=cls, **kw)
+    exp = explain(model, images, module, mode="specific", targets=cls, **kw)
     refs = solve_all(model, images, "layer3.1.conv1", [cls] * 2, "specific", **kw)
     assert_parity(exp, refs, model, images, 8)
 
@@ -505,7 +510,7 @@ def test_layer_as_module(get_model, gen):
 def test_upsample(get_model, gen, size):
     model = get_model("resnet18")
     images = rand_images(gen, 2, (96, 80))
-    exp = caffast.explain(model, images, "layer3", mode="specific",
+    exp = explain(model, images, "layer3", mode="specific",
                           targets=rand_classes(gen, 2), max_iter=6, check_every=3, min_error=0.0)
     up = exp.upsample(size)
     N, T, H, W = exp.maps.shape

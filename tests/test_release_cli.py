@@ -124,7 +124,8 @@ def test_tf_release_run(tmp_path, photo):
     assert "optimizer='adam_tf1', init='normal', seed=3, end_lr=0.0" in messages[1]
     rgb, tensor = load_image(str(photo))
     exp = caffast.explain(model, tensor[None], "layer4", mode="specific", targets=[207], max_iter=120,
-                          lr=0.5, optimizer="adam_tf1", init="normal", seed=3, end_lr=0.0, history=True)
+                          lr=0.5, optimizer="adam_tf1", init="normal", seed=3, end_lr=0.0, history=True,
+                          loss="release")
     heat = exp.maps[0, 0].numpy()
     with Image.open(out / "photo_msk_cls_207_l2norm.png") as mask:
         assert mask.mode == "L" and mask.size == (7, 7)
@@ -151,7 +152,8 @@ def test_layers_lists_the_4d_outputs_at_224(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet18 at 224 x 224: 66 modules")
     rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
-    assert rows["conv1"] == "(64, 112, 112)" and rows["layer4"] == "(512, 7, 7)  <- default"
+    assert rows["conv1"] == "(64, 112, 112)" and rows["layer4"] == "(512, 7, 7)  7x7 fused  <- default"
+    assert rows["layer4.1.conv2"] == "(512, 7, 7)  7x7 generic"  # tried: one of the last 12 with a grid
     assert rows["layer1.0.relu"] == "(64, 56, 56)  (2 calls)" and rows["avgpool"] == "(512, 1, 1)"
     assert "fc" not in rows and "" not in rows
 

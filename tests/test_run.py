@@ -160,6 +160,24 @@ def test_other_settings_are_refused(dataset, reference, capsys):
     assert f"{IMAGES + 1} skipped" in capsys.readouterr().out
 
 
+def test_a_folder_of_an_older_caffast_resumes_with_the_loss_it_ran(dataset, tmp_path, capsys):
+    """config.json files written before the class-specific loss was a setting hold no explain.loss:
+    those runs used the release's loss, so the folder takes --loss release and refuses the default."""
+    out = tmp_path / "older"
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copy(dataset / "a.png", few / "a.png")
+    assert main(_run_args(few, out, "--loss", "release")) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["explain"]["loss"]
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(_run_args(few, out)) == 2
+    assert "explain.loss 'release' there, 'margin' now" in capsys.readouterr().err
+    assert main(_run_args(few, out, "--loss", "release")) == 0
+    assert "1 skipped" in capsys.readouterr().out
+
+
 def _failing_for_large_batches(monkeypatch, largest: int) -> list[int]:
     """Make the runner's explain raise out-of-memory for batches above `largest`; returns the sizes seen."""
     sizes = []

@@ -53,7 +53,8 @@ def test_tf_release_loop_equals_its_restatement(backend, mode, target):
     image = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     settings = dict(max_iter=120, lr=0.5, min_error=1e-9, check_every=10)
     exp = caffast.explain(model, image, "features", mode=mode, targets=None if target is None else [target],
-                          optimizer="adam_tf1", end_lr=0.0, init="normal", seed=11, backend=backend, **settings)
+                          optimizer="adam_tf1", end_lr=0.0, init="normal", seed=11, backend=backend, loss="release",
+                          **settings)
     assert exp.path == "fused" and exp.backend == backend
     init = torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(11), dtype=torch.float64)[0]
     ref = reference_l2caf(model, image, "features", target, mode=mode, optimizer="adam_tf1", end_lr=0.0,
@@ -69,6 +70,7 @@ def test_end_lr_is_the_schedule_floor():
     image = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     settings = dict(mode="specific", max_iter=40, lr=0.5, min_error=0.0)
     ref = reference_l2caf(model, image, "features", 3, end_lr=0.0, **settings)
+    settings["loss"] = "release"  # the restated loop's
     for options in (dict(backend="cpp"), dict(backend="torch", fused=False)):
         exp = caffast.explain(model, image, "features", targets=[3], end_lr=0.0, **options, **settings)
         torch.testing.assert_close(exp.filters[0, 0], ref["filter"], atol=1e-10, rtol=0)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -17,15 +18,17 @@ import torch
 
 from ..cam import GradCAM
 from ..core.constraints import CONSTRAINTS, INITS, MAPS
+from ..core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..engine.explain import Explanation, explain
+from ..engine.flat import quiet_trial
 from ..engine.solvers import SOLVERS
 from ..eval.localization import evaluate_scenes, scene_batch
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
-    CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
-    model_preprocessing, parse_classes, say, show_progress,
+    CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, flat_map_notes,
+    load_image, load_model, model_preprocessing, parse_classes, say, show_progress,
 )  # fmt: skip
 from .distributed import DEFAULT_RANK_TIMEOUT
 
@@ -58,8 +61,10 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
 
 
 def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options) -> Explanation:
+    """explain, with its refusals as one-line errors and its flat-map warnings as lines."""
     try:
-        return explain(model, images, layer, **options)
+        with flat_map_notes(lambda message: say(f"caffast: warning: {message}")):
+            return explain(model, images, layer, **options)
     except (ValueError, TypeError) as error:
         raise CliError(str(error)) from None
 
@@ -74,6 +79,7 @@ def _explain_files(
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    flat = 0
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path, preprocessing)
@@ -82,7 +88,10 @@ def _explain_files(
         paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
+        flat += int(exp.flat.sum())
     show_progress(len(images), len(images), "explaining")
+    if flat:
+        say(f"caffast: {flat} of the maps are flat and show nothing (the warnings above say why and where to look instead)")
     return list(dict.fromkeys(written))  # an image given twice writes its files once
 
 
@@ -129,7 +138,7 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         log.info(argparse.Namespace(output_dir=args.output_dir, log_file=args.log_file, input_img=args.input_img,
                                     arch=args.arch, max_iter=args.max_iter, lr=args.lr, min_error=args.min_error,
                                     cls_logits=classes, logger=log))  # fmt: skip
-        extras = ("weights", "layer", "constraint", "optimizer", "init", "seed", "end_lr", "solver", "map", "backend",
+        extras = ("weights", "layer", "constraint", "optimizer", "init", "seed", "end_lr", "loss", "solver", "map", "backend",
                   "device", "tf_release")  # fmt: skip
         log.info("caffast: " + ", ".join(f"{key}={getattr(args, key)!r}" for key in extras))
         image = _release_image(args.input_img)
@@ -224,13 +233,15 @@ def _release_count(steps: int, args: argparse.Namespace) -> int:
 
 
 def _command_layers(args: argparse.Namespace) -> None:
-    """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape."""
+    """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape,
+    the path explain takes there and whether the map comes back flat (on --image, or a blank one)."""
     if args.arch == "demo":
         from ..eval.demo_model import load_demo_model
 
-        model, size, default = load_demo_model(), args.size or 64, "features"
+        model, size, default, preprocessing = load_demo_model(), args.size or 64, "features", None
     else:
-        model, size = load_model(args.arch, "random", "cpu"), args.size or 224
+        model, size = load_model(args.arch, args.weights, "cpu"), args.size or 224
+        preprocessing = model_preprocessing(args.arch, args.weights)
         try:
             default = default_layer(args.arch)
         except CliError:
@@ -241,13 +252,36 @@ def _command_layers(args: argparse.Namespace) -> None:
         found = feature_map_layers(model, size)
     except RuntimeError as error:
         raise CliError(f"{args.arch} does not run on a {size} x {size} input: {str(error).splitlines()[0]}") from None
-    print(f"{args.arch} at {size} x {size}: {len(found)} modules output a 4-D map, shown as (C, H, W); "
-          "pass a name as --layer")  # fmt: skip
+    if args.image:
+        if preprocessing is None:
+            raise CliError("--image needs a model with its preprocessing: not the demo model")
+        images = load_image(args.image, replace(preprocessing, size=size))[1][None]
+    else:  # noise: a blank image gives every cell the same features, hence flat maps everywhere
+        images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    spatial = [name for name, shapes in found if min(shapes[0][1:]) >= 2]
+    tried = set(spatial[-args.check :] if args.check > 0 else [])
+    print(f"{args.arch} at {size} x {size}: {len(found)} modules output a 4-D map, shown as (C, H, W). The last "
+          f"{len(tried)} with a grid are tried on {args.image or 'a noise image'} (--check sets how many): the grid, "
+          "the path explain takes (fused: the head's closed form; generic: autograd through the tail), and FLAT "
+          "where the map comes back flat. Pass a name as --layer")  # fmt: skip
     width = max((len(name) for name, _ in found), default=0)
     for name, shapes in found:
         text = ", ".join(str(shape) for shape in dict.fromkeys(shapes))
         calls = f"  ({len(shapes)} calls)" if len(shapes) > 1 else ""
-        print(f"  {name:{width}s}  {text}{calls}{'  <- default' if name == default else ''}")
+        verdict = f"  {_layer_verdict(model, images, name)}" if name in tried else ""
+        print(f"  {name:{width}s}  {text}{calls}{verdict}{'  <- default' if name == default else ''}", flush=True)
+
+
+def _layer_verdict(model: torch.nn.Module, images: torch.Tensor, layer: str) -> str:
+    """One step of explain at `layer`: its path, and FLAT where the map comes back flat."""
+    trial = quiet_trial(lambda: explain(model, images, layer, mode="specific", max_iter=1, check_every=1))
+    if trial is None:
+        return "(cannot be explained)"
+    grid = "x".join(map(str, trial.maps.shape[-2:]))
+    if not bool(trial.flat.any()):
+        return f"{grid} {trial.path}"
+    cause = "its gradient is 0: the tail is saturated" if bool((trial.gradient_norm == 0).all()) else "uniform"
+    return f"{grid} {trial.path}  FLAT ({cause})"
 
 
 def _print_table(results: dict[str, dict[str, float]]) -> None:
@@ -266,7 +300,23 @@ def _command_evaluate(args: argparse.Namespace) -> None:
     _print_table(results)
 
 
+def _command_real_demo(out: Path) -> None:
+    from ..eval.real_demo import write_real_demo
+
+    try:
+        path, rates = write_real_demo(out)
+    except ImportError as error:
+        raise CliError(f"caffast demo --real: {error}") from None
+    print(f"class-specific maps of an ImageNet-trained EfficientNet-Lite0 on real photos: {path}")
+    print("pointing game over the real tier (the map's peak inside the object's box):")
+    for method, rate in rates.items():
+        print(f"  {method:24s} {rate:.2f}")
+
+
 def _command_demo(args: argparse.Namespace) -> None:
+    if args.real:
+        _command_real_demo(Path(args.out))
+        return
     from PIL import Image
 
     from ..eval.demo_model import CLASS_NAMES, load_demo_model
@@ -307,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="scene seed")
     demo.add_argument("--scenes", type=int, default=50, help="scenes for the localization comparison")
     demo.add_argument("--max-iter", type=int, default=1000)
+    demo.add_argument("--real", action="store_true",
+                      help="an ImageNet-trained network on real photos beside Grad-CAM (needs caffast[real])")
 
     def model_options(command: argparse.ArgumentParser, reference: bool) -> None:
         """Shared flags; the reference's (class_*) spell them with underscores and take their defaults
@@ -343,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="gd: the reference loop; fast: tens of evaluations to a lower loss; exact: the "
                                   "minimizer (closed form for plain heads)")
         command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
+        command.add_argument("--loss", choices=list(CLASS_LOSSES), default="release" if reference else DEFAULT_CLASS_LOSS,
+                             help="the class-specific loss: margin (the target logit against the mean of the others), "
+                                  "logit, log_softmax, or release (the target logit against the sum of the others: "
+                                  "on trained networks its maps hardly depend on the class); default: "
+                                  + ("release, as the release" if reference else DEFAULT_CLASS_LOSS))  # fmt: skip
 
     def explain_settings(command: argparse.ArgumentParser) -> None:
         command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
@@ -402,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="list a model's candidate breakpoints (modules that output a 4-D map)")
     layers.add_argument("--arch", default="resnet50", help="a torchvision classification architecture, or demo")
     layers.add_argument("--size", type=int, help="input side in pixels (default: 224; 64 for demo)")
+    layers.add_argument("--weights", default="random",
+                        help="as for explain; flat maps show on trained weights (default: random)")
+    layers.add_argument("--image", help="an image to try the layers on (default: a blank image)")
+    layers.add_argument("--check", type=int, default=12, help="how many of the last layers to try (default: 12)")
 
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
     evaluate.add_argument("--scenes", type=int, default=2000)

@@ -12,13 +12,16 @@ import os
 import pickle
 import re
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from ..engine.flat import FlatMapWarning
 from ..models.zoo import build_model, timm_default_layer, timm_name, timm_preprocessing
 from .imagefiles import IMAGENET, ImageReadError, Preprocessing, read_image
 
@@ -32,6 +35,19 @@ class CliError(Exception):
 
 
 _progress_open = False  # a progress bar is on the last line of stderr, without its newline
+
+
+@contextmanager
+def flat_map_notes(note: Callable[[str], None]) -> Iterator[None]:
+    """The FlatMapWarnings raised inside go to `note` (a line for the user); other warnings pass on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FlatMapWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, FlatMapWarning):
+            note(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def show_progress(done: int, total: int, label: str) -> None:
@@ -223,4 +239,4 @@ def explain_options(args: argparse.Namespace) -> dict:
     return {"mode": args.mode, "targets": parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
             "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver,
             "constraint": args.constraint, "optimizer": args.optimizer, "init": args.init, "seed": args.seed,
-            "end_lr": args.end_lr}
+            "end_lr": args.end_lr, "loss": args.loss}

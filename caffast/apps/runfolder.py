@@ -60,6 +60,15 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _with_recorded_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A config.json of an older caffast, with the settings it did not record set as it ran them: its
+    class-specific loss was the release's."""
+    explain_settings = stored.get("explain")
+    if isinstance(explain_settings, dict) and "loss" not in explain_settings:
+        return {**stored, "explain": {**explain_settings, "loss": "release"}}
+    return stored
+
+
 class RunFolder:
     """Paths and files of one output folder; every write is atomic."""
 
@@ -135,7 +144,7 @@ class RunFolder:
                     f"{path} cannot be read ({error}), so the results in {self.root} cannot be trusted: "
                     "pass another --out, or delete that folder to start over"
                 ) from None
-            differences = self._differences(stored, config)
+            differences = self._differences(_with_recorded_defaults(stored), config)
             if differences:
                 raise ConfigMismatch(
                     f"{self.root} holds results of other settings ({'; '.join(differences)}): rerun with the "

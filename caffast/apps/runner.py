@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from .atomic import write_atomically
 from .common import (
-    CliError, default_layer, explain_options, load_model, model_preprocessing, say, show_progress, weights_error,
+    CliError, default_layer, explain_options, flat_map_notes, load_model, model_preprocessing, say, show_progress,
+    weights_error,
 )  # fmt: skip
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
@@ -145,6 +146,8 @@ class Tally:
     done: int = 0
     failed: int = 0
     planned: int = 0  # images this process was to explain
+    flat: int = 0  # maps that came back flat (each also marked in its index row)
+    flat_note: Optional[str] = None  # the first flat-map warning, shown once
 
     @property
     def left(self) -> int:
@@ -174,7 +177,8 @@ class Runner:
         size = self.model.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
-            explain(self.model.model, blank, self.model.layer, backend=self.backend, **{**self.options, "max_iter": 1})
+            with flat_map_notes(lambda message: None):  # a blank image may well give a flat map
+                explain(self.model.model, blank, self.model.layer, backend=self.backend, **{**self.options, "max_iter": 1})
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
                            "and --classes") from None
@@ -203,7 +207,8 @@ class Runner:
             return
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
-            explanation = explain(self.model.model, images, self.model.layer, backend=self.backend, **self.options)
+            with flat_map_notes(self._note_flat):
+                explanation = explain(self.model.model, images, self.model.layer, backend=self.backend, **self.options)
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
             message = f"{type(error).__name__}: {error}"
@@ -226,6 +231,11 @@ class Runner:
             part = batch[start : start + (self.limit if out_of_memory else 1)]
             self._explain_part(part)
             start += len(part)
+
+    def _note_flat(self, message: str) -> None:
+        if self.tally.flat_note is None:
+            self.tally.flat_note = message
+            say(f"caffast: warning: {message} (such maps are marked \"flat\" in index.jsonl)")
 
     def _save_or_fail(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         try:
@@ -262,6 +272,8 @@ class Runner:
                 "iterations": int(explanation.iterations[index, column]),
                 "loss": float(explanation.loss[index, column]),
                 "objective": float(explanation.objective[index, column]),
+                "gradient_norm": float(explanation.gradient_norm[index, column]),
+                "flat": bool(explanation.flat[index, column]),
                 "result": folder.relative(result),
             }
             if self.overlays:
@@ -275,6 +287,7 @@ class Runner:
         with STOP_SIGNALS.held():  # a record written is an image counted
             folder.write_record(item.name, rows)
             self.tally.done += 1
+            self.tally.flat += sum(row["flat"] for row in rows)
         self._report()
 
     def _fail(self, name: str, error: str) -> None:
@@ -312,11 +325,13 @@ class RunSummary:
     seconds: float
     index: Path
     rows: int
+    flat: int = 0  # maps of this run that came back flat
 
     def __str__(self) -> str:
         rate = (self.done + self.failed) / max(self.seconds, 1e-9)
+        flat = f", {self.flat} of their maps flat (marked \"flat\" in the index)" if self.flat else ""
         return (
-            f"{self.done} images done, {self.failed} failed, {self.skipped} skipped (finished before) "
+            f"{self.done} images done{flat}, {self.failed} failed, {self.skipped} skipped (finished before) "
             f"in {self.seconds:.1f} s ({rate:.2f} images/s)\nindex: {self.index} ({self.rows} rows)"
         )
 
@@ -513,7 +528,7 @@ def _explain_plan(
     if stopped:
         raise CliError(f"{stopped} of the {processes.world_size} processes stopped on an error (see their message); "
                        "run the same command again to finish")
-    done, failed = processes.total([tally.done, tally.failed])
+    done, failed, flat = processes.total([tally.done, tally.failed, tally.flat])
     if not processes.first:
         return None
     rows, unfinished_now = folder.write_index(images)
@@ -522,4 +537,4 @@ def _explain_plan(
             f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "
             f"e.g. {unfinished_now[0]}: run the same command again to explain them"
         )
-    return RunSummary(done, failed, skipped, time.perf_counter() - started, folder.root / INDEX, rows)
+    return RunSummary(done, failed, skipped, time.perf_counter() - started, folder.root / INDEX, rows, flat)

@@ -52,9 +52,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def solve_fused(backend: str, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings) -> Solution:
-    """The whole optimization of a fused head: the Python loop when the history is recorded, or for
-    an optimizer or a schedule floor the compiled solvers do not implement (adam_tf1, end_lr != 1e-5)."""
+    """The whole optimization of a fused head: the Python loop when the history is recorded, for an
+    optimizer or a schedule floor the compiled solvers do not implement (adam_tf1, end_lr != 1e-5), or
+    for a nonlinear class-specific loss (log_softmax: the compiled loops take linear losses)."""
     compiled = settings.optimizer in COMPILED_OPTIMIZERS and settings.end_lr == MIN_LEARNING_RATE
+    compiled = compiled and (head.mode == "oblivious" or head.is_linear)
     if backend == "torch" or settings.record or not compiled:
         return solve(FusedProblem(head, constraint), initial, settings)
 

@@ -13,7 +13,7 @@ import difflib
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -36,6 +36,29 @@ def hooks_of(module: nn.Module) -> tuple[int, ...]:
 def global_hooks() -> bool:
     """Whether module hooks registered for every module (register_module_forward_hook, ...) exist."""
     return any(getattr(module_hooks, f"_global{name}", None) for name in _HOOK_DICTS)
+
+
+def map_layers(model: nn.Module, images: torch.Tensor) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The candidate breakpoints: every named module whose output is a 4-D map, in the order their
+    calls end on `images`, each with the (C, H, W) of every call (a reused module, such as a ResNet
+    block's ReLU, runs more than once).  The hooks are removed again, also on an error."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes.setdefault(name, []).append(tuple(output.shape[1:]))
+
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(shapes.items())
 
 
 class SlowTailWarning(UserWarning):

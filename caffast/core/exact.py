@@ -4,7 +4,7 @@ The reference loop stops when its loss moves by less than `min_error` per check,
 the loss is lowest.  For a plain fused head (DESIGN.md section 3) the minimizer on the unit sphere has
 a closed form:
 
-- class-specific: the loss s^T M g / HW + s^T b is linear in g, so g = -c / ||c|| with c = M^T s.
+- class-specific with a linear loss s . FT: s^T M g / HW + s^T b is linear in g, so g = -c / ||c|| with c = M^T s.
   After a ReLU the loss is still a sum over cells, |g_j| times c+_j (g_j >= 0) or -c-_j (g_j < 0)
   with c+- = M+-^T s: each cell takes the cheaper sign, and the magnitudes follow the linear case;
 - class-oblivious: the loss (g - 1)^T G (g - 1) / (K HW^2) is a quadratic on the sphere, a trust-region
@@ -38,10 +38,11 @@ DESCENT_STEPS_PER_ITERATION = 10  # the descent's step budget, in units of expla
 
 
 def has_closed_form(head: FusedHead | None, constraint: ConstraintLike) -> bool:
-    """Fused heads with the unit-sphere filter, class-specific or plain: solved without iterating."""
+    """Fused heads with the unit-sphere filter, with a linear class-specific loss or a plain head:
+    solved without iterating."""
     if head is None or not as_constraint(constraint).on_sphere:
         return False
-    return head.mode == "specific" or head.parts == 1
+    return head.is_linear or (head.mode == "oblivious" and head.parts == 1)
 
 
 def closed_form(head: FusedHead) -> torch.Tensor:

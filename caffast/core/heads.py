@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .constraints import ConstraintLike, Grid, as_constraint
 from .breakpoints import FxTail, Tail, hooks_of
+from .losses import ClassLoss
 
 
 @dataclass
@@ -140,12 +141,14 @@ def _pool_drops_spatial(node: fx.Node) -> bool:
 class FusedHead:
     """Everything an iteration needs, precomputed (float64).
 
-    S parts (`parts`): 2 after a ReLU (a = 0: the cells where g >= 0 use M+, a = 1: the cells where
-    g < 0 use M-), else 1.  Class-oblivious reads only gram (I, S, S, HW, HW), gram[i, a, b] =
-    M_a^T M_b for image i: FT - NT = [M+ | M-] z / HW with z = [g+ - 1, g-] (g+ and g- the filter on its
+    S parts: 2 after a ReLU (a = 0: the cells where g >= 0 use M+, a = 1: the cells where g < 0 use
+    M-), else 1.  Class-oblivious reads only gram (I, S, S, HW, HW), gram[i, a, b] = M_a^T M_b for
+    image i: FT - NT = [M+ | M-] z / HW with z = [g+ - 1, g-] (g+ and g- the filter on its
     non-negative and negative cells), so the loss z^T G z / (K HW^2) is a sum over the Grams with no
-    large constant to cancel.  Class-specific: linear (P, S, HW) = M_a^T s and constant (P,) = s . b,
-    the loss being sum_a g_a . linear_a / HW + constant.  image (P,): each problem's image.
+    large constant to cancel.  Class-specific with a linear loss s . FT: linear (P, S, HW) = M_a^T s
+    and constant (P,) = s . b, the loss being sum_a g_a . linear_a / HW + constant.  With a nonlinear
+    loss: products (I, S, K, HW) = M_a and bias (K,), FT = sum_a M_a g_a / HW + b, scored by
+    `class_loss` against `targets` (P,).  image (P,): each problem's image.
     """
 
     gram: Optional[torch.Tensor]
@@ -155,10 +158,21 @@ class FusedHead:
     mode: str
     classes: int
     grid: Grid
+    products: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    class_loss: Optional[ClassLoss] = None
+    targets: Optional[torch.Tensor] = None
 
     @property
     def parts(self) -> int:
-        return (self.gram if self.mode == "oblivious" else self.linear).shape[1]
+        if self.mode == "oblivious":
+            return self.gram.shape[1]
+        return (self.products if self.linear is None else self.linear).shape[1]
+
+    @property
+    def is_linear(self) -> bool:
+        """A class-specific loss linear in the filter: the closed form and the compiled loops apply."""
+        return self.mode == "specific" and self.linear is not None
 
 
 def precompute(
@@ -166,10 +180,12 @@ def precompute(
     features: torch.Tensor,
     image_index: torch.Tensor,
     mode: str,
-    signs: Optional[torch.Tensor],
+    class_loss: Optional[ClassLoss] = None,
+    targets: Optional[torch.Tensor] = None,
 ) -> FusedHead:
-    """The truncated forward: M (or M+ and M-) by one batched product, then what the mode reads: the
-    Grams (class-oblivious) or the linear terms (class-specific)."""
+    """The truncated forward: M (or M+ and M-) by one batched product, then what the mode and the
+    loss read: the Grams (class-oblivious), the linear terms (a linear class-specific loss) or the
+    products themselves (a nonlinear one)."""
     _, _, height, width = features.shape
     # M in the network's own precision (float32 for float32 features, as the tail would compute it);
     # the Grams, the loop and the stopping decisions in float64
@@ -177,15 +193,19 @@ def precompute(
     weight = spec.weight.detach().to(cells.dtype)
     parts = [cells.clamp_min(0), cells.clamp_max(0)] if spec.relu else [cells]
     products = torch.stack([weight @ part for part in parts], dim=1).to(torch.float64)  # (N, S, K, HW)
-    gram = linear = constant = None
+    classes = spec.weight.shape[0]
+    grid = (height, width)
     if mode == "oblivious":
         gram = torch.einsum("naki,nbkj->nabij", products, products)
-    else:
-        weights = signs.to(torch.float64)
-        linear = torch.einsum("pskj,pk->psj", products.index_select(0, image_index), weights)
-        bias = torch.zeros_like(weights[0]) if spec.bias is None else spec.bias.detach().to(torch.float64)
-        constant = weights @ bias
-    return FusedHead(gram, linear, constant, image_index, mode, spec.weight.shape[0], (height, width))
+        return FusedHead(gram, None, None, image_index, mode, classes, grid)
+    bias = torch.zeros(classes, dtype=torch.float64, device=products.device)
+    if spec.bias is not None:
+        bias = spec.bias.detach().to(torch.float64)
+    weights = class_loss.weights(targets, classes, torch.float64)
+    if weights is None:
+        return FusedHead(None, None, None, image_index, mode, classes, grid, products, bias, class_loss, targets)
+    linear = torch.einsum("pskj,pk->psj", products.index_select(0, image_index), weights)
+    return FusedHead(None, linear, weights @ bias, image_index, mode, classes, grid)
 
 
 def filter_parts(g: torch.Tensor, parts: int, zeros_negative: bool = False) -> list[torch.Tensor]:
@@ -219,7 +239,12 @@ class FusedProblem:
             params = params.detach().requires_grad_(True)
             g = self.constraint.multiplier(params, head.grid).flatten(1)
             parts = filter_parts(g, head.parts, self.zeros_negative)
-            if head.mode == "specific":
+            if head.mode == "specific" and head.linear is None:
+                products = head.products.index_select(0, head.image.index_select(0, active))
+                logits = sum(torch.einsum("pkj,pj->pk", products[:, a], part.double()) for a, part in enumerate(parts))
+                output = logits / cells + head.bias
+                loss = head.class_loss(output, head.targets.index_select(0, active), None)
+            elif head.mode == "specific":
                 linear = head.linear.index_select(0, active)
                 projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))
                 loss = projection / cells + head.constant.index_select(0, active)

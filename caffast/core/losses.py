@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -15,13 +15,77 @@ UserObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Score = Callable[[Any], torch.Tensor]
 
 
-def class_signs(targets: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """+1 for every class and -1 at the target: minimizing sum(s * FT) raises the target's logit and
-    lowers the rest.  `targets` (P,) gives (P, classes); a negative target (a problem scored by a
-    callable) gets no signs."""
-    signs = torch.ones(targets.shape[0], classes, dtype=dtype, device=targets.device)
-    signs.scatter_(1, targets.clamp_min(0)[:, None], -1.0)
-    return signs * (targets >= 0)[:, None]
+class ClassLoss:
+    """A class-specific loss: a function of the tail's output FT (R, K) and each row's class, lower when
+    the filter makes the model see more of that class.
+
+    `weights` is the (P, K) vector s of a loss linear in FT (loss = s . FT), None for a nonlinear one;
+    linear losses get the fused head's closed form and compiled loops (caffast.core.heads).
+    """
+
+    name: str = ""
+    summary: str = ""
+
+    def weights(self, targets: torch.Tensor, classes: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return None
+
+    def __call__(self, output: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"ClassLoss({self.name!r})"
+
+
+class LinearClassLoss(ClassLoss):
+    """s . FT with s = -1 at the target and `others(K)` at every other class."""
+
+    def __init__(self, name: str, others: Callable[[int], float], summary: str):
+        self.name, self.others, self.summary = name, others, summary
+
+    def weights(self, targets: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+        """(P, K); a negative target (a problem scored by a callable) gets all zeros."""
+        weights = torch.full((targets.shape[0], classes), self.others(classes), dtype=dtype, device=targets.device)
+        weights.scatter_(1, targets.clamp_min(0)[:, None], -1.0)
+        return weights * (targets >= 0)[:, None]
+
+    def __call__(self, output: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        if weights is None:
+            weights = self.weights(targets, output.shape[1], output.dtype)
+        return (output * weights).sum(dim=1)
+
+
+class LogSoftmaxLoss(ClassLoss):
+    """-log softmax(FT)_t: the target's log-probability, raised."""
+
+    name = "log_softmax"
+    summary = "minus the target's log-probability (log-softmax of the logits)"
+
+    def __call__(self, output: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        return -torch.log_softmax(output, dim=1).gather(1, targets.clamp_min(0)[:, None])[:, 0]
+
+
+CLASS_LOSSES: dict[str, ClassLoss] = {
+    loss.name: loss
+    for loss in (
+        LinearClassLoss("release", lambda classes: 1.0,
+                        "the official releases': raise the target logit and lower the sum of all the others"),
+        LinearClassLoss("margin", lambda classes: 1.0 / max(classes - 1, 1),
+                        "raise the target logit above the mean of the others"),
+        LinearClassLoss("logit", lambda classes: 0.0, "raise the target logit alone"),
+        LogSoftmaxLoss(),
+    )
+}  # fmt: skip
+DEFAULT_CLASS_LOSS = "margin"
+ClassLossLike = Union[str, ClassLoss]
+
+
+def as_class_loss(loss: ClassLossLike) -> ClassLoss:
+    """The loss object for a name of CLASS_LOSSES (or the object itself)."""
+    if isinstance(loss, ClassLoss):
+        return loss
+    if isinstance(loss, str) and loss in CLASS_LOSSES:
+        return CLASS_LOSSES[loss]
+    raise ValueError(f"loss must be one of {', '.join(map(repr, CLASS_LOSSES))}, got {loss!r}")
 
 
 def score_loss(score: Score, output: Any) -> torch.Tensor:
@@ -40,12 +104,15 @@ def score_loss(score: Score, output: Any) -> torch.Tensor:
 @dataclass
 class Objective:
     """The loss of each problem; `reference` is NT for each problem's image, (P, ...) (a tensor, or a
-    dict or tuple of them).  `scores` holds, per problem, the callable target that scores it (None
-    where the problem has a class and `signs`)."""
+    dict or tuple of them).  Class-specific problems have a class in `targets` (P,) scored by
+    `class_loss` (with its `weights`, (P, K), when it is linear); `scores` holds, per problem, the
+    callable target that scores it instead (None where the problem has a class)."""
 
     mode: str
     reference: Any
-    signs: Optional[torch.Tensor] = None
+    class_loss: Optional[ClassLoss] = None
+    targets: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
     custom: Optional[UserObjective] = None
     scores: Optional[Sequence[Optional[Score]]] = None
 
@@ -62,7 +129,7 @@ class Objective:
             return loss
         if self.mode == "specific":
             if self.scores is None:
-                return (output * self.signs.index_select(0, rows)).sum(dim=1)
+                return self._classes(output, rows)
             return torch.stack([self._specific(output, k, p) for k, p in enumerate(rows.tolist())])
         difference = flat_rows(output) - flat_rows(select_rows(self.reference, rows))
         return (difference * difference).mean(dim=1)
@@ -70,8 +137,12 @@ class Objective:
     def _specific(self, output: Any, row: int, problem: int) -> torch.Tensor:
         score = self.scores[problem]
         if score is None:
-            return (output[row] * self.signs[problem]).sum()
+            return self._classes(output[row : row + 1], torch.tensor([problem], device=output.device))[0]
         return score_loss(score, one_image(output, row)).to(self.dtype)
+
+    def _classes(self, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        weights = None if self.weights is None else self.weights.index_select(0, rows)
+        return self.class_loss(output, self.targets.index_select(0, rows), weights)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -21,10 +21,11 @@ from ..core.folds import fold_prefix
 from ..core.guard import frozen
 from ..core.heads import FusedProblem, detect_head, precompute
 from ..core.loop import LoopSettings
-from ..core.losses import MODES, Objective, UserObjective, as_dtype, class_signs
+from ..core.losses import DEFAULT_CLASS_LOSS, MODES, ClassLossLike, Objective, UserObjective, as_class_loss, as_dtype
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..core.outputs import primary_output, select_rows
-from .inputs import Targets, check_images, check_settings, model_device, target_table
+from .flat import flat_maps, later_layers, quiet_trial, warn_flat
+from .inputs import Target, Targets, TargetTable, check_images, check_settings, model_device, target_table
 from .solvers import SOLVERS, SolverSettings, optimize
 
 @dataclass
@@ -43,7 +44,8 @@ class Explanation:
     tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
     form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran;
     history: (iteration, maps) at every check when explain(history=True); features: the breakpoint's
-    map A as an (N, C, H, W) grid, whatever the layer's layout.
+    map A as an (N, C, H, W) grid, whatever the layer's layout; class_loss: the class-specific loss's
+    name (None class-oblivious); flat: (N, T) True where the map is flat (a FlatMapWarning said why).
     """
 
     filters: torch.Tensor
@@ -65,6 +67,8 @@ class Explanation:
     backend: str
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     features: Optional[torch.Tensor] = None
+    class_loss: Optional[str] = None
+    flat: Optional[torch.Tensor] = None
 
     def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
         """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
@@ -84,16 +88,36 @@ def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torc
 
 def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) -> Callable[[int], str]:
     """The name of problem p in messages: "(image 0, target 207)", or "(image 0)" class-oblivious."""
-    classes = targets.flatten()
+    classes, per_image = targets.flatten(), targets.shape[1]
     if mode == "oblivious":
         return lambda p: f"(image {int(image_index[p])})"
-    return lambda p: f"(image {int(image_index[p])}, target {int(classes[p])})"
+
+    def name(p: int) -> str:
+        target = f"target {int(classes[p])}" if classes[p] >= 0 else f"callable target {p % per_image}"
+        return f"(image {int(image_index[p])}, {target})"
+
+    return name
 
 
 
 def _layer_name(model: nn.Module, layer: Layer) -> str:
     """The breakpoint's name for messages (a wrapper's own prefix, "module.", included or not)."""
     return layer if isinstance(layer, str) else resolve_layer(unwrap(model)[0], layer)[0]
+
+
+def _problem_target(table: TargetTable, targets: torch.Tensor, problem: int) -> Target:
+    """Problem p's target as explain takes it: its class, or the callable that scores it."""
+    score = table.scores[problem] if table.scores is not None else None
+    return score if score is not None else int(targets.flatten()[problem])
+
+
+def _nearest_working_layer(model: nn.Module, image: torch.Tensor, layer: str, options: dict) -> Optional[str]:
+    """The first layer after `layer` whose map for `image` is not flat after one step of explain."""
+    for candidate in later_layers(model, image, layer):
+        trial = quiet_trial(lambda: explain(model, image, candidate, max_iter=1, check_every=1, **options))
+        if trial is not None and not trial.flat.any():
+            return candidate
+    return None
 
 
 def explain(
@@ -122,6 +146,7 @@ def explain(
     cuda_graphs: bool = True,
     layout: Optional[str] = None,
     reshape_transform: Optional[ReshapeTransform] = None,
+    loss: ClassLossLike = DEFAULT_CLASS_LOSS,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
@@ -143,11 +168,16 @@ def explain(
     (caffast.backends.torch.graphs); `cuda_graphs=False` evaluates eagerly.
     A loss or filter that stops being finite raises caffast.NonFiniteError naming the problem and the
     cause (caffast.core.finite).
+    `loss` is the class-specific loss of class targets (caffast.core.losses.CLASS_LOSSES): "margin"
+    (the default: the target logit against the mean of the others), "logit", "log_softmax", or
+    "release", the official releases' (the target logit against the sum of the others, which on
+    trained networks with many classes mostly explains the other classes: use it for parity).
     `layout` ("nchw", "nhwc", "tokens") says where the grid lies in the layer's output where it cannot
     be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
     defines it instead (caffast.core.layouts).
     """
     check_choice("mode", mode, MODES)
+    class_loss = as_class_loss(loss)
     constraint = as_constraint(constraint)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("init", init, INITS)
@@ -179,18 +209,19 @@ def explain(
 
         settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history, end_lr=end_lr)
         reference = select_rows(as_dtype(capture.output, dtype), image_index)
-        signs = None
-        if mode == "specific" and (targets >= 0).any():
-            signs = class_signs(targets.flatten(), primary_output(reference).shape[1], dtype)
+        class_targets = targets.flatten()
+        weights = None
+        if mode == "specific" and (class_targets >= 0).any():
+            weights = class_loss.weights(class_targets, primary_output(reference).shape[1], dtype)
         # the fused algebra holds for class targets on a channels-first map
         plain = objective is None and table.scores is None and grid_layout.channels_first
         head = detect_head(tail, grid) if fused and plain else None
         initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
-        fused_head = None if head is None else precompute(head, features, image_index, mode, signs)
+        fused_head = None if head is None else precompute(head, features, image_index, mode, class_loss, class_targets)
         if fused_head is not None:
             problem = FusedProblem(fused_head, constraint)
         else:
-            loss = Objective(mode=mode, reference=reference, signs=signs, custom=objective, scores=table.scores)
+            loss = Objective(mode, reference, class_loss, class_targets, weights, objective, table.scores)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
@@ -210,9 +241,22 @@ def explain(
             solution.loss = final_objective
             if settings.record:  # the answer is the last frame
                 solution.history.append((int(solution.iterations.max()), solution.params.clone()))
+        params = solution.params.to(dtype)
+        filters = constraint.filters(params, grid)
+        flat = flat_maps(filters, constraint.filters(initial, grid))
 
-    params = solution.params.to(dtype)
-    filters = constraint.filters(params, grid)
+        def nearest_working_layer() -> Optional[str]:
+            """Where the first flat problem's map is not flat (searched inside `frozen`: in eval mode)."""
+            first = int(flat.nonzero()[0])
+            target = None if mode == "oblivious" else [_problem_target(table, targets, first)]
+            image = int(image_index[first])
+            options = dict(mode=mode, targets=target, lr=lr, constraint=constraint, init=init, seed=seed,
+                           objective=objective, loss=class_loss)  # fmt: skip
+            return _nearest_working_layer(model, images[image : image + 1], _layer_name(model, layer), options)
+
+        warn_flat(flat, gradient_norm, _problem_names(mode, image_index, targets), _layer_name(model, layer),
+                  nearest_working_layer)  # fmt: skip
+
     shape = (batch, per_image)
 
     def final_maps(values: torch.Tensor) -> torch.Tensor:
@@ -238,4 +282,6 @@ def explain(
         backend=backend,
         history=[(step, final_maps(values)) for step, values in solution.history],
         features=grid_layout.to_grid(features),
+        class_loss=class_loss.name if mode == "specific" else None,
+        flat=flat.reshape(shape),
     )

@@ -126,7 +126,7 @@ def target_table(mode: str, targets: Targets, output: Any) -> TargetTable:
     of them: each for every image.  A list of N per-image lists, or an (N, T) tensor or array: each
     image's own.  A 1-D tensor or array of N labels: one class per image.  A callable takes one
     image's model output and returns the score to raise (pytorch-grad-cam's targets); its
-    ClassifierOutputTarget(c) is the class c, with the class-specific loss of the release.
+    ClassifierOutputTarget(c) is the class c, scored by explain's class-specific `loss`.
     """
     scores = primary_output(output)
     batch = leaves(output)[0].shape[0]

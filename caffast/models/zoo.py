@@ -15,6 +15,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models import WeightsEnum
 
+from ..core.breakpoints import map_layers
+
 Weights = Union[None, str, os.PathLike, WeightsEnum]
 
 # What the reference's `pretrained=True` loads: torchvision's legacy interface maps it to IMAGENET1K_V1
@@ -130,7 +132,10 @@ def timm_preprocessing(arch: str, weights: Weights = None) -> Optional[dict[str,
 
 def timm_default_layer(arch: str) -> Optional[str]:
     """The breakpoint for a timm model: the last block's first norm for ViTs (the last block's output
-    patch tokens never reach a class-token head), its last feature stage otherwise; None for others."""
+    patch tokens never reach a class-token head); for CNNs the last module that outputs the last
+    stage's grid, so the map is the one the head pools.  The last stage itself can be followed by a
+    1 x 1 convolution, a BatchNorm and ReLU6 (EfficientNet's conv_head and bn2) that switch every
+    unit off at L2-CAF's start, which gives flat maps.  None for torchvision's models."""
     name = timm_name(arch)
     if name is None:
         return None
@@ -139,7 +144,20 @@ def timm_default_layer(arch: str) -> Optional[str]:
     if getattr(model, "num_prefix_tokens", 0) and isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "norm1"):
         return f"blocks.{len(blocks) - 1}.norm1"
     info = getattr(model, "feature_info", None)
-    return info[-1]["module"] if info else None
+    if not info:
+        return None
+    stage = info[-1]["module"]
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    try:
+        found = dict(map_layers(model, torch.zeros(1, *size, device="meta")))
+    except (RuntimeError, NotImplementedError, TypeError):  # an operation without a meta kernel
+        return stage
+    grid = found[stage][-1][1:] if stage in found else None
+    if grid is None or grid[0] != grid[1]:  # not a channels-first map of a square input (Swin's is channels-last)
+        return stage
+    modules = dict(model.named_modules())
+    last = [layer for layer, shapes in found.items() if shapes[-1][1:] == grid and not isinstance(modules[layer], nn.Identity)]
+    return last[-1] if last else stage
 
 
 def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
@@ -216,26 +234,8 @@ def release_labels() -> tuple[str, ...]:
 
 
 def feature_map_layers(model: nn.Module, size: int = 224) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """The candidate breakpoints: every named module whose output is a 4-D map, in the order they run
-    on one (1, 3, size, size) input, each with the (C, H, W) of every call (a reused module, such as
-    a ResNet block's ReLU, runs more than once).  The hooks are removed again, also on an error."""
-    shapes: dict[str, list[tuple[int, ...]]] = {}
-
-    def recorder(name: str) -> Callable[..., None]:
-        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes.setdefault(name, []).append(tuple(output.shape[1:]))
-
-        return record
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    """The candidate breakpoints (caffast.core.breakpoints.map_layers) on one (1, 3, size, size) input."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(shapes.items())
+    return map_layers(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype))

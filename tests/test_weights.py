@@ -3,6 +3,7 @@ read from the cache when there, and a clear message when they cannot be download
 
 import functools
 import hashlib
+import os
 import http.server
 import re
 import shutil
@@ -137,3 +138,30 @@ def test_class_oblivious_downloads_the_weights_it_needs(server, cache, monkeypat
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "L2-CAF:" not in line]  # the log goes there too
     assert len(errors) == 1 and errors[0].startswith("caffast: error: cannot download") and "--weights FILE" in errors[0]
+
+
+def test_a_cached_file_that_is_not_what_its_name_says_is_refused(tmp_path, cache, capsys):
+    """torch.hub checks the hash in the name only on download; a file put in the cache by hand is
+    checked too, whether it is other weights or a truncated copy."""
+    right = serve_state(tmp_path, torch.nn.Linear(4, 1).state_dict(), "linear")
+    other = tmp_path / "other.pth"
+    torch.save(torch.nn.Linear(4, 1).state_dict(), other)
+    cache.mkdir(parents=True)
+    weights = weights_at(f"http://127.0.0.1:{closed_port()}/{right}")
+    truncated = (tmp_path / right).read_bytes()[:-100]
+    for content in (other.read_bytes(), truncated):
+        (cache / right).write_bytes(content)
+        with pytest.raises(ValueError) as error:
+            zoo.load_state_dict("resnet18", weights)
+        message = str(error.value)
+        assert str(cache / right) in message and "delete it" in message
+        assert f"name says {right.split('-')[1][:8]}" in message
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32)).save(image)
+    cli = ["explain", str(image), "--arch", "resnet18", "--weights", "IMAGENET1K_V1", "--out", str(tmp_path / "o")]
+    torchvision_name = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    shutil.copy(other, cache / torchvision_name)  # the offline message's advice, followed with the wrong file
+    assert main(cli) == 2
+    err = capsys.readouterr().err
+    assert f"cached weights file {cache / torchvision_name} is not the file of" in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import errno
 import gc
-import hashlib
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from .common import (
 )  # fmt: skip
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
+from ..models.zoo import file_sha256
 from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder
 from ..viz import apply_heatmap
@@ -68,13 +68,7 @@ class RunModel:
 
 def weights_identity(weights: str) -> str:
     """What the results depend on: the content of a weights file (its sha256), else the name."""
-    if not os.path.isfile(weights):
-        return weights
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(weights)}" if os.path.isfile(weights) else weights
 
 
 def _demo_model(weights: str) -> nn.Module:

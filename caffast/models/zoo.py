@@ -4,8 +4,10 @@ timm's models when timm is installed, and the reference's `load_architecture`.""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 from importlib import resources
 from http.client import HTTPException
 from typing import Any, Callable, Optional, Union
@@ -22,8 +24,36 @@ Weights = Union[None, str, os.PathLike, WeightsEnum]
 RELEASE_WEIGHTS = "IMAGENET1K_V1"
 
 
+# torch.hub's names for checked files: NAME-<first hex digits of the file's sha256>.EXT
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+
+
 def _cached_path(weights: WeightsEnum) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_cached(weights: WeightsEnum) -> None:
+    """Refuse a cached weights file whose content is not what its name promises: torch.hub checks the
+    hash only when it downloads, and would load any file found under the expected name."""
+    path = _cached_path(weights)
+    match = HASH_IN_NAME.search(os.path.basename(path))
+    if match is None or not os.path.isfile(path):
+        return
+    promised, digest = match.group(1), file_sha256(path)
+    if not digest.startswith(promised):
+        raise ValueError(
+            f"the cached weights file {path} is not the file of {weights}: its sha256 starts "
+            f"{digest[:len(promised)]}, its name says {promised} (a truncated, damaged or different file); delete "
+            f"it so that it is downloaded again, or put the file from {weights.url} there"
+        )
 
 
 def _weights_enum(arch: str, name: str) -> Optional[WeightsEnum]:
@@ -53,6 +83,7 @@ def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Ten
             f"weights {os.fspath(weights)!r} are neither a file nor torchvision weights of {arch!r}; pass a "
             "local state-dict file (torch.save(model.state_dict(), PATH)) or a torchvision weights name"
         )
+    _check_cached(enum)
     try:
         return enum.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except (OSError, HTTPException) as error:  # URLError, refused or reset connections, timeouts

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps.cli import main
+from caffast.apps.cli import main, output_stems
 from caffast.apps.common import class_names
 from caffast.eval.localization import evaluate_scenes
 
@@ -169,3 +169,40 @@ def test_a_read_only_output_folder_is_refused(photo, tmp_path, capsys, monkeypat
     finally:
         folder.chmod(0o755)
     assert "is read-only for this user" in capsys.readouterr().err and not (folder / "maps").exists()
+
+
+def test_inputs_that_share_a_stem_get_their_own_overlays(tmp_path, capsys):
+    """x/dog.png, y/dog.png and x/dog.jpg are three images: three overlays, each the one its image gets
+    when explained alone; the same file given again under another path is explained once."""
+    inputs = [tmp_path / "x" / "dog.png", tmp_path / "y" / "dog.png", tmp_path / "x" / "dog.jpg"]
+    for colour, path in zip([(200, 30, 30), (30, 200, 30), (30, 30, 200)], inputs):
+        path.parent.mkdir(exist_ok=True)
+        picture = Image.new("RGB", (64, 64), colour)
+        picture.paste((255, 255, 255), (8 * len(path.parent.name + path.suffix), 0, 64, 20))
+        picture.save(path)
+    again = tmp_path / "x" / ".." / "x" / "dog.png"
+    settings = ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random", "--mode", "oblivious",
+                "--max-iter", "2"]
+
+    def explain_into(out, *images):
+        torch.manual_seed(0)  # the same random weights in every run
+        assert main(["explain", *map(str, images), *settings, "--out", str(out)]) == 0
+        return sorted(out.iterdir())
+
+    together = explain_into(tmp_path / "together", *inputs, again)
+    assert "wrote 3 overlays" in capsys.readouterr().out
+    alone = [explain_into(tmp_path / f"alone{k}", path)[0] for k, path in enumerate(inputs)]
+    assert len(together) == 3 and len({p.name for p in together}) == 3
+    assert sorted(p.read_bytes() for p in together) == sorted(p.read_bytes() for p in alone)
+    assert len({p.read_bytes() for p in alone}) == 3
+
+
+def test_output_names_differ_by_more_than_letter_case(tmp_path):
+    """Dog.png and dog.png are one file on some file systems; a path-made name that is some other
+    file's stem is numbered on."""
+    (tmp_path / "a").mkdir()
+    paths = [str(tmp_path / name) for name in ("Dog.png", "dog.png", "a/cat.png", "a_cat_png.jpg", "cat.png")]
+    stems = output_stems(paths)
+    assert stems[paths[0]] == "Dog_png" and stems[paths[1]] == "dog_png_2"
+    assert stems[paths[2]] == "a_cat_png" and stems[paths[3]] == "a_cat_png_2" and stems[paths[4]] == "cat_png"
+    assert set(output_stems([paths[2], str(tmp_path / "a" / ".." / "a" / "cat.png")]).values()) == {"cat"}

@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -64,6 +67,30 @@ def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options
         raise CliError(str(error)) from None
 
 
+def output_stems(images: Sequence[str]) -> dict[str, str]:
+    """A name per input for its output files, the same for one file given twice (by any path) and
+    different for different files: the file's stem where no other file shares it (letter case aside,
+    which some file systems ignore), else its path below the files' common folder with its suffix
+    ("x_dog_png" for x/dog.png beside y/dog.png and x/dog.jpg), numbered on where even that is taken."""
+    first_path = {}
+    for path in images:
+        first_path.setdefault(os.path.realpath(path), path)
+    stem_counts = Counter(Path(path).stem.casefold() for path in first_path.values())
+    common = os.path.commonpath([os.path.dirname(real) for real in first_path]) if first_path else ""
+    taken: set[str] = set()
+    stem_of_file = {}
+    for real, path in first_path.items():
+        stem = Path(path).stem
+        if stem_counts[stem.casefold()] > 1:
+            stem = re.sub(r"[^\w-]+", "_", os.path.relpath(real, common))
+        name, number = stem, 2
+        while name.casefold() in taken:
+            name, number = f"{stem}_{number}", number + 1
+        taken.add(name.casefold())
+        stem_of_file[real] = name
+    return {path: stem_of_file[os.path.realpath(path)] for path in images}
+
+
 def _explain_files(
     images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], options: dict, out: Path,
     gif: bool, device: str, name_of,
@@ -74,12 +101,13 @@ def _explain_files(
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    stems = output_stems(images)
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path, preprocessing)
         exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
         names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
-        paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
+        paths = [out / name_of(stems[path], int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
     show_progress(len(images), len(images), "explaining")

@@ -535,3 +535,23 @@ def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
     assert result.returncode != 0 and time.monotonic() - started < 100
     named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
     assert named in result.stderr
+
+
+def test_the_outputs_of_earlier_runs_inside_the_data_are_not_explained(dataset, tmp_path, capsys):
+    """photos/maps1 of an earlier run with --overlays is left out of a run into photos/maps2, as is an
+    earlier run folder whose config.json was lost; a run folder as the data folder is refused."""
+    data = tmp_path / "photos"
+    shutil.copytree(dataset, data)
+    assert main(_run_args(data, tmp_path / "alone", "--max-iter", "2")) == 0  # outside the data: the oracle
+    expected = sorted(row["image"] for row in _outputs(tmp_path / "alone")[0])
+    assert main(_run_args(data, data / "maps1", "--overlays", "--max-iter", "2")) == 0
+    assert list((data / "maps1" / "overlays").rglob("*.png"))
+    shutil.copytree(data / "maps1", data / "old" / "lost")
+    (data / "old" / "lost" / "config.json").unlink()
+    capsys.readouterr()
+    assert main(_run_args(data, data / "maps2", "--max-iter", "2")) == 0
+    assert "left out 2 folders of other caffast runs" in capsys.readouterr().err
+    assert sorted(row["image"] for row in _outputs(data / "maps2")[0]) == expected
+    assert main(_run_args(data / "maps1", tmp_path / "maps3")) == 2
+    assert "holds the outputs of a caffast run" in capsys.readouterr().err
+

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..eval import scenes
+from .runfolder import is_run_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,21 +72,31 @@ IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DEMO = Preprocessing(64, crop=False, mean=(scenes.MEAN,) * 3, std=(scenes.STD,) * 3)
 
 
-def find_images(root: PathLike, exclude: Optional[PathLike] = None) -> list[str]:
+def find_images(
+    root: PathLike, exclude: Optional[PathLike] = None, run_folders: Optional[list[str]] = None
+) -> list[str]:
     """The image files under `root`, recursively, as '/'-separated paths relative to it, sorted.
 
     An image is a file whose suffix is one of IMAGE_SUFFIXES, in any letter case; hidden files and
-    folders (a leading '.') are left out, and so is the folder `exclude` (an output folder inside
-    `root` must not feed its own pictures back in).
+    folders (a leading '.') are left out, and so are the folder `exclude` and the output folder of
+    any caffast run (an output folder inside `root` must not feed its pictures back in); the latter
+    are appended to `run_folders`, relative to `root`.
     """
     skipped = os.path.realpath(exclude) if exclude is not None else None
     found = []
     for directory, folders, names in os.walk(root):
-        folders[:] = [
-            folder for folder in folders
-            if not folder.startswith(".") and os.path.realpath(os.path.join(directory, folder)) != skipped
-        ]  # fmt: skip
         relative = Path(directory).relative_to(root)
+        kept = []
+        for folder in folders:
+            path = os.path.join(directory, folder)
+            if folder.startswith(".") or os.path.realpath(path) == skipped:
+                continue
+            if is_run_folder(path):
+                if run_folders is not None:
+                    run_folders.append((relative / folder).as_posix())
+                continue
+            kept.append(folder)
+        folders[:] = kept
         for name in names:
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 found.append((relative / name).as_posix())

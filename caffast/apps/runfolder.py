@@ -42,6 +42,22 @@ RESULT_ARRAYS = ("filters", "maps", "iterations", "loss", "objective", "gradient
 STATUSES = ("done", "failed")
 
 
+RUN_SETTINGS = ("data", "arch", "explain")  # among the keys of every run's config.json
+
+
+def is_run_folder(path: os.PathLike) -> bool:
+    """Whether `path` holds the outputs of a caffast run: a config.json with a run's settings, or the
+    results and records folders of one whose config.json was lost."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and all(key in config for key in RUN_SETTINGS):
+        return True
+    return (path / "results").is_dir() and (path / "records").is_dir()
+
+
 class ConfigMismatch(Exception):
     """OUT already holds results of other settings; the message names them and the fix."""
 

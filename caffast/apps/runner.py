@@ -37,7 +37,7 @@ from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
 from ..models.zoo import file_sha256
 from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
-from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder
+from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, is_run_folder
 from ..viz import apply_heatmap
 
 DEMO_ARCH = "demo"
@@ -46,6 +46,7 @@ RANDOM_WEIGHTS_SEED = 0
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
+RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
 
 
 @dataclass
@@ -388,6 +389,9 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
         raise CliError(f"data folder {str(data_dir)!r} {problem}: pass the folder that holds the images")
     if Path(args.out).resolve() == data_dir.resolve():
         raise CliError("--out is the data folder itself: pass another folder for the outputs (a subfolder is fine)")
+    if is_run_folder(data_dir):
+        raise CliError(f"data folder {str(data_dir)!r} holds the outputs of a caffast run, not images to explain: "
+                       "pass the folder of the images")
     tally = Tally()
     rank = ""
     with STOP_SIGNALS.installed():
@@ -408,7 +412,11 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
 
 
 def _images(data_dir: Path, folder: RunFolder) -> list[str]:
-    images = find_images(data_dir, exclude=folder.root)
+    earlier_runs: list[str] = []
+    images = find_images(data_dir, exclude=folder.root, run_folders=earlier_runs)
+    if earlier_runs:
+        shown = ", ".join(earlier_runs[:RUN_FOLDERS_SHOWN]) + (" ..." if len(earlier_runs) > RUN_FOLDERS_SHOWN else "")
+        say(f"left out {len(earlier_runs)} folders of other caffast runs inside {data_dir}: {shown}")
     if not images:
         raise CliError(
             f"no images in {str(data_dir)!r} or its subfolders (looked for {' '.join(IMAGE_SUFFIXES)}, any case)"

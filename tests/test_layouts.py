@@ -215,3 +215,35 @@ def test_convnext_stem_with_as_many_channels_as_cells_is_channels_first():
         features = model.stem(image)
     assert features.shape == (1, 40, 40, 40)
     assert resolve_layout("stem", features, (160, 160), model, model.stem).name == "nchw"
+
+
+class ToTokens(nn.Module):
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class PatchTokens(nn.Module):
+    """Patches of 8 x 8 pixels as (N, L, C) tokens without prefix tokens; `patches` holds the same
+    values as an (N, C, H, W) map, the channels-first oracle of `tokens`."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 8, 8, stride=8)
+        self.tokens = ToTokens()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.tokens(self.patches(x))).mean(dim=1))
+
+
+@pytest.mark.parametrize("constraint", ["gauss", "softmax"])
+def test_every_constraint_on_tokens(constraint):
+    torch.manual_seed(0)
+    model = PatchTokens().eval()
+    images = torch.randn(2, 3, 32, 32)
+    settings = {"mode": "specific", "targets": [1], "constraint": constraint, "max_iter": 10, "fused": False}
+    tokens = caffast.explain(model, images, "tokens", **settings)
+    grid = caffast.explain(model, images, "patches", **settings)
+    torch.testing.assert_close(tokens.maps, grid.maps)

@@ -26,12 +26,14 @@ class NonFiniteError(ValueError):
 @dataclass(frozen=True)
 class Suspects:
     """What a non-finite value can come from, for the message: the problems' names ("(image 0,
-    target 207)"), the learning rate, the breakpoint and its feature map, and a user objective."""
+    target 207)"), the learning rate, the breakpoint, its feature map and the filter's grid on it
+    (tokens and channels-last maps do not hold it in their last two axes), and a user objective."""
 
     name: Callable[[int], str]
     lr: float
     layer: str
     features: torch.Tensor
+    grid: tuple[int, int]
     objective: bool
 
 
@@ -91,7 +93,7 @@ def check_filters(params: torch.Tensor, constraint: Constraint, suspects: Suspec
     filter, in their dtype, is not (a unit filter whose norm overflowed or underflowed vanishes)."""
     values = params.flatten(1)
     finite = torch.isfinite(values).all(dim=1)
-    multiplier = constraint.multiplier(params, tuple(suspects.features.shape[2:])).flatten(1)
+    multiplier = constraint.multiplier(params, suspects.grid).flatten(1)
     if constraint.on_sphere:
         valid = torch.linalg.vector_norm(multiplier, dim=1) > 0.5
     else:

@@ -198,7 +198,7 @@ def explain(
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
-        suspects = Suspects(_problem_names(mode, image_index, targets), lr, _layer_name(model, layer), features,
+        suspects = Suspects(_problem_names(mode, image_index, targets), lr, _layer_name(model, layer), features, grid,
                             objective is not None)  # fmt: skip
         beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
         solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)

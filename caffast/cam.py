@@ -53,6 +53,19 @@ def first_component(weighted: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.float32(projections)).to(weighted.device)
 
 
+def _per_image(targets: Any, batch: int) -> list[list[Any]]:
+    """pytorch-grad-cam's targets, one per image, as explain's per-image lists."""
+    listed = isinstance(targets, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(targets, str)
+    if not listed or getattr(targets, "ndim", 1) == 0:
+        raise TypeError(
+            f"targets must be a list with one target per image, such as [ClassifierOutputTarget(281)] * {batch}, "
+            f"or None for each image's top class; got a {type(targets).__name__}"
+        )
+    if len(targets) != batch:
+        raise ValueError(f"{len(targets)} targets for {batch} images; pass one per image")
+    return [[target] for target in targets]
+
+
 class _CAM:
     """Shared by the methods: the constructor and call of pytorch-grad-cam, the context manager, test-time
     augmentation, and maps averaged over target layers.
@@ -114,9 +127,7 @@ class _CAM:
         images = check_images(input_tensor)
         rows = None
         if targets is not None:
-            if len(targets) != images.shape[0]:
-                raise ValueError(f"{len(targets)} targets for {images.shape[0]} images; pass one per image")
-            rows = [[target] for target in targets]
+            rows = _per_image(targets, images.shape[0])
         if not aug_smooth:
             return self._maps(images, rows, eigen_smooth)
         return np.mean(np.float32([cam for cam in self._augmented(images, rows, eigen_smooth)]), axis=0)

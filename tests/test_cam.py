@@ -63,6 +63,10 @@ def test_bad_targets(model):
             cam(input_tensor=torch.randn(2, 3, 64, 64), targets=[1])
         with pytest.raises(TypeError, match="category"):
             cam(input_tensor=torch.randn(1, 3, 64, 64), targets=["cat"])
+        for one in (5, ClassifierOutputTarget(5), torch.tensor(5)):  # pytorch-grad-cam takes a list, one per image
+            with pytest.raises(TypeError, match=r"targets must be a list with one target per image, such as "
+                                                r"\[ClassifierOutputTarget\(281\)\] \* 1, or None"):  # fmt: skip
+                cam(input_tensor=torch.randn(1, 3, 64, 64), targets=one)
     with pytest.raises(ValueError, match="target_layers is empty"):
         GradCAM(model, target_layers=[])
 

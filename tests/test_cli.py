@@ -1,6 +1,7 @@
 """The command line end to end on the shipped model and on random torchvision weights."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -101,11 +102,20 @@ class Unsafe:
     """A class torch.load(weights_only=True) refuses to rebuild."""
 
 
+class RunsCode:
+    """Unpickled, it would call os.getcwd (harmless here): the shape of a malicious weights file."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
 @pytest.fixture
 def weight_files(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     (tmp_path / "text.pth").write_text("not weights")
     torch.save({"fc.weight": Unsafe()}, tmp_path / "unsafe.pth")
+    torch.save({"fc.weight": RunsCode()}, tmp_path / "runs-code.pth")
+    (tmp_path / "plain-pickle.pth").write_bytes(pickle.dumps({"fc.bias": [0.0]}, protocol=4))
     (tmp_path / "a-file").write_text("")
     return tmp_path
 
@@ -121,6 +131,9 @@ def weight_files(tmp_path):
         (["explain", "{photo}", "--weights", "{files}/other.pth"], "do not fit --arch resnet18 (Error(s) in loading"),
         (["explain", "{photo}", "--weights", "{files}/text.pth"], "is not a PyTorch state-dict file"),
         (["explain", "{photo}", "--weights", "{files}/unsafe.pth"], "is refused for safety"),
+        (["explain", "{photo}", "--weights", "{files}/runs-code.pth"], "was not loaded: it tries to run code ("),
+        (["explain", "{photo}", "--classes", " "], "classes ' ' name no class"),
+        (["explain", "{photo}", "--weights", "{files}/plain-pickle.pth"], "(UnpicklingError: Unsupported operand"),
         (["explain", "{photo}", "--classes", "5,5"], "name 5 more than once: list each class once"),
         (["explain", "{photo}", "--max-iter", "0"], "--max-iter must be at least 1, got 0"),
         (["class_oblivious", "--input_img", "{photo}", "--max_iter", "0"], "--max_iter must be at least 1, got 0"),
@@ -206,3 +219,14 @@ def test_output_names_differ_by_more_than_letter_case(tmp_path):
     assert stems[paths[0]] == "Dog_png" and stems[paths[1]] == "dog_png_2"
     assert stems[paths[2]] == "a_cat_png" and stems[paths[3]] == "a_cat_png_2" and stems[paths[4]] == "cat_png"
     assert set(output_stems([paths[2], str(tmp_path / "a" / ".." / "a" / "cat.png")]).values()) == {"cat"}
+
+
+@pytest.mark.parametrize("flag", ["--cls_logits", "--classes"])
+def test_a_class_beyond_any_integer_is_named_as_out_of_range(flag, photo, tmp_path, capsys):
+    huge = "99999999999999999999999"
+    if flag == "--cls_logits":
+        argv = ["class_specific", "--input_img", str(photo), "--cls_logits", huge, "--output_dir", str(tmp_path)]
+    else:
+        argv = ["explain", str(photo), "--classes", huge, "--out", str(tmp_path)]
+    assert main(argv + ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random"]) == 2
+    assert f"targets must be class indices in [0, 1000); got [[{huge}]]" in capsys.readouterr().err

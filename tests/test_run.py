@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from caffast.apps import runfolder, runner
-from caffast.apps.atomic import write_atomically
+from caffast.apps.atomic import write_atomically, write_json
 from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
@@ -265,7 +265,7 @@ def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
                "-m", "caffast", *_run_args(data, tmp_path / "out", "--batch-size", "1")]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "rename or move that image" in result.stderr
+    assert "cannot write" in result.stderr
     assert "of the 2 processes stopped on an error" in result.stderr
 
 
@@ -555,3 +555,37 @@ def test_the_outputs_of_earlier_runs_inside_the_data_are_not_explained(dataset, 
     assert main(_run_args(data / "maps1", tmp_path / "maps3")) == 2
     assert "holds the outputs of a caffast run" in capsys.readouterr().err
 
+
+
+def test_an_image_that_killed_the_process_twice_while_it_was_read_fails(dataset, tmp_path, monkeypatch):
+    """While an image is decoded and resized it is marked; a process killed there (out of memory)
+    leaves the mark.  One kill may be a kill -9 and the image is read again; after two it fails at
+    once instead of killing every rerun, and --retry-failed reads it again."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(dataset / "a.png", data / name)
+    out = tmp_path / "out"
+    folder = RunFolder(out)
+    marks, read = {}, runner.read_image
+
+    def read_and_look(path, preprocessing):
+        name = Path(path).name
+        marks[name] = folder.killed_reads(name)
+        return read(path, preprocessing)
+
+    monkeypatch.setattr(runner, "read_image", read_and_look)
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    assert marks == {"a.png": 1, "b.png": 1} and not list(out.rglob("*.reading"))
+    for kills, status in ((1, "done"), (2, "failed")):
+        shutil.rmtree(out / "records")  # as a process killed while it read both images leaves the folder
+        for name in ("a.png", "b.png"):
+            write_json(folder.reading_path(name), {"image": name, "attempts": kills})
+        marks.clear()
+        assert main(_run_args(data, out, "--max-iter", "2")) == 0
+        assert sorted(marks) == ([] if kills == 2 else ["a.png", "b.png"])
+        rows = _outputs(out)[0]
+        assert [row["status"] for row in rows] == [status] * 2
+    assert "killed 2 times while it read and resized image 'a.png'" in rows[0]["error"]
+    assert main(_run_args(data, out, "--max-iter", "2", "--retry-failed")) == 0
+    assert [row["status"] for row in _outputs(out)[0]] == ["done"] * 2

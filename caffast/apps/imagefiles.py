@@ -12,6 +12,11 @@ Every mode Pillow opens is read at its real range, in the orientation its EXIF t
   [0, 1] (a float image has no fixed range); NaN or Inf is an error.
 
 Grayscale is repeated over the three channels.
+
+The work per image is bounded: a picture of more than MAX_PIXELS pixels, or longer than MAX_ASPECT_RATIO
+times its width (or wider than that times its height), is refused before it is decoded, since
+resizing its shorter side to the model's size would make it enormous (a 1 x 8000 strip becomes
+2 048 000 x 256).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PathLike = Union[str, os.PathLike]
+
+MAX_PIXELS = 100_000_000  # 10 000 x 10 000: about 300 MB decoded
+MAX_ASPECT_RATIO = 100  # the longer side over the shorter
 
 
 class ImageReadError(Exception):
@@ -137,6 +145,18 @@ def _decoded(image: "Image.Image") -> "Image.Image":
     return image.convert("RGB")
 
 
+def _check_size(path: PathLike, width: int, height: int) -> None:
+    """Refuse a picture whose decoding or resizing would take far more memory than a photo's."""
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(f"image {os.fspath(path)!r} is {width} x {height} pixels, more than the {MAX_PIXELS:,} "
+                             "caffast reads: scale it down first")  # fmt: skip
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise ImageReadError(
+            f"image {os.fspath(path)!r} is {width} x {height} pixels, more than {MAX_ASPECT_RATIO} times longer "
+            "than wide: resized to the model's input it would take huge memory; crop it first"
+        )
+
+
 def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
     """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
     normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
@@ -147,7 +167,10 @@ def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple
         raise ImageReadError(f"image {os.fspath(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
+            _check_size(path, *opened.size)
             image = _decoded(opened)
+    except ImageReadError:
+        raise
     except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
     size = preprocessing.size

@@ -5,6 +5,7 @@
                                  gradient_norm, targets (T,)
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
     OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
+    OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
     OUT/.lock                    held (flock) by the run using the folder; holds its pid and host
 
@@ -243,6 +244,26 @@ class RunFolder:
 
     def write_record(self, image: str, rows: list[dict[str, Any]]) -> None:
         write_json(self.record_path(image), {"image": image, "rows": rows})
+
+    def reading_path(self, image: str) -> Path:
+        return self.root / "records" / f"{image}.reading"
+
+    def killed_reads(self, image: str) -> int:
+        """How many processes were killed while they read `image` (its marker left behind)."""
+        try:
+            return int(json.loads(self.reading_path(image).read_text(encoding="utf-8"))["attempts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    @contextlib.contextmanager
+    def reading(self, image: str) -> Iterator[None]:
+        """Mark `image` as being read while the block runs: only a process killed in the block (out of
+        memory, or kill -9) leaves the marker, which counts the attempts so far."""
+        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1})
+        try:
+            yield
+        finally:
+            self.reading_path(image).unlink(missing_ok=True)
 
     def write_index(self, images: list[str]) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row

@@ -45,6 +45,7 @@ DEMO_ARCH = "demo"
 RANDOM_WEIGHTS_SEED = 0
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
 
@@ -179,7 +180,7 @@ class Runner:
         batch = []
         for name in names:
             try:
-                rgb, tensor = read_image(self.data_dir / name, self.model.preprocessing)
+                rgb, tensor = self._read(name, name in unfinished)
             except ImageReadError as error:
                 if name in unfinished:
                     self._fail(name, str(error))
@@ -190,6 +191,23 @@ class Runner:
             part = batch[start : start + self.limit]
             self._explain_part(part)
             start += len(part)
+
+    def _read(self, name: str, unfinished: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """Decode and resize an image.  One to save is marked meanwhile: an image that twice killed the
+        process there (out of memory) fails at once instead of killing every rerun."""
+        if not unfinished:
+            return read_image(self.data_dir / name, self.model.preprocessing)
+        if self.folder.killed_reads(name) >= KILLED_READS:
+            self.folder.reading_path(name).unlink(missing_ok=True)  # --retry-failed starts the count again
+            raise ImageReadError(
+                f"the process was killed {KILLED_READS} times while it read and resized image {name!r} (out of "
+                "memory?); --retry-failed tries it again"
+            )
+        try:
+            with self.folder.reading(name):
+                return read_image(self.data_dir / name, self.model.preprocessing)
+        except OSError as error:  # writing or removing the marker: the output folder's storage
+            raise _cannot_write(error, self.folder.root) from None
 
     def _explain_part(self, batch: list[LoadedImage]) -> None:
         """Explain and save a batch.  Out of memory: halve it (and every later batch), down to one
@@ -289,6 +307,16 @@ class Runner:
     def _report(self) -> None:
         if self.progress_bar:
             show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+
+
+def _cannot_write(error: OSError, root: Path) -> CliError:
+    """The error that stops the run when the output folder cannot be written: every later write
+    would fail alike, and the images are not to blame."""
+    full = _disk_full(error, root)
+    if full is not None:
+        return full
+    return CliError(f"cannot write {error.filename or root} ({error.strerror or error}): make {root} writable and "
+                    "run the same command again to finish")  # fmt: skip
 
 
 def _disk_full(error: OSError, root: Path) -> Optional[CliError]:

@@ -254,18 +254,24 @@ def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
 
 
 def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
-    """Rank 1 gets an image whose outputs cannot be named on this file system (its record name is
-    too long): it stops with that message, and rank 0 learns of it instead of waiting."""
+    """Rank 1 cannot write its image's result (a file stands where its folder goes): it stops with
+    that message, and rank 0 learns of it instead of waiting."""
     data = tmp_path / "data"
     data.mkdir()
     picture = next(dataset.rglob("*.png")).read_bytes()
     (data / "a.png").write_bytes(picture)
-    (data / ("z" * 247 + ".png")).write_bytes(picture)  # fits; its "<name>.npz" and "<name>.json" do not
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--batch-size", "1")) == 0  # the folder is a run folder now
+    for name in ("b.png", "z/c.png"):
+        (data / name).parent.mkdir(exist_ok=True)
+        (data / name).write_bytes(picture)
+    (out / "results" / "z").write_text("in the way")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(data, tmp_path / "out", "--batch-size", "1")]  # fmt: skip
+               "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "cannot write" in result.stderr
+    assert f"cannot write {out / 'results' / 'z'} (File exists)" in result.stderr
+    assert "move away the file that stands where a folder goes" in result.stderr
     assert "of the 2 processes stopped on an error" in result.stderr
 
 
@@ -485,6 +491,60 @@ def test_a_full_disk_says_so_and_where(dataset, tmp_path, monkeypatch, capsys):
     assert error.startswith("caffast: error: the disk is full: cannot write ") and "rename" not in error
     assert str(out / "results" / "a.png.npz") in error and "run the same command again" in error
     assert not list(out.glob("records/**/*.json"))  # nothing recorded failed: a rerun does it
+
+
+@pytest.mark.parametrize("number", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_output_folder_stops_the_run_and_blames_no_image(number, dataset, tmp_path, monkeypatch, capsys):
+    """A read-only or forbidden results folder fails every image alike: the run stops, nothing is
+    recorded as failed, and once the storage is fixed the same command explains every image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "c.bmp"):
+        shutil.copy(dataset / name, data / name)
+
+    def refused(path, arrays):
+        raise OSError(number, os.strerror(number), str(path))
+
+    monkeypatch.setattr(runfolder, "write_npz", refused)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"caffast: error: cannot write {out / 'results' / 'a.png.npz'} ({os.strerror(number)})")
+    assert "run the same command again to finish" in error
+    assert not list(out.glob("records/**/*"))
+    monkeypatch.undo()
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    assert [(row["image"], row["status"]) for row in _outputs(out)[0]] == [("a.png", "done"), ("c.bmp", "done")]
+
+
+def test_image_names_up_to_the_longest_get_outputs_that_fit(dataset, tmp_path, capsys):
+    """Names of 251 to 255 bytes (the longest a file system takes) pass 255 with ".json" or an overlay's
+    suffix; two such names that differ only at their end keep their own outputs."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    names = [f"{'x' * (length - 4)}.png" for length in range(251, 256)] + ["sub/" + "é" * 124 + "ab.png"]
+    names.append(names[0][:-5] + "y.png")
+    sources = sorted(dataset.glob("*.png"))
+    for k, name in enumerate(names):
+        shutil.copy(sources[k % len(sources)], data / name)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2", "--overlays")) == 0
+    rows = _outputs(out)[0]
+    assert sorted(row["image"] for row in rows) == sorted(names)
+    assert all(row["status"] == "done" for row in rows)
+    _, arrays = _outputs(out)
+    alone = tmp_path / "alone"  # each image explained by itself, under a short name: the oracle
+    for k, name in enumerate(sorted(names)):
+        (alone / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / name, alone / "data" / f"{k}.png")
+    assert main(_run_args(alone / "data", alone / "out", "--max-iter", "2")) == 0
+    expected = _outputs(alone / "out")[1]
+    for k, row in enumerate(sorted(rows, key=lambda row: row["image"])):
+        np.testing.assert_array_equal(arrays[row["result"]]["maps"], expected[f"results/{k}.png.npz"]["maps"])
+    capsys.readouterr()
+    assert main(_run_args(data, out, "--max-iter", "2", "--overlays")) == 0
+    assert "0 images done, 0 failed, 7 skipped" in capsys.readouterr().out
+
 
 
 @pytest.mark.parametrize("number,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -223,7 +223,7 @@ class Runner:
         else:
             for index, item in enumerate(batch):
                 if item.save:
-                    self._save_or_fail(item, explanation, index)
+                    self._save_or_stop(item, explanation, index)
             return
         # outside the except clause the traceback, and the tensors its frames hold, are released
         images = None
@@ -240,14 +240,11 @@ class Runner:
             self._explain_part(part)
             start += len(part)
 
-    def _save_or_fail(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
+    def _save_or_stop(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         try:
             self._save(item, explanation, index)
-        except OSError as error:
-            full = _disk_full(error, self.folder.root)
-            if full:
-                raise full from None
-            self._fail(item.name, f"cannot write its outputs: {error}")
+        except OSError as error:  # the output folder's storage, not the image: the run stops
+            raise _cannot_write(error, self.folder.root) from None
 
     def _save(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
@@ -296,12 +293,7 @@ class Runner:
                 self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
                 self.tally.failed += 1
         except OSError as write_error:
-            full = _disk_full(write_error, self.folder.root)
-            if full:
-                raise full from None
-            raise CliError(
-                f"cannot record {name!r} in {self.folder.root} ({write_error}); {error}: rename or move that image"
-            ) from None
+            raise _cannot_write(write_error, self.folder.root) from None
         self._report()
 
     def _report(self) -> None:
@@ -315,8 +307,10 @@ def _cannot_write(error: OSError, root: Path) -> CliError:
     full = _disk_full(error, root)
     if full is not None:
         return full
-    return CliError(f"cannot write {error.filename or root} ({error.strerror or error}): make {root} writable and "
-                    "run the same command again to finish")  # fmt: skip
+    blocked = error.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a folder goes
+    fix = "move away the file that stands where a folder goes" if blocked else f"make {root} writable"
+    return CliError(f"cannot write {error.filename or root} ({error.strerror or error}); nothing is recorded for "
+                    f"the image: {fix} and run the same command again to finish")  # fmt: skip
 
 
 def _disk_full(error: OSError, root: Path) -> Optional[CliError]:

@@ -230,3 +230,23 @@ def test_a_class_beyond_any_integer_is_named_as_out_of_range(flag, photo, tmp_pa
         argv = ["explain", str(photo), "--classes", huge, "--out", str(tmp_path)]
     assert main(argv + ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random"]) == 2
     assert f"targets must be class indices in [0, 1000); got [[{huge}]]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["class_specific", "class_oblivious", "explain"])
+def test_a_long_picture_name_gives_outputs_that_fit(command, tmp_path, capsys):
+    """A 250-byte stem cannot take the release's suffixes within the 255 bytes of a file name: the
+    stem is shortened, the rest (class, label, arch) kept."""
+    image = tmp_path / ("long" * 62 + "xy.png")
+    Image.new("RGB", (40, 40), (90, 20, 160)).save(image)
+    out = tmp_path / "out"
+    model = ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random"]
+    if command == "explain":
+        argv = ["explain", str(image), "--classes", "3", "--max-iter", "2", "--out", str(out)]
+    else:
+        argv = [command, "--input_img", str(image), "--cls_logits", "3", "--max_iter", "2", "--output_dir", str(out)]
+    assert main(argv + model) == 0
+    written = [path.name for path in out.glob("*.png")]
+    assert len(written) == 1 and len(written[0].encode()) <= 255
+    name = written[0]
+    assert name.startswith("long" * 10) and "~" in name and name.endswith("_shufflenet_v2_x0_5.png")
+    assert "_3_" in name or command == "class_oblivious"

@@ -30,6 +30,7 @@ from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, load_image, load_model,
     model_preprocessing, parse_classes, say, show_progress,
 )  # fmt: skip
+from .atomic import fitting_name
 from .distributed import DEFAULT_RANK_TIMEOUT
 
 # The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
@@ -119,9 +120,9 @@ def _command_explain(args: argparse.Namespace) -> None:
 
     def name_of(stem: str, target: int, names: list[str]) -> str:
         if mode == "oblivious":
-            return f"{stem}_l2caf_oblivious_{args.arch}.png"
+            return fitting_name(stem, f"_l2caf_oblivious_{args.arch}.png")
         label = names[target] if target < len(names) else str(target)
-        return f"{stem}_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png"
+        return fitting_name(stem, f"_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png")
 
     options = {**explain_options(args), "backend": args.backend}
     written = _explain_files(args.images, args.arch, args.weights, args.layer, options, Path(args.out), args.gif,
@@ -230,18 +231,20 @@ def _release_image(name: str) -> Path:
 def _release_names(args: argparse.Namespace, mode: str, stem: str, target: int, layer: str,
                    labels: Optional[Sequence[str]]) -> tuple[str, Optional[str], str]:  # fmt: skip
     """File names of the picture, the raw mask (None: not written) and the GIF: the PyTorch release's
-    (its label table, commas removed), or with --tf-release the TensorFlow release's."""
+    (its label table, commas removed), or with --tf-release the TensorFlow release's; a stem too long
+    for the file system is shortened."""
     if args.tf_release:
         position = f"{args.arch}_{layer}".replace(".", "_")
         if mode == "specific":
             kind = args.constraint
-            return f"{stem}_cls_{target}_{kind}.png", f"{stem}_msk_cls_{target}_{kind}.png", f"{stem}_cls_{target}_{position}.gif"
-        return f"{stem}_{args.constraint}.png", None, f"{stem}_cls_{args.constraint}_{position}.gif"
+            return (fitting_name(stem, f"_cls_{target}_{kind}.png"), fitting_name(stem, f"_msk_cls_{target}_{kind}.png"),
+                    fitting_name(stem, f"_cls_{target}_{position}.gif"))  # fmt: skip
+        return fitting_name(stem, f"_{args.constraint}.png"), None, fitting_name(stem, f"_cls_{args.constraint}_{position}.gif")
     if mode == "specific":
         label = labels[target].replace(",", "") if labels else str(target)
-        picture = f"{stem}_cls_specific_{target}_{label}_{args.arch}.png"
+        picture = fitting_name(stem, f"_cls_specific_{target}_{label}_{args.arch}.png")
     else:
-        picture = f"{stem}_cls_oblivious_{args.arch}.png"
+        picture = fitting_name(stem, f"_cls_oblivious_{args.arch}.png")
     return picture, None, picture[: -len(".png")] + ".gif"
 
 

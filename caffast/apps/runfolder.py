@@ -11,7 +11,7 @@
 
 REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart);
 where a name with its suffix would be too long for the file system, its last part is shortened and
-ends in a hash of REL (`fitting_name`).
+ends in a hash of it (`atomic.fitting_name`).
 Every file is written atomically, so a kill leaves whole files; an image is finished exactly when its
 record exists and is whole: it parses, and the result and overlay files it names exist (the result
 loads, with every array).  A rerun skips finished images and explains again those whose outputs were
@@ -22,7 +22,6 @@ rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from .atomic import remove_temporaries, write_json, write_npz, write_text
+from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
 
 try:
     import fcntl
@@ -44,8 +43,6 @@ INDEX = "index.jsonl"
 LOCK = ".lock"
 RESULT_ARRAYS = ("filters", "maps", "iterations", "loss", "objective", "gradient_norm", "targets")
 STATUSES = ("done", "failed")
-NAME_MAX = 255  # bytes in a file name, on Linux, macOS and Windows file systems alike
-HASH_CHARACTERS = 16
 
 
 RUN_SETTINGS = ("data", "arch", "explain")  # among the keys of every run's config.json
@@ -72,18 +69,11 @@ class FolderBusy(Exception):
     """Another process holds OUT's lock; the message names it and the fix."""
 
 
-def fitting_name(image: str, suffix: str) -> str:
-    """The image's relative path with `suffix`, its last part shortened where it would pass the
-    NAME_MAX bytes a file name may have: its start, "~" and a hash of the whole path, so that images
-    whose long names share a start keep apart."""
+def _output_name(image: str, suffix: str) -> str:
+    """The image's relative path with `suffix`, its last part shortened to fit the file system."""
     folder, _, name = image.rpartition("/")
-    if len(os.fsencode(name + suffix)) <= NAME_MAX:
-        return image + suffix
-    digest = hashlib.sha256(os.fsencode(image)).hexdigest()[:HASH_CHARACTERS]
-    room = NAME_MAX - len(os.fsencode(suffix)) - len(digest) - 1
-    start = os.fsencode(name)[:room].decode("utf-8", "ignore")  # a character cut in two is dropped
-    short = f"{start}~{digest}{suffix}"
-    return f"{folder}/{short}" if folder else short
+    fitting = fitting_name(name, suffix)
+    return f"{folder}/{fitting}" if folder else fitting
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -103,13 +93,13 @@ class RunFolder:
         self.root = Path(root)
 
     def result_path(self, image: str) -> Path:
-        return self.root / "results" / fitting_name(image, ".npz")
+        return self.root / "results" / _output_name(image, ".npz")
 
     def overlay_path(self, image: str, target: Optional[int]) -> Path:
-        return self.root / "overlays" / fitting_name(image, f".{'oblivious' if target is None else target}.png")
+        return self.root / "overlays" / _output_name(image, f".{'oblivious' if target is None else target}.png")
 
     def record_path(self, image: str) -> Path:
-        return self.root / "records" / fitting_name(image, ".json")
+        return self.root / "records" / _output_name(image, ".json")
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -265,7 +255,7 @@ class RunFolder:
         write_json(self.record_path(image), {"image": image, "rows": rows})
 
     def reading_path(self, image: str) -> Path:
-        return self.root / "records" / fitting_name(image, ".reading")
+        return self.root / "records" / _output_name(image, ".reading")
 
     def killed_reads(self, image: str) -> int:
         """How many processes were killed while they read `image` (its marker left behind)."""

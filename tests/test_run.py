@@ -407,7 +407,7 @@ def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, cap
     finally:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
-    assert "3 images had broken outputs and are explained again: " in captured.err
+    assert "3 images had broken outputs or changed, and are explained again: " in captured.err
     for image, problem in (("h.png", "does not load"), ("sub/deeper/g.png", "results/sub/deeper/g.png.npz is missing"),
                            ("sub/e.png", "records/sub/e.png.json cannot be read")):  # fmt: skip
         assert f"{image} (its " in captured.err and problem in captured.err
@@ -445,11 +445,11 @@ def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_one(dataset, tmp_pat
     write_record = RunFolder.write_record
     calls = []
 
-    def stopping(self, image, rows):
+    def stopping(self, image, rows, source):
         calls.append(image)
         if len(calls) == 6:
             raise runner.Stop(signal.SIGINT)
-        write_record(self, image, rows)
+        write_record(self, image, rows, source)
 
     monkeypatch.setattr(RunFolder, "write_record", stopping)
     assert main(_run_args(dataset, out, *settings)) == 130
@@ -649,3 +649,29 @@ def test_an_image_that_killed_the_process_twice_while_it_was_read_fails(dataset,
     assert "killed 2 times while it read and resized image 'a.png'" in rows[0]["error"]
     assert main(_run_args(data, out, "--max-iter", "2", "--retry-failed")) == 0
     assert [row["status"] for row in _outputs(out)[0]] == ["done"] * 2
+
+
+def test_a_replaced_image_is_explained_again_and_a_touched_one_is_not(dataset, tmp_path, capsys):
+    """Records keep what each image file was: a file replaced since (even by one of the same size) is
+    explained again, a broken image fixed since too; a file only touched is skipped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for source, name in (("c.bmp", "a.bmp"), ("h.png", "b.png"), ("i.png", "c.png")):
+        shutil.copy(dataset / source, data / name)
+    (data / "broken.png").write_bytes(b"not yet a picture")
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    before = {row["image"]: row for row in _outputs(out)[0]}
+    assert before["broken.png"]["status"] == "failed"
+    same_size = bytearray((data / "a.bmp").read_bytes())
+    same_size[-20] ^= 0xFF  # one pixel's byte: another picture in a file of the same size
+    (data / "a.bmp").write_bytes(bytes(same_size))
+    shutil.copy(dataset / "d.jpg", data / "broken.png")  # fixed: now a picture
+    os.utime(data / "b.png", ns=(10**18, 10**18))  # touched, the same content
+    capsys.readouterr()
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    captured = capsys.readouterr()
+    assert "2 images had broken outputs or changed, and are explained again: a.bmp (the image file changed" in captured.err
+    assert "2 images done, 0 failed, 2 skipped" in captured.out
+    after = {row["image"]: row for row in _outputs(out)[0]}
+    assert after["broken.png"]["status"] == "done" and after["b.png"] == before["b.png"]

@@ -15,7 +15,8 @@ ends in a hash of it (`atomic.fitting_name`).
 Every file is written atomically, so a kill leaves whole files; an image is finished exactly when its
 record exists and is whole: it parses, and the result and overlay files it names exist (the result
 loads, with every array).  A rerun skips finished images and explains again those whose outputs were
-removed or damaged since.  A failed image gets a record too (status "failed" and the error), so a
+removed or damaged since, and images whose file changed since (its record keeps the file's size,
+time and sha256).  A failed image gets a record too (status "failed" and the error), so a
 rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
 """
 
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from ..models.zoo import file_sha256
 from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
 
 try:
@@ -69,6 +71,15 @@ class FolderBusy(Exception):
     """Another process holds OUT's lock; the message names it and the fix."""
 
 
+def image_source(path: Path) -> Optional[dict[str, Any]]:
+    """What an image file is: its size, modification time and sha256; None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+    except OSError:
+        return None
+
+
 def _output_name(image: str, suffix: str) -> str:
     """The image's relative path with `suffix`, its last part shortened to fit the file system."""
     folder, _, name = image.rpartition("/")
@@ -89,8 +100,9 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunFolder:
     """Paths and files of one output folder; every write is atomic."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, data: Optional[Path] = None) -> None:
         self.root = Path(root)
+        self.data = None if data is None else Path(data)  # the images: records of changed ones do not count
 
     def result_path(self, image: str) -> Path:
         return self.root / "results" / _output_name(image, ".npz")
@@ -210,8 +222,19 @@ class RunFolder:
         if not whole or not all(isinstance(row, dict) and row.get("status") in STATUSES for row in rows):
             return None, f"its record {self.relative(path)} is not one caffast wrote"
         done = [row for row in rows if row["status"] == "done"]
-        problem = self._check_outputs(image, done) if done else None
+        problem = self._changed(image, record.get("source")) or (self._check_outputs(image, done) if done else None)
         return (None, problem) if problem else (rows, None)
+
+    def _changed(self, image: str, source: Any) -> Optional[str]:
+        """What changed in the image file since its record was written, or None.  Size and modification
+        time unchanged count as unchanged; otherwise the content decides (a copy or a touch is not a
+        change).  Records from before sources were kept, and images that are gone, count as unchanged."""
+        if self.data is None or not isinstance(source, dict):
+            return None
+        now = image_source(self.data / image)
+        if now is None or all(now[key] == source.get(key) for key in ("size", "mtime_ns")):
+            return None
+        return None if now["sha256"] == source.get("sha256") else "the image file changed since it was explained"
 
     def _check_outputs(self, image: str, rows: list[dict[str, Any]]) -> Optional[str]:
         result = self.result_path(image)
@@ -251,8 +274,10 @@ class RunFolder:
         write_npz(path, arrays)
         return path
 
-    def write_record(self, image: str, rows: list[dict[str, Any]]) -> None:
-        write_json(self.record_path(image), {"image": image, "rows": rows})
+    def write_record(self, image: str, rows: list[dict[str, Any]], source: Optional[dict[str, Any]] = None) -> None:
+        """The image's record: its index rows, and what its file was (`image_source`) when read."""
+        record = {"image": image, "rows": rows, **({"source": source} if source is not None else {})}
+        write_json(self.record_path(image), record)
 
     def reading_path(self, image: str) -> Path:
         return self.root / "records" / _output_name(image, ".reading")

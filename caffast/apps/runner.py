@@ -37,7 +37,7 @@ from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
 from ..models.zoo import file_sha256
 from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
-from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, is_run_folder
+from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
 from ..viz import apply_heatmap
 
 DEMO_ARCH = "demo"
@@ -132,6 +132,7 @@ class LoadedImage:
     rgb: np.ndarray  # (H, W, 3) in [0, 1], for overlays
     tensor: torch.Tensor  # (3, H, W), the model input
     save: bool  # False: finished before, in the batch only so that the batch is the same as ever
+    source: Optional[dict[str, Any]] = None  # what the image file was when read (runfolder.image_source)
 
 
 @dataclass
@@ -179,13 +180,14 @@ class Runner:
         """Explain a batch of images (paths relative to the data folder) and save those in `unfinished`."""
         batch = []
         for name in names:
+            source = image_source(self.data_dir / name) if name in unfinished else None  # before it is read
             try:
                 rgb, tensor = self._read(name, name in unfinished)
             except ImageReadError as error:
                 if name in unfinished:
-                    self._fail(name, str(error))
+                    self._fail(name, str(error), source)
             else:
-                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished))
+                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished, source=source))
         start = 0
         while start < len(batch):  # after an out-of-memory error, in smaller parts
             part = batch[start : start + self.limit]
@@ -229,7 +231,8 @@ class Runner:
         images = None
         _free_memory()
         if len(batch) == 1:
-            self._fail(batch[0].name, ("out of memory with this image alone: " if out_of_memory else "") + message)
+            reason = ("out of memory with this image alone: " if out_of_memory else "") + message
+            self._fail(batch[0].name, reason, batch[0].source)
             return
         if out_of_memory:
             self.limit = min(self.limit, (len(batch) + 1) // 2)
@@ -283,14 +286,16 @@ class Runner:
                 row["overlay"] = folder.relative(path)
             rows.append(row)
         with STOP_SIGNALS.held():  # a record written is an image counted
-            folder.write_record(item.name, rows)
+            folder.write_record(item.name, rows, item.source)
             self.tally.done += 1
         self._report()
 
-    def _fail(self, name: str, error: str) -> None:
+    def _fail(self, name: str, error: str, source: Optional[dict[str, Any]]) -> None:
+        """Record the image as failed; its `source` lets a rerun explain it again once the file is replaced."""
         try:
             with STOP_SIGNALS.held():
-                self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+                rows = [{"image": name, "target": None, "status": "failed", "error": error}]
+                self.folder.write_record(name, rows, source)
                 self.tally.failed += 1
         except OSError as write_error:
             raise _cannot_write(write_error, self.folder.root) from None
@@ -450,14 +455,13 @@ def _plan(
     folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
 ) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
-    holding the folder's lock).  Says which images had broken outputs and are explained again."""
+    holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
     pending, broken = folder.pending(images, retry_failed)
     if broken:
         named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
         more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
-        print(f"{len(broken)} images had broken outputs and are explained again: {', '.join(named)}{more}",
-              file=sys.stderr)  # fmt: skip
+        say(f"{len(broken)} images had broken outputs or changed, and are explained again: {', '.join(named)}{more}")
     return images, pending
 
 
@@ -474,7 +478,7 @@ def _run(
 ) -> Optional[RunSummary]:
     options = explain_options(args)
     model = load_run_model(args.arch, args.weights, args.layer, processes.device(args.device), getattr(torch, args.dtype))
-    folder = RunFolder(Path(args.out))
+    folder = RunFolder(Path(args.out), data_dir)
     runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
     runner.check_settings()
     config = {

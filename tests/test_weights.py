@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -165,3 +166,41 @@ def test_a_cached_file_that_is_not_what_its_name_says_is_refused(tmp_path, cache
     err = capsys.readouterr().err
     assert f"cached weights file {cache / torchvision_name} is not the file of" in err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """huggingface_hub pointed at an empty cache and at a closed local port, as offline."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    pytest.importorskip("timm")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    return tmp_path / "hf-cache"
+
+
+def test_timm_weights_offline_fail_at_once_with_the_way_out(hub):
+    """huggingface_hub retries a failed connection for most of a minute; one try says it all."""
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError) as error:
+        zoo.build_model("test_vit.r160_in1k", "DEFAULT")
+    assert time.monotonic() - started < 10
+    message = str(error.value)
+    assert "cannot download timm's pretrained weights of 'test_vit.r160_in1k' from 127.0.0.1 (offline?)" in message
+    assert "--weights FILE" in message
+
+
+def test_timm_weights_in_the_cache_load_offline(hub):
+    safetensors = pytest.importorskip("safetensors.torch")
+    import timm
+
+    torch.manual_seed(0)
+    trained = timm.create_model("test_vit.r160_in1k", pretrained=False)
+    snapshot = hub / "models--timm--test_vit.r160_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    safetensors.save_file(trained.state_dict(), snapshot / "model.safetensors")
+    (hub / "models--timm--test_vit.r160_in1k" / "refs").mkdir()
+    (hub / "models--timm--test_vit.r160_in1k" / "refs" / "main").write_text("0" * 40)
+    started = time.monotonic()
+    loaded = zoo.build_model("test_vit.r160_in1k", "DEFAULT")
+    assert time.monotonic() - started < 10
+    assert all(torch.equal(value, trained.state_dict()[key]) for key, value in loaded.state_dict().items())

@@ -3,14 +3,17 @@ timm's models when timm is installed, and the reference's `load_architecture`.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
+import socket
 from importlib import resources
 from http.client import HTTPException
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -128,9 +131,68 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
         return model.eval()
     full = _timm_tagged(name, weights)
     try:
+        with _hub_offline():  # weights in the cache load without a connection, and without its retries
+            return timm.create_model(full, pretrained=True, **kwargs).eval()
+    except Exception:
+        pass
+    host = _weights_host(full)
+    if host is not None and not _reachable(host):
+        raise FileNotFoundError(
+            f"cannot download timm's pretrained weights of {full!r} from {host[0]} (offline?), and they are not in "
+            "the Hugging Face or torch.hub cache: connect once to download them, or pass a local state-dict file "
+            "(--weights FILE)"
+        )
+    try:
         return timm.create_model(full, pretrained=True, **kwargs).eval()
     except Exception as error:
         raise FileNotFoundError(f"timm could not load the pretrained weights of {full!r}: {error}") from error
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode while the block runs: files come from its cache or not at all."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _weights_host(name: str) -> Optional[tuple[str, int]]:
+    """(host, port) that timm downloads the pretrained weights of `name` from; None if it cannot be told."""
+    try:
+        config = _timm().models.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    if config is None:
+        return None
+    if getattr(config, "hf_hub_id", None):
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+    elif getattr(config, "url", None):
+        url = urlparse(config.url)
+    else:
+        return None
+    if url.hostname is None:
+        return None
+    return url.hostname, url.port or (80 if url.scheme == "http" else 443)
+
+
+def _reachable(host: tuple[str, int], seconds: float = 5.0) -> bool:
+    """Whether a connection to `host` opens within `seconds`: one try, where a download would retry
+    for most of a minute before it fails."""
+    try:
+        socket.create_connection(host, timeout=seconds).close()
+    except OSError:
+        return False
+    return True
 
 
 def _timm_tagged(name: str, weights: Weights) -> str:

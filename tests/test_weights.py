@@ -204,3 +204,28 @@ def test_timm_weights_in_the_cache_load_offline(hub):
     loaded = zoo.build_model("test_vit.r160_in1k", "DEFAULT")
     assert time.monotonic() - started < 10
     assert all(torch.equal(value, trained.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+def test_timm_weights_whose_cache_blob_is_not_its_hash_are_refused(hub):
+    """The Hugging Face cache names each weights blob by its sha256; another file in its place (a
+    truncated download, a copy) is refused instead of loaded."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    import timm
+
+    repository = hub / "models--timm--test_vit.r160_in1k"
+    staging = hub / "staging.safetensors"
+    hub.mkdir()
+    safetensors.save_file(timm.create_model("test_vit.r160_in1k").state_dict(), staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    (repository / "blobs").mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0" * 40)
+    snapshot = repository / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(repository / "blobs" / digest)
+    torch.manual_seed(1)
+    safetensors.save_file(timm.create_model("test_vit.r160_in1k").state_dict(), repository / "blobs" / digest)
+    with pytest.raises(ValueError, match=rf"the cached weights file {repository / 'blobs' / digest} is not the file of"):
+        zoo.build_model("test_vit.r160_in1k", "DEFAULT")
+    staging.replace(repository / "blobs" / digest)
+    zoo.build_model("test_vit.r160_in1k", "DEFAULT")  # the right content loads

@@ -48,14 +48,18 @@ def _check_cached(weights: WeightsEnum) -> None:
     hash only when it downloads, and would load any file found under the expected name."""
     path = _cached_path(weights)
     match = HASH_IN_NAME.search(os.path.basename(path))
-    if match is None or not os.path.isfile(path):
-        return
-    promised, digest = match.group(1), file_sha256(path)
+    if match is not None and os.path.isfile(path):
+        _check_content(path, match.group(1), str(weights), weights.url)
+
+
+def _check_content(path: str, promised: str, what: str, source: str) -> None:
+    """Raise when the sha256 of the file at `path` does not start with `promised` (its name's hash)."""
+    digest = file_sha256(path)
     if not digest.startswith(promised):
         raise ValueError(
-            f"the cached weights file {path} is not the file of {weights}: its sha256 starts "
+            f"the cached weights file {path} is not the file of {what}: its sha256 starts "
             f"{digest[:len(promised)]}, its name says {promised} (a truncated, damaged or different file); delete "
-            f"it so that it is downloaded again, or put the file from {weights.url} there"
+            f"it so that it is downloaded again, or put the file from {source} there"
         )
 
 
@@ -130,6 +134,7 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
         model.load_state_dict(load_state_dict(name, weights))
         return model.eval()
     full = _timm_tagged(name, weights)
+    _check_timm_cache(full)
     try:
         with _hub_offline():  # weights in the cache load without a connection, and without its retries
             return timm.create_model(full, pretrained=True, **kwargs).eval()
@@ -146,6 +151,36 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
         return timm.create_model(full, pretrained=True, **kwargs).eval()
     except Exception as error:
         raise FileNotFoundError(f"timm could not load the pretrained weights of {full!r}: {error}") from error
+
+
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_timm_cache(name: str) -> None:
+    """Refuse cached timm weights whose content is not what their name promises, as torchvision's: a
+    file in torch.hub's cache named with a hash prefix, or a Hugging Face cache blob named by its
+    sha256 (huggingface_hub checks it only when it downloads)."""
+    try:
+        config = _timm().models.get_pretrained_cfg(name)
+    except Exception:
+        return
+    url = getattr(config, "url", None)
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        match = HASH_IN_NAME.search(os.path.basename(path))
+        if match is not None and os.path.isfile(path):
+            _check_content(path, match.group(1), f"timm's {name!r}", url)
+    repository = getattr(config, "hf_hub_id", None)
+    if not repository:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_WEIGHT_FILES:
+        cached = try_to_load_from_cache(repository, filename)
+        if isinstance(cached, str) and SHA256_NAME.fullmatch(os.path.basename(os.path.realpath(cached))):
+            _check_content(os.path.realpath(cached), os.path.basename(os.path.realpath(cached)),
+                           f"timm's {name!r}", f"the Hugging Face repository {repository}")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -598,8 +598,9 @@ def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
 
 
 def test_the_outputs_of_earlier_runs_inside_the_data_are_not_explained(dataset, tmp_path, capsys):
-    """photos/maps1 of an earlier run with --overlays is left out of a run into photos/maps2, as is an
-    earlier run folder whose config.json was lost; a run folder as the data folder is refused."""
+    """photos/maps1 of an earlier run with --overlays is left out of a run into photos/maps2, as are an
+    earlier run folder whose config.json was lost and the overlays of caffast explain; a run folder as
+    the data folder is refused."""
     data = tmp_path / "photos"
     shutil.copytree(dataset, data)
     assert main(_run_args(data, tmp_path / "alone", "--max-iter", "2")) == 0  # outside the data: the oracle
@@ -608,9 +609,13 @@ def test_the_outputs_of_earlier_runs_inside_the_data_are_not_explained(dataset, 
     assert list((data / "maps1" / "overlays").rglob("*.png"))
     shutil.copytree(data / "maps1", data / "old" / "lost")
     (data / "old" / "lost" / "config.json").unlink()
+    photo = next(data.glob("*.png"))
+    explain = ["explain", str(photo), "--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random",
+               "--max-iter", "1", "--out", str(data / "explained")]  # fmt: skip
+    assert main(explain) == 0 and list((data / "explained").glob("*.png"))
     capsys.readouterr()
     assert main(_run_args(data, data / "maps2", "--max-iter", "2")) == 0
-    assert "left out 2 folders of other caffast runs" in capsys.readouterr().err
+    assert "left out 3 caffast output folders" in capsys.readouterr().err
     assert sorted(row["image"] for row in _outputs(data / "maps2")[0]) == expected
     assert main(_run_args(data / "maps1", tmp_path / "maps3")) == 2
     assert "holds the outputs of a caffast run" in capsys.readouterr().err

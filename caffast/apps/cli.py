@@ -32,6 +32,7 @@ from .common import (
 )  # fmt: skip
 from .atomic import fitting_name
 from .distributed import DEFAULT_RANK_TIMEOUT
+from .imagefiles import EXPLAIN_MARKER
 
 # The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
 # (its scripts' fixed runs: TF1's Adam from a normal draw, lr 0.5, 1000 iterations, a schedule to 0).
@@ -101,6 +102,7 @@ def _explain_files(
     preprocessing = model_preprocessing(arch, weights)
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
+    (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
     written: list[Path] = []
     stems = output_stems(images)
     for done, path in enumerate(images):

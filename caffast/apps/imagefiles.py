@@ -39,6 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PathLike = Union[str, os.PathLike]
 
+# a hidden file `caffast explain` leaves in its output folder, so that no run takes its overlays for images
+EXPLAIN_MARKER = ".caffast-explain"
 MAX_PIXELS = 100_000_000  # 10 000 x 10 000: about 300 MB decoded
 MAX_ASPECT_RATIO = 100  # the longer side over the shorter
 
@@ -86,9 +88,9 @@ def find_images(
     """The image files under `root`, recursively, as '/'-separated paths relative to it, sorted.
 
     An image is a file whose suffix is one of IMAGE_SUFFIXES, in any letter case; hidden files and
-    folders (a leading '.') are left out, and so are the folder `exclude` and the output folder of
-    any caffast run (an output folder inside `root` must not feed its pictures back in); the latter
-    are appended to `run_folders`, relative to `root`.
+    folders (a leading '.') are left out, and so are the folder `exclude` and the output folders of
+    any caffast run or explain command (an output folder inside `root` must not feed its pictures
+    back in); the latter are appended to `run_folders`, relative to `root`.
     """
     skipped = os.path.realpath(exclude) if exclude is not None else None
     found = []
@@ -99,7 +101,7 @@ def find_images(
             path = os.path.join(directory, folder)
             if folder.startswith(".") or os.path.realpath(path) == skipped:
                 continue
-            if is_run_folder(path):
+            if is_run_folder(path) or os.path.isfile(os.path.join(path, EXPLAIN_MARKER)):
                 if run_folders is not None:
                     run_folders.append((relative / folder).as_posix())
                 continue

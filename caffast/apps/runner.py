@@ -443,7 +443,7 @@ def _images(data_dir: Path, folder: RunFolder) -> list[str]:
     images = find_images(data_dir, exclude=folder.root, run_folders=earlier_runs)
     if earlier_runs:
         shown = ", ".join(earlier_runs[:RUN_FOLDERS_SHOWN]) + (" ..." if len(earlier_runs) > RUN_FOLDERS_SHOWN else "")
-        say(f"left out {len(earlier_runs)} folders of other caffast runs inside {data_dir}: {shown}")
+        say(f"left out {len(earlier_runs)} caffast output folders inside {data_dir}: {shown}")
     if not images:
         raise CliError(
             f"no images in {str(data_dir)!r} or its subfolders (looked for {' '.join(IMAGE_SUFFIXES)}, any case)"

@@ -229,3 +229,28 @@ def test_timm_weights_whose_cache_blob_is_not_its_hash_are_refused(hub):
         zoo.build_model("test_vit.r160_in1k", "DEFAULT")
     staging.replace(repository / "blobs" / digest)
     zoo.build_model("test_vit.r160_in1k", "DEFAULT")  # the right content loads
+
+
+@pytest.mark.parametrize("proxy", [None, "http://127.0.0.1:9"])
+def test_behind_a_proxy_timm_downloads_instead_of_probing_the_host(proxy, hub, monkeypatch):
+    """A direct connection says nothing where downloads go through a proxy: timm is left to try."""
+    import timm
+    from huggingface_hub import constants
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+    offline_modes = []
+
+    def create_model(*args, **kwargs):
+        offline_modes.append(constants.HF_HUB_OFFLINE)
+        raise RuntimeError("not in the cache" if constants.HF_HUB_OFFLINE else "the download failed")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(FileNotFoundError) as error:
+        zoo.build_model("test_vit.r160_in1k", "DEFAULT")
+    if proxy:
+        assert offline_modes == [True, False] and "the download failed" in str(error.value)
+    else:
+        assert offline_modes == [True] and "(offline?)" in str(error.value)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import urllib.request
 from importlib import resources
 from http.client import HTTPException
 from typing import Any, Callable, Iterator, Optional, Union
@@ -141,7 +142,7 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
     except Exception:
         pass
     host = _weights_host(full)
-    if host is not None and not _reachable(host):
+    if host is not None and not _through_proxy(host[0]) and not _reachable(host):
         raise FileNotFoundError(
             f"cannot download timm's pretrained weights of {full!r} from {host[0]} (offline?), and they are not in "
             "the Hugging Face or torch.hub cache: connect once to download them, or pass a local state-dict file "
@@ -218,6 +219,13 @@ def _weights_host(name: str) -> Optional[tuple[str, int]]:
     if url.hostname is None:
         return None
     return url.hostname, url.port or (80 if url.scheme == "http" else 443)
+
+
+def _through_proxy(host: str) -> bool:
+    """Whether downloads from `host` go through a proxy (HTTPS_PROXY, ...): a direct connection then
+    says nothing about them."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get("https") or proxies.get("http")) and not urllib.request.proxy_bypass(host)
 
 
 def _reachable(host: tuple[str, int], seconds: float = 5.0) -> bool:

@@ -53,6 +53,52 @@ def first_component(weighted: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.float32(projections)).to(weighted.device)
 
 
+def _move(model: nn.Module, device: Union[str, torch.device], asked: str) -> None:
+    """pytorch-grad-cam's use_cuda and device: the model moved there, or an error that says why not
+    (before anything moved)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{asked}: {error}; pass a device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{asked} needs a CUDA GPU and this machine has none that torch can use; leave it out "
+                         "to run where the model is")  # fmt: skip
+    try:
+        model.to(target)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"{asked}: the model cannot be moved there ({error})") from None
+
+
+def _test_time_transforms(transforms: Any) -> list[Any]:
+    """ttach's transforms (a Compose, or any iterable of objects with augment_image and
+    deaugment_mask), checked when the CAM is made rather than halfway through a call."""
+    try:
+        listed = list(transforms)
+    except TypeError:
+        listed = None
+    wanted = ("augment_image", "deaugment_mask")
+    if not listed or not all(callable(getattr(t, name, None)) for t in listed for name in wanted):
+        raise TypeError(
+            "tta_transforms must be a ttach Compose (e.g. ttach.aliases.flip_transform()) or a non-empty list of "
+            f"transforms with augment_image and deaugment_mask; got {type(transforms).__name__}"
+            + (f" of {sorted({type(t).__name__ for t in listed})}" if listed else "")
+        )
+    return listed
+
+
+def _per_image(targets: Any, batch: int) -> list[list[Any]]:
+    """pytorch-grad-cam's targets, one per image, as explain's per-image lists."""
+    listed = isinstance(targets, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(targets, str)
+    if not listed or getattr(targets, "ndim", 1) == 0:
+        raise TypeError(
+            f"targets must be a list with one target per image, such as [ClassifierOutputTarget(281)] * {batch}, "
+            f"or None for each image's top class; got a {type(targets).__name__}"
+        )
+    if len(targets) != batch:
+        raise ValueError(f"{len(targets)} targets for {batch} images; pass one per image")
+    return [[target] for target in targets]
+
+
 class _CAM:
     """Shared by the methods: the constructor and call of pytorch-grad-cam, the context manager, test-time
     augmentation, and maps averaged over target layers.
@@ -80,13 +126,13 @@ class _CAM:
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError(f"reshape_transform must be a function of the layer's output, not {type(reshape_transform).__name__}")
         if use_cuda or device is not None:
-            model.to(torch.device("cuda" if device is None else device))
+            _move(model, "cuda" if device is None else device, "use_cuda=True" if device is None else f"device={device!r}")
         self.model = model
         self.target_layers = _layers(target_layers)
         self.reshape_transform = reshape_transform
         self.compute_input_gradient = compute_input_gradient
         self.uses_gradients = uses_gradients
-        self.tta_transforms = tta_transforms
+        self.tta_transforms = None if tta_transforms is None else _test_time_transforms(tta_transforms)
         self.detach = detach
         self.batch_size = 32  # read by pytorch-grad-cam's perturbation methods; set freely
         self.outputs: Any = None
@@ -114,9 +160,7 @@ class _CAM:
         images = check_images(input_tensor)
         rows = None
         if targets is not None:
-            if len(targets) != images.shape[0]:
-                raise ValueError(f"{len(targets)} targets for {images.shape[0]} images; pass one per image")
-            rows = [[target] for target in targets]
+            rows = _per_image(targets, images.shape[0])
         if not aug_smooth:
             return self._maps(images, rows, eigen_smooth)
         return np.mean(np.float32([cam for cam in self._augmented(images, rows, eigen_smooth)]), axis=0)

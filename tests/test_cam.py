@@ -1,5 +1,6 @@
 """The CAM-style front end: pytorch-grad-cam's call shape, our maps."""
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,10 @@ def test_bad_targets(model):
             cam(input_tensor=torch.randn(2, 3, 64, 64), targets=[1])
         with pytest.raises(TypeError, match="category"):
             cam(input_tensor=torch.randn(1, 3, 64, 64), targets=["cat"])
+        for one in (5, ClassifierOutputTarget(5), torch.tensor(5)):  # pytorch-grad-cam takes a list, one per image
+            with pytest.raises(TypeError, match=r"targets must be a list with one target per image, such as "
+                                                r"\[ClassifierOutputTarget\(281\)\] \* 1, or None"):  # fmt: skip
+                cam(input_tensor=torch.randn(1, 3, 64, 64), targets=one)
     with pytest.raises(ValueError, match="target_layers is empty"):
         GradCAM(model, target_layers=[])
 
@@ -74,3 +79,29 @@ def test_l2caf_takes_the_map_and_solver_options(model):
     exp = caffast.explain(model, images, model.layer4, mode="specific", targets=torch.tensor([[3], [1]]),
                           map="positive", solver="exact", loss="logit")
     np.testing.assert_allclose(maps, exp.upsample(64)[:, 0].numpy(), atol=1e-6)
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_named(model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for options, asked in (({"use_cuda": True}, "use_cuda=True"), ({"device": "cuda:0"}, "device='cuda:0'")):
+        with pytest.raises(ValueError, match=f"{asked} needs a CUDA GPU and this machine has none"):
+            L2CAF(model, target_layers=[model.layer4], **options)
+    with pytest.raises(ValueError, match="device='toaster': .*pass a device such as 'cpu'"):
+        L2CAF(model, target_layers=[model.layer4], device="toaster")
+    assert all(torch.equal(before[name], tensor) and tensor.device.type == "cpu"
+               for name, tensor in model.state_dict().items())  # fmt: skip
+
+
+class Flip:
+    """Half of a ttach transform: it can augment but not undo."""
+
+    def augment_image(self, images):
+        return images.flip(3)
+
+
+@pytest.mark.parametrize("transforms,named", [(5, "int"), ([], "list"), ([Flip()], "list of ['Flip']")])
+def test_malformed_test_time_transforms_are_refused_when_the_cam_is_made(model, transforms, named):
+    with pytest.raises(TypeError, match=rf"tta_transforms must be a ttach Compose .*; got {re.escape(named)}$"):
+        L2CAF(model, target_layers=[model.layer4], tta_transforms=transforms)

@@ -1,6 +1,7 @@
 """The command line end to end on the shipped model and on random torchvision weights."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps.cli import main
+from caffast.apps.cli import main, output_stems
 from caffast.apps.common import class_names
 from caffast.eval.localization import evaluate_scenes
 
@@ -31,7 +32,7 @@ def test_explain_image_files(tmp_path, photo, capsys):
     assert "wrote 2 overlays" in capsys.readouterr().out  # the image given twice has its two files
     names = class_names("resnet18", 1000)
     expected = {f"photo_l2caf_{k}_{names[k].replace(' ', '_')}_resnet18.{ext}" for k in (3, 7) for ext in ("png", "gif")}
-    assert {p.name for p in (tmp_path / "out").iterdir()} == expected
+    assert {p.name for p in (tmp_path / "out").iterdir()} == expected | {".caffast-explain"}
     for name in expected:
         assert Image.open(tmp_path / "out" / name).size == (224, 224)
 
@@ -82,7 +83,7 @@ def test_map_and_solver_options(tmp_path, photo):
     code = main(["explain", str(photo), "--arch", "resnet18", "--weights", "random", "--classes", "3",
                  "--map", "signed", "--solver", "exact", "--out", str(out)])
     assert code == 0
-    (picture,) = out.iterdir()
+    (picture,) = out.glob("*.png")
     assert Image.open(picture).size == (224, 224)
     with pytest.raises(SystemExit):
         main(["explain", str(photo), "--map", "bogus"])
@@ -101,11 +102,20 @@ class Unsafe:
     """A class torch.load(weights_only=True) refuses to rebuild."""
 
 
+class RunsCode:
+    """Unpickled, it would call os.getcwd (harmless here): the shape of a malicious weights file."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
 @pytest.fixture
 def weight_files(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     (tmp_path / "text.pth").write_text("not weights")
     torch.save({"fc.weight": Unsafe()}, tmp_path / "unsafe.pth")
+    torch.save({"fc.weight": RunsCode()}, tmp_path / "runs-code.pth")
+    (tmp_path / "plain-pickle.pth").write_bytes(pickle.dumps({"fc.bias": [0.0]}, protocol=4))
     (tmp_path / "a-file").write_text("")
     return tmp_path
 
@@ -121,6 +131,9 @@ def weight_files(tmp_path):
         (["explain", "{photo}", "--weights", "{files}/other.pth"], "do not fit --arch resnet18 (Error(s) in loading"),
         (["explain", "{photo}", "--weights", "{files}/text.pth"], "is not a PyTorch state-dict file"),
         (["explain", "{photo}", "--weights", "{files}/unsafe.pth"], "is refused for safety"),
+        (["explain", "{photo}", "--weights", "{files}/runs-code.pth"], "was not loaded: it tries to run code ("),
+        (["explain", "{photo}", "--classes", " "], "classes ' ' name no class"),
+        (["explain", "{photo}", "--weights", "{files}/plain-pickle.pth"], "(UnpicklingError: Unsupported operand"),
         (["explain", "{photo}", "--classes", "5,5"], "name 5 more than once: list each class once"),
         (["explain", "{photo}", "--max-iter", "0"], "--max-iter must be at least 1, got 0"),
         (["class_oblivious", "--input_img", "{photo}", "--max_iter", "0"], "--max_iter must be at least 1, got 0"),
@@ -169,3 +182,71 @@ def test_a_read_only_output_folder_is_refused(photo, tmp_path, capsys, monkeypat
     finally:
         folder.chmod(0o755)
     assert "is read-only for this user" in capsys.readouterr().err and not (folder / "maps").exists()
+
+
+def test_inputs_that_share_a_stem_get_their_own_overlays(tmp_path, capsys):
+    """x/dog.png, y/dog.png and x/dog.jpg are three images: three overlays, each the one its image gets
+    when explained alone; the same file given again under another path is explained once."""
+    inputs = [tmp_path / "x" / "dog.png", tmp_path / "y" / "dog.png", tmp_path / "x" / "dog.jpg"]
+    for colour, path in zip([(200, 30, 30), (30, 200, 30), (30, 30, 200)], inputs):
+        path.parent.mkdir(exist_ok=True)
+        picture = Image.new("RGB", (64, 64), colour)
+        picture.paste((255, 255, 255), (8 * len(path.parent.name + path.suffix), 0, 64, 20))
+        picture.save(path)
+    again = tmp_path / "x" / ".." / "x" / "dog.png"
+    settings = ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random", "--mode", "oblivious",
+                "--max-iter", "2"]
+
+    def explain_into(out, *images):
+        torch.manual_seed(0)  # the same random weights in every run
+        assert main(["explain", *map(str, images), *settings, "--out", str(out)]) == 0
+        return sorted(out.glob("*.png"))
+
+    together = explain_into(tmp_path / "together", *inputs, again)
+    assert "wrote 3 overlays" in capsys.readouterr().out
+    alone = [explain_into(tmp_path / f"alone{k}", path)[0] for k, path in enumerate(inputs)]
+    assert len(together) == 3 and len({p.name for p in together}) == 3
+    assert sorted(p.read_bytes() for p in together) == sorted(p.read_bytes() for p in alone)
+    assert len({p.read_bytes() for p in alone}) == 3
+
+
+def test_output_names_differ_by_more_than_letter_case(tmp_path):
+    """Dog.png and dog.png are one file on some file systems; a path-made name that is some other
+    file's stem is numbered on."""
+    (tmp_path / "a").mkdir()
+    paths = [str(tmp_path / name) for name in ("Dog.png", "dog.png", "a/cat.png", "a_cat_png.jpg", "cat.png")]
+    stems = output_stems(paths)
+    assert stems[paths[0]] == "Dog_png" and stems[paths[1]] == "dog_png_2"
+    assert stems[paths[2]] == "a_cat_png" and stems[paths[3]] == "a_cat_png_2" and stems[paths[4]] == "cat_png"
+    assert set(output_stems([paths[2], str(tmp_path / "a" / ".." / "a" / "cat.png")]).values()) == {"cat"}
+
+
+@pytest.mark.parametrize("flag", ["--cls_logits", "--classes"])
+def test_a_class_beyond_any_integer_is_named_as_out_of_range(flag, photo, tmp_path, capsys):
+    huge = "99999999999999999999999"
+    if flag == "--cls_logits":
+        argv = ["class_specific", "--input_img", str(photo), "--cls_logits", huge, "--output_dir", str(tmp_path)]
+    else:
+        argv = ["explain", str(photo), "--classes", huge, "--out", str(tmp_path)]
+    assert main(argv + ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random"]) == 2
+    assert f"targets must be class indices in [0, 1000); got [[{huge}]]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["class_specific", "class_oblivious", "explain"])
+def test_a_long_picture_name_gives_outputs_that_fit(command, tmp_path, capsys):
+    """A 250-byte stem cannot take the release's suffixes within the 255 bytes of a file name: the
+    stem is shortened, the rest (class, label, arch) kept."""
+    image = tmp_path / ("long" * 62 + "xy.png")
+    Image.new("RGB", (40, 40), (90, 20, 160)).save(image)
+    out = tmp_path / "out"
+    model = ["--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random"]
+    if command == "explain":
+        argv = ["explain", str(image), "--classes", "3", "--max-iter", "2", "--out", str(out)]
+    else:
+        argv = [command, "--input_img", str(image), "--cls_logits", "3", "--max_iter", "2", "--output_dir", str(out)]
+    assert main(argv + model) == 0
+    written = [path.name for path in out.glob("*.png")]
+    assert len(written) == 1 and len(written[0].encode()) <= 255
+    name = written[0]
+    assert name.startswith("long" * 10) and "~" in name and name.endswith("_shufflenet_v2_x0_5.png")
+    assert "_3_" in name or command == "class_oblivious"

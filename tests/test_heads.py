@@ -118,3 +118,16 @@ def test_custom_objective_takes_the_generic_path():
         objective=lambda ft, nt: (ft - nt).abs().sum(dim=1),
     )
     assert exp.path == "generic"
+
+
+@pytest.mark.parametrize("constraint", ["softmax", "gauss"])
+def test_float32_fused_head_with_a_non_sphere_constraint_and_the_fast_solver(constraint):
+    """The softmax and Gaussian filters come in the parameters' float32 and meet the fused head's
+    float64 Grams: the answer is the generic path's."""
+    model = build("relu_head").float()
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    settings = dict(mode="oblivious", constraint=constraint, solver="fast", max_iter=20, backend="torch")
+    fused = caffast.explain(model, images, "features", **settings)
+    generic = caffast.explain(model, images, "features", fused=False, **settings)
+    assert (fused.path, generic.path) == ("fused", "generic")
+    torch.testing.assert_close(fused.maps, generic.maps, atol=1e-4, rtol=0)

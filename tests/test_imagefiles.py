@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from caffast.apps import imagefiles
 from caffast.apps.imagefiles import IMAGENET, ImageReadError, Preprocessing, read_image
 
 SIZE = 8
@@ -168,3 +169,21 @@ def test_bilevel(tmp_path, ramp):
     Image.fromarray(ramp > 0.5).save(tmp_path / "a.png")
     assert Image.open(tmp_path / "a.png").mode == "1"
     np.testing.assert_allclose(read(tmp_path / "a.png"), gray(ramp > 0.5), atol=0)
+
+
+def test_a_picture_too_long_for_its_width_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """A 1 x 8000 strip would become 2 048 000 x 256 pixels on the way to a 224 crop."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (8000, 1), (10, 200, 30)).save(strip)
+    decoded = []
+    monkeypatch.setattr(imagefiles, "_decoded", lambda image: decoded.append(image) or image.convert("RGB"))
+    with pytest.raises(ImageReadError, match=r"8000 x 1 pixels, more than 100 times longer than wide.*crop it"):
+        read_image(strip)
+    assert not decoded
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (300, 3), (10, 200, 30)).save(wide)  # a ratio of 100 is still read
+    rgb, _ = read_image(wide)
+    assert rgb.shape == (224, 224, 3)
+    monkeypatch.setattr(imagefiles, "MAX_PIXELS", 899)
+    with pytest.raises(ImageReadError, match=r"300 x 3 pixels, more than the 899 caffast reads"):
+        read_image(wide)

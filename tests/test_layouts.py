@@ -10,6 +10,7 @@ from torchvision.ops.misc import Permute
 
 import caffast
 from caffast.cam import L2CAF
+from caffast.core.layouts import resolve_layout
 from reference_loop import capture
 
 
@@ -162,3 +163,87 @@ def test_a_reshape_transform_that_is_not_a_rearrangement_is_refused(vit):
                         reshape_transform=vit_transform(4, 4), max_iter=2)  # fmt: skip
     with pytest.raises(ValueError, match="unknown layout .chw.; choose one of .nchw., .nhwc., .tokens."):
         caffast.explain(vit, images, "encoder.layers.encoder_layer_10", layout="chw", max_iter=2)
+
+
+class Channels(nn.Module):
+    """A stride-4 convolution to 16 channels, then `norm`: 64 x 64 images give an (N, 16, 16, 16) map,
+    so only the norm can tell where the channels are."""
+
+    def __init__(self, norm, channels_last=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.block = nn.Sequential(Permute([0, 2, 3, 1]) if channels_last else nn.Identity(), norm)
+        self.fc = nn.Linear(16, 5)
+        self.grid_dims = (1, 2) if channels_last else (2, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.conv(x)).mean(dim=self.grid_dims))
+
+
+def test_a_channels_first_layer_norm_subclass_is_read_channels_first():
+    """torchvision's and timm's LayerNorm2d subclass nn.LayerNorm but normalize an (N, C, H, W) map."""
+    timm = pytest.importorskip("timm")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for norm in (torchvision.models.convnext.LayerNorm2d(16), timm.layers.LayerNorm2d(16)):
+        torch.manual_seed(0)
+        model = Channels(norm).eval()
+        settings = {"mode": "specific", "targets": [2], "solver": "fast", "max_iter": 10}
+        auto = caffast.explain(model, images, "block", **settings)
+        nchw = caffast.explain(model, images, "block", layout="nchw", **settings)
+        nhwc = caffast.explain(model, images, "block", layout="nhwc", **settings)
+        torch.testing.assert_close(auto.maps, nchw.maps)
+        assert (auto.maps - nhwc.maps).abs().max() > 0.1  # the two readings give different maps here
+
+
+def test_a_channels_last_layer_norm_with_its_own_forward_stays_channels_last():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = Channels(timm.layers.LayerNorm(16), channels_last=True).eval()
+    images = torch.randn(1, 3, 64, 64)
+    settings = {"mode": "specific", "targets": [2], "solver": "fast", "max_iter": 10}
+    auto = caffast.explain(model, images, "block", **settings)
+    nhwc = caffast.explain(model, images, "block", layout="nhwc", **settings)
+    torch.testing.assert_close(auto.maps, nhwc.maps)
+
+
+def test_convnext_stem_with_as_many_channels_as_cells_is_channels_first():
+    """timm's convnext_atto stem outputs (N, 40, 40, 40) for 160 x 160 images."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    image = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        features = model.stem(image)
+    assert features.shape == (1, 40, 40, 40)
+    assert resolve_layout("stem", features, (160, 160), model, model.stem).name == "nchw"
+
+
+class ToTokens(nn.Module):
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class PatchTokens(nn.Module):
+    """Patches of 8 x 8 pixels as (N, L, C) tokens without prefix tokens; `patches` holds the same
+    values as an (N, C, H, W) map, the channels-first oracle of `tokens`."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 8, 8, stride=8)
+        self.tokens = ToTokens()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.tokens(self.patches(x))).mean(dim=1))
+
+
+@pytest.mark.parametrize("constraint", ["gauss", "softmax"])
+def test_every_constraint_on_tokens(constraint):
+    torch.manual_seed(0)
+    model = PatchTokens().eval()
+    images = torch.randn(2, 3, 32, 32)
+    settings = {"mode": "specific", "targets": [1], "constraint": constraint, "max_iter": 10, "fused": False}
+    tokens = caffast.explain(model, images, "tokens", **settings)
+    grid = caffast.explain(model, images, "patches", **settings)
+    torch.testing.assert_close(tokens.maps, grid.maps)

@@ -121,6 +121,20 @@ def test_an_objective_that_returns_nan(model, images):
         caffast.explain(model, images, "features", objective=objective)
 
 
+def test_a_callable_target_that_returns_nan_is_named(model, images):
+    """The problem is named by its callable target, not by the -1 that stands for it, and the
+    callable is the first suspect."""
+
+    def broken_score(output):
+        return output[2] * float("nan")
+
+    with pytest.raises(NonFiniteError) as error:
+        caffast.explain(model, images, "features", mode="specific", targets=[[1, broken_score]] * 2)
+    message = str(error.value)
+    assert "problem (image 0, the target broken_score)" in message and "target -1" not in message
+    assert "check the target broken_score: it must return a finite value, or" in message
+
+
 def test_the_first_non_finite_iteration_is_the_one_named(model, images):
     calls = []
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from caffast.apps import runfolder, runner
-from caffast.apps.atomic import write_atomically
+from caffast.apps.atomic import write_atomically, write_json
 from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
@@ -272,18 +272,24 @@ def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
 
 
 def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
-    """Rank 1 gets an image whose outputs cannot be named on this file system (its record name is
-    too long): it stops with that message, and rank 0 learns of it instead of waiting."""
+    """Rank 1 cannot write its image's result (a file stands where its folder goes): it stops with
+    that message, and rank 0 learns of it instead of waiting."""
     data = tmp_path / "data"
     data.mkdir()
     picture = next(dataset.rglob("*.png")).read_bytes()
     (data / "a.png").write_bytes(picture)
-    (data / ("z" * 247 + ".png")).write_bytes(picture)  # fits; its "<name>.npz" and "<name>.json" do not
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--batch-size", "1")) == 0  # the folder is a run folder now
+    for name in ("b.png", "z/c.png"):
+        (data / name).parent.mkdir(exist_ok=True)
+        (data / name).write_bytes(picture)
+    (out / "results" / "z").write_text("in the way")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(data, tmp_path / "out", "--batch-size", "1")]  # fmt: skip
+               "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "rename or move that image" in result.stderr
+    assert f"cannot write {out / 'results' / 'z'} (File exists)" in result.stderr
+    assert "move away the file that stands where a folder goes" in result.stderr
     assert "of the 2 processes stopped on an error" in result.stderr
 
 
@@ -419,7 +425,7 @@ def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, cap
     finally:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
-    assert "3 images had broken outputs and are explained again: " in captured.err
+    assert "3 images had broken outputs or changed, and are explained again: " in captured.err
     for image, problem in (("h.png", "does not load"), ("sub/deeper/g.png", "results/sub/deeper/g.png.npz is missing"),
                            ("sub/e.png", "records/sub/e.png.json cannot be read")):  # fmt: skip
         assert f"{image} (its " in captured.err and problem in captured.err
@@ -457,11 +463,11 @@ def test_a_resumed_run_writes_the_bytes_of_an_uninterrupted_one(dataset, tmp_pat
     write_record = RunFolder.write_record
     calls = []
 
-    def stopping(self, image, rows):
+    def stopping(self, image, rows, source):
         calls.append(image)
         if len(calls) == 6:
             raise runner.Stop(signal.SIGINT)
-        write_record(self, image, rows)
+        write_record(self, image, rows, source)
 
     monkeypatch.setattr(RunFolder, "write_record", stopping)
     assert main(_run_args(dataset, out, *settings)) == 130
@@ -503,6 +509,60 @@ def test_a_full_disk_says_so_and_where(dataset, tmp_path, monkeypatch, capsys):
     assert error.startswith("caffast: error: the disk is full: cannot write ") and "rename" not in error
     assert str(out / "results" / "a.png.npz") in error and "run the same command again" in error
     assert not list(out.glob("records/**/*.json"))  # nothing recorded failed: a rerun does it
+
+
+@pytest.mark.parametrize("number", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_output_folder_stops_the_run_and_blames_no_image(number, dataset, tmp_path, monkeypatch, capsys):
+    """A read-only or forbidden results folder fails every image alike: the run stops, nothing is
+    recorded as failed, and once the storage is fixed the same command explains every image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "c.bmp"):
+        shutil.copy(dataset / name, data / name)
+
+    def refused(path, arrays):
+        raise OSError(number, os.strerror(number), str(path))
+
+    monkeypatch.setattr(runfolder, "write_npz", refused)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"caffast: error: cannot write {out / 'results' / 'a.png.npz'} ({os.strerror(number)})")
+    assert "run the same command again to finish" in error
+    assert not list(out.glob("records/**/*"))
+    monkeypatch.undo()
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    assert [(row["image"], row["status"]) for row in _outputs(out)[0]] == [("a.png", "done"), ("c.bmp", "done")]
+
+
+def test_image_names_up_to_the_longest_get_outputs_that_fit(dataset, tmp_path, capsys):
+    """Names of 251 to 255 bytes (the longest a file system takes) pass 255 with ".json" or an overlay's
+    suffix; two such names that differ only at their end keep their own outputs."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    names = [f"{'x' * (length - 4)}.png" for length in range(251, 256)] + ["sub/" + "é" * 124 + "ab.png"]
+    names.append(names[0][:-5] + "y.png")
+    sources = sorted(dataset.glob("*.png"))
+    for k, name in enumerate(names):
+        shutil.copy(sources[k % len(sources)], data / name)
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2", "--overlays")) == 0
+    rows = _outputs(out)[0]
+    assert sorted(row["image"] for row in rows) == sorted(names)
+    assert all(row["status"] == "done" for row in rows)
+    _, arrays = _outputs(out)
+    alone = tmp_path / "alone"  # each image explained by itself, under a short name: the oracle
+    for k, name in enumerate(sorted(names)):
+        (alone / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / name, alone / "data" / f"{k}.png")
+    assert main(_run_args(alone / "data", alone / "out", "--max-iter", "2")) == 0
+    expected = _outputs(alone / "out")[1]
+    for k, row in enumerate(sorted(rows, key=lambda row: row["image"])):
+        np.testing.assert_array_equal(arrays[row["result"]]["maps"], expected[f"results/{k}.png.npz"]["maps"])
+    capsys.readouterr()
+    assert main(_run_args(data, out, "--max-iter", "2", "--overlays")) == 0
+    assert "0 images done, 0 failed, 7 skipped" in capsys.readouterr().out
+
 
 
 @pytest.mark.parametrize("number,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -553,3 +613,88 @@ def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
     assert result.returncode != 0 and time.monotonic() - started < 100
     named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
     assert named in result.stderr
+
+
+def test_the_outputs_of_earlier_runs_inside_the_data_are_not_explained(dataset, tmp_path, capsys):
+    """photos/maps1 of an earlier run with --overlays is left out of a run into photos/maps2, as are an
+    earlier run folder whose config.json was lost and the overlays of caffast explain; a run folder as
+    the data folder is refused."""
+    data = tmp_path / "photos"
+    shutil.copytree(dataset, data)
+    assert main(_run_args(data, tmp_path / "alone", "--max-iter", "2")) == 0  # outside the data: the oracle
+    expected = sorted(row["image"] for row in _outputs(tmp_path / "alone")[0])
+    assert main(_run_args(data, data / "maps1", "--overlays", "--max-iter", "2")) == 0
+    assert list((data / "maps1" / "overlays").rglob("*.png"))
+    shutil.copytree(data / "maps1", data / "old" / "lost")
+    (data / "old" / "lost" / "config.json").unlink()
+    photo = next(data.glob("*.png"))
+    explain = ["explain", str(photo), "--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random",
+               "--max-iter", "1", "--out", str(data / "explained")]  # fmt: skip
+    assert main(explain) == 0 and list((data / "explained").glob("*.png"))
+    capsys.readouterr()
+    assert main(_run_args(data, data / "maps2", "--max-iter", "2")) == 0
+    assert "left out 3 caffast output folders" in capsys.readouterr().err
+    assert sorted(row["image"] for row in _outputs(data / "maps2")[0]) == expected
+    assert main(_run_args(data / "maps1", tmp_path / "maps3")) == 2
+    assert "holds the outputs of a caffast run" in capsys.readouterr().err
+
+
+
+def test_an_image_that_killed_the_process_twice_while_it_was_read_fails(dataset, tmp_path, monkeypatch):
+    """While an image is decoded and resized it is marked; a process killed there (out of memory)
+    leaves the mark.  One kill may be a kill -9 and the image is read again; after two it fails at
+    once instead of killing every rerun, and --retry-failed reads it again."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(dataset / "a.png", data / name)
+    out = tmp_path / "out"
+    folder = RunFolder(out)
+    marks, read = {}, runner.read_image
+
+    def read_and_look(path, preprocessing):
+        name = Path(path).name
+        marks[name] = folder.killed_reads(name)
+        return read(path, preprocessing)
+
+    monkeypatch.setattr(runner, "read_image", read_and_look)
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    assert marks == {"a.png": 1, "b.png": 1} and not list(out.rglob("*.reading"))
+    for kills, status in ((1, "done"), (2, "failed")):
+        shutil.rmtree(out / "records")  # as a process killed while it read both images leaves the folder
+        for name in ("a.png", "b.png"):
+            write_json(folder.reading_path(name), {"image": name, "attempts": kills})
+        marks.clear()
+        assert main(_run_args(data, out, "--max-iter", "2")) == 0
+        assert sorted(marks) == ([] if kills == 2 else ["a.png", "b.png"])
+        rows = _outputs(out)[0]
+        assert [row["status"] for row in rows] == [status] * 2
+    assert "killed 2 times while it read and resized image 'a.png'" in rows[0]["error"]
+    assert main(_run_args(data, out, "--max-iter", "2", "--retry-failed")) == 0
+    assert [row["status"] for row in _outputs(out)[0]] == ["done"] * 2
+
+
+def test_a_replaced_image_is_explained_again_and_a_touched_one_is_not(dataset, tmp_path, capsys):
+    """Records keep what each image file was: a file replaced since (even by one of the same size) is
+    explained again, a broken image fixed since too; a file only touched is skipped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for source, name in (("c.bmp", "a.bmp"), ("h.png", "b.png"), ("i.png", "c.png")):
+        shutil.copy(dataset / source, data / name)
+    (data / "broken.png").write_bytes(b"not yet a picture")
+    out = tmp_path / "out"
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    before = {row["image"]: row for row in _outputs(out)[0]}
+    assert before["broken.png"]["status"] == "failed"
+    same_size = bytearray((data / "a.bmp").read_bytes())
+    same_size[-20] ^= 0xFF  # one pixel's byte: another picture in a file of the same size
+    (data / "a.bmp").write_bytes(bytes(same_size))
+    shutil.copy(dataset / "d.jpg", data / "broken.png")  # fixed: now a picture
+    os.utime(data / "b.png", ns=(10**18, 10**18))  # touched, the same content
+    capsys.readouterr()
+    assert main(_run_args(data, out, "--max-iter", "2")) == 0
+    captured = capsys.readouterr()
+    assert "2 images had broken outputs or changed, and are explained again: a.bmp (the image file changed" in captured.err
+    assert "2 images done, 0 failed, 2 skipped" in captured.out
+    after = {row["image"]: row for row in _outputs(out)[0]}
+    assert after["broken.png"]["status"] == "done" and after["b.png"] == before["b.png"]

@@ -10,6 +10,7 @@ a new file (0644 under the usual 022), not the temporary's private 0600.  An OSE
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
 
+NAME_MAX = 255  # bytes in a file name, on Linux, macOS and Windows file systems alike
+NAME_HASH_CHARACTERS = 16
 TEMPORARY_PREFIX = ".caffast-"
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -48,6 +51,18 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fitting_name(start: str, rest: str) -> str:
+    """The file name `start` + `rest`, with `start` shortened where the whole would pass the NAME_MAX
+    bytes a file system takes: its beginning, "~" and a hash of it, so long names that begin alike
+    keep apart and `rest` (what the file holds) stays readable."""
+    if len(os.fsencode(start + rest)) <= NAME_MAX:
+        return start + rest
+    digest = hashlib.sha256(os.fsencode(start)).hexdigest()[:NAME_HASH_CHARACTERS]
+    room = max(NAME_MAX - len(os.fsencode(rest)) - len(digest) - 1, 0)
+    beginning = os.fsencode(start)[:room].decode("utf-8", "ignore")  # a character cut in two is dropped
+    return f"{beginning}~{digest}{rest}"
 
 
 def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:

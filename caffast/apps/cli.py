@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -30,7 +33,9 @@ from .common import (
     CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, flat_map_notes,
     load_image, load_model, model_preprocessing, parse_classes, say, show_progress,
 )  # fmt: skip
+from .atomic import fitting_name
 from .distributed import DEFAULT_RANK_TIMEOUT
+from .imagefiles import EXPLAIN_MARKER
 
 # The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
 # (its scripts' fixed runs: TF1's Adam from a normal draw, lr 0.5, 1000 iterations, a schedule to 0).
@@ -69,6 +74,30 @@ def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options
         raise CliError(str(error)) from None
 
 
+def output_stems(images: Sequence[str]) -> dict[str, str]:
+    """A name per input for its output files, the same for one file given twice (by any path) and
+    different for different files: the file's stem where no other file shares it (letter case aside,
+    which some file systems ignore), else its path below the files' common folder with its suffix
+    ("x_dog_png" for x/dog.png beside y/dog.png and x/dog.jpg), numbered on where even that is taken."""
+    first_path = {}
+    for path in images:
+        first_path.setdefault(os.path.realpath(path), path)
+    stem_counts = Counter(Path(path).stem.casefold() for path in first_path.values())
+    common = os.path.commonpath([os.path.dirname(real) for real in first_path]) if first_path else ""
+    taken: set[str] = set()
+    stem_of_file = {}
+    for real, path in first_path.items():
+        stem = Path(path).stem
+        if stem_counts[stem.casefold()] > 1:
+            stem = re.sub(r"[^\w-]+", "_", os.path.relpath(real, common))
+        name, number = stem, 2
+        while name.casefold() in taken:
+            name, number = f"{stem}_{number}", number + 1
+        taken.add(name.casefold())
+        stem_of_file[real] = name
+    return {path: stem_of_file[os.path.realpath(path)] for path in images}
+
+
 def _explain_files(
     images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], options: dict, out: Path,
     gif: bool, device: str, name_of,
@@ -78,14 +107,16 @@ def _explain_files(
     preprocessing = model_preprocessing(arch, weights)
     layer = layer or default_layer(arch)
     out.mkdir(parents=True, exist_ok=True)
+    (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
     written: list[Path] = []
     flat = 0
+    stems = output_stems(images)
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path, preprocessing)
         exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
         names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
-        paths = [out / name_of(Path(path).stem, int(target), names) for target in exp.targets[0].tolist()]
+        paths = [out / name_of(stems[path], int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
         flat += int(exp.flat.sum())
@@ -100,9 +131,9 @@ def _command_explain(args: argparse.Namespace) -> None:
 
     def name_of(stem: str, target: int, names: list[str]) -> str:
         if mode == "oblivious":
-            return f"{stem}_l2caf_oblivious_{args.arch}.png"
+            return fitting_name(stem, f"_l2caf_oblivious_{args.arch}.png")
         label = names[target] if target < len(names) else str(target)
-        return f"{stem}_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png"
+        return fitting_name(stem, f"_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png")
 
     options = {**explain_options(args), "backend": args.backend}
     written = _explain_files(args.images, args.arch, args.weights, args.layer, options, Path(args.out), args.gif,
@@ -211,18 +242,20 @@ def _release_image(name: str) -> Path:
 def _release_names(args: argparse.Namespace, mode: str, stem: str, target: int, layer: str,
                    labels: Optional[Sequence[str]]) -> tuple[str, Optional[str], str]:  # fmt: skip
     """File names of the picture, the raw mask (None: not written) and the GIF: the PyTorch release's
-    (its label table, commas removed), or with --tf-release the TensorFlow release's."""
+    (its label table, commas removed), or with --tf-release the TensorFlow release's; a stem too long
+    for the file system is shortened."""
     if args.tf_release:
         position = f"{args.arch}_{layer}".replace(".", "_")
         if mode == "specific":
             kind = args.constraint
-            return f"{stem}_cls_{target}_{kind}.png", f"{stem}_msk_cls_{target}_{kind}.png", f"{stem}_cls_{target}_{position}.gif"
-        return f"{stem}_{args.constraint}.png", None, f"{stem}_cls_{args.constraint}_{position}.gif"
+            return (fitting_name(stem, f"_cls_{target}_{kind}.png"), fitting_name(stem, f"_msk_cls_{target}_{kind}.png"),
+                    fitting_name(stem, f"_cls_{target}_{position}.gif"))  # fmt: skip
+        return fitting_name(stem, f"_{args.constraint}.png"), None, fitting_name(stem, f"_cls_{args.constraint}_{position}.gif")
     if mode == "specific":
         label = labels[target].replace(",", "") if labels else str(target)
-        picture = f"{stem}_cls_specific_{target}_{label}_{args.arch}.png"
+        picture = fitting_name(stem, f"_cls_specific_{target}_{label}_{args.arch}.png")
     else:
-        picture = f"{stem}_cls_oblivious_{args.arch}.png"
+        picture = fitting_name(stem, f"_cls_oblivious_{args.arch}.png")
     return picture, None, picture[: -len(".png")] + ".gif"
 
 

@@ -116,7 +116,13 @@ def weights_error(weights: str, arch: str, error: Exception) -> CliError:
     """The one-line error for weights that cannot be loaded into `arch`: refused for safety, not a
     state dict, or the state dict of another architecture."""
     text = " ".join(str(error).split())
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    blocked = re.search(r"GLOBAL (\S+) whose module (\S+) is blocked", text)
+    if isinstance(error, pickle.UnpicklingError) and blocked:
+        return CliError(
+            f"{weights!r} was not loaded: it tries to run code ({blocked.group(1)}) when it is loaded, which a "
+            "weights file never needs; do not use it. Save weights with torch.save(model.state_dict(), PATH)"
+        )
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
     if isinstance(error, pickle.UnpicklingError) and refused:
         return CliError(
             f"{weights!r} is refused for safety: besides tensors it holds a Python object ({refused.group(1)}), "
@@ -131,7 +137,10 @@ def weights_error(weights: str, arch: str, error: Exception) -> CliError:
                         "architecture, or the --arch they were trained for")  # fmt: skip
     if isinstance(error, (FileNotFoundError, ValueError)):
         return CliError(f"{text} (or pass --weights random for an untrained model)")
-    detail = text.split(". ")[0][:150]  # the first sentence: torch's advice on weights_only does not apply
+    # torch's own reason, without its advice on weights_only (which does not apply): the first
+    # sentence, or for its safe unpickler the error it names
+    unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    detail = (unpickler.group(1) if unpickler else text.split(". ")[0])[:150]
     return CliError(f"{weights!r} is not a PyTorch state-dict file ({type(error).__name__}: {detail}): save one "
                     "with torch.save(model.state_dict(), PATH)")  # fmt: skip
 
@@ -155,6 +164,9 @@ def parse_classes(text: Optional[str]) -> Optional[list[int]]:
         classes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise CliError(f"classes must be comma-separated integers, e.g. 207,323; got {text!r}") from None
+    if not classes:
+        raise CliError(f"classes {text!r} name no class: pass comma-separated indices such as 207,323, or leave the "
+                       "flag out for each image's top-1 class")  # fmt: skip
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:
         raise CliError(f"classes {text!r} name {', '.join(map(str, repeated))} more than once: list each class once")

@@ -12,6 +12,11 @@ Every mode Pillow opens is read at its real range, in the orientation its EXIF t
   [0, 1] (a float image has no fixed range); NaN or Inf is an error.
 
 Grayscale is repeated over the three channels.
+
+The work per image is bounded: a picture of more than MAX_PIXELS pixels, or longer than MAX_ASPECT_RATIO
+times its width (or wider than that times its height), is refused before it is decoded, since
+resizing its shorter side to the model's size would make it enormous (a 1 x 8000 strip becomes
+2 048 000 x 256).
 """
 
 from __future__ import annotations
@@ -26,12 +31,18 @@ import numpy as np
 import torch
 
 from ..eval import scenes
+from .runfolder import is_run_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PathLike = Union[str, os.PathLike]
+
+# a hidden file `caffast explain` leaves in its output folder, so that no run takes its overlays for images
+EXPLAIN_MARKER = ".caffast-explain"
+MAX_PIXELS = 100_000_000  # 10 000 x 10 000: about 300 MB decoded
+MAX_ASPECT_RATIO = 100  # the longer side over the shorter
 
 
 class ImageReadError(Exception):
@@ -71,21 +82,31 @@ IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DEMO = Preprocessing(64, crop=False, mean=(scenes.MEAN,) * 3, std=(scenes.STD,) * 3)
 
 
-def find_images(root: PathLike, exclude: Optional[PathLike] = None) -> list[str]:
+def find_images(
+    root: PathLike, exclude: Optional[PathLike] = None, run_folders: Optional[list[str]] = None
+) -> list[str]:
     """The image files under `root`, recursively, as '/'-separated paths relative to it, sorted.
 
     An image is a file whose suffix is one of IMAGE_SUFFIXES, in any letter case; hidden files and
-    folders (a leading '.') are left out, and so is the folder `exclude` (an output folder inside
-    `root` must not feed its own pictures back in).
+    folders (a leading '.') are left out, and so are the folder `exclude` and the output folders of
+    any caffast run or explain command (an output folder inside `root` must not feed its pictures
+    back in); the latter are appended to `run_folders`, relative to `root`.
     """
     skipped = os.path.realpath(exclude) if exclude is not None else None
     found = []
     for directory, folders, names in os.walk(root):
-        folders[:] = [
-            folder for folder in folders
-            if not folder.startswith(".") and os.path.realpath(os.path.join(directory, folder)) != skipped
-        ]  # fmt: skip
         relative = Path(directory).relative_to(root)
+        kept = []
+        for folder in folders:
+            path = os.path.join(directory, folder)
+            if folder.startswith(".") or os.path.realpath(path) == skipped:
+                continue
+            if is_run_folder(path) or os.path.isfile(os.path.join(path, EXPLAIN_MARKER)):
+                if run_folders is not None:
+                    run_folders.append((relative / folder).as_posix())
+                continue
+            kept.append(folder)
+        folders[:] = kept
         for name in names:
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 found.append((relative / name).as_posix())
@@ -126,6 +147,18 @@ def _decoded(image: "Image.Image") -> "Image.Image":
     return image.convert("RGB")
 
 
+def _check_size(path: PathLike, width: int, height: int) -> None:
+    """Refuse a picture whose decoding or resizing would take far more memory than a photo's."""
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(f"image {os.fspath(path)!r} is {width} x {height} pixels, more than the {MAX_PIXELS:,} "
+                             "caffast reads: scale it down first")  # fmt: skip
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise ImageReadError(
+            f"image {os.fspath(path)!r} is {width} x {height} pixels, more than {MAX_ASPECT_RATIO} times longer "
+            "than wide: resized to the model's input it would take huge memory; crop it first"
+        )
+
+
 def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
     """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
     normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
@@ -136,7 +169,10 @@ def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple
         raise ImageReadError(f"image {os.fspath(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
+            _check_size(path, *opened.size)
             image = _decoded(opened)
+    except ImageReadError:
+        raise
     except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
     size = preprocessing.size

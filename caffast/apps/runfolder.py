@@ -5,14 +5,18 @@
                                  gradient_norm, targets (T,)
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
     OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
+    OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
     OUT/.lock                    held (flock) by the run using the folder; holds its pid and host
 
-REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart).
+REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart);
+where a name with its suffix would be too long for the file system, its last part is shortened and
+ends in a hash of it (`atomic.fitting_name`).
 Every file is written atomically, so a kill leaves whole files; an image is finished exactly when its
 record exists and is whole: it parses, and the result and overlay files it names exist (the result
 loads, with every array).  A rerun skips finished images and explains again those whose outputs were
-removed or damaged since.  A failed image gets a record too (status "failed" and the error), so a
+removed or damaged since, and images whose file changed since (its record keeps the file's size,
+time and sha256).  A failed image gets a record too (status "failed" and the error), so a
 rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
 """
 
@@ -28,7 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from .atomic import remove_temporaries, write_json, write_npz, write_text
+from ..models.zoo import file_sha256
+from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
 
 try:
     import fcntl
@@ -42,12 +47,44 @@ RESULT_ARRAYS = ("filters", "maps", "iterations", "loss", "objective", "gradient
 STATUSES = ("done", "failed")
 
 
+RUN_SETTINGS = ("data", "arch", "explain")  # among the keys of every run's config.json
+
+
+def is_run_folder(path: os.PathLike) -> bool:
+    """Whether `path` holds the outputs of a caffast run: a config.json with a run's settings, or the
+    results and records folders of one whose config.json was lost."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and all(key in config for key in RUN_SETTINGS):
+        return True
+    return (path / "results").is_dir() and (path / "records").is_dir()
+
+
 class ConfigMismatch(Exception):
     """OUT already holds results of other settings; the message names them and the fix."""
 
 
 class FolderBusy(Exception):
     """Another process holds OUT's lock; the message names it and the fix."""
+
+
+def image_source(path: Path) -> Optional[dict[str, Any]]:
+    """What an image file is: its size, modification time and sha256; None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+    except OSError:
+        return None
+
+
+def _output_name(image: str, suffix: str) -> str:
+    """The image's relative path with `suffix`, its last part shortened to fit the file system."""
+    folder, _, name = image.rpartition("/")
+    fitting = fitting_name(name, suffix)
+    return f"{folder}/{fitting}" if folder else fitting
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,17 +109,18 @@ def _with_recorded_defaults(stored: dict[str, Any]) -> dict[str, Any]:
 class RunFolder:
     """Paths and files of one output folder; every write is atomic."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, data: Optional[Path] = None) -> None:
         self.root = Path(root)
+        self.data = None if data is None else Path(data)  # the images: records of changed ones do not count
 
     def result_path(self, image: str) -> Path:
-        return self.root / "results" / f"{image}.npz"
+        return self.root / "results" / _output_name(image, ".npz")
 
     def overlay_path(self, image: str, target: Optional[int]) -> Path:
-        return self.root / "overlays" / f"{image}.{'oblivious' if target is None else target}.png"
+        return self.root / "overlays" / _output_name(image, f".{'oblivious' if target is None else target}.png")
 
     def record_path(self, image: str) -> Path:
-        return self.root / "records" / f"{image}.json"
+        return self.root / "records" / _output_name(image, ".json")
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -193,8 +231,19 @@ class RunFolder:
         if not whole or not all(isinstance(row, dict) and row.get("status") in STATUSES for row in rows):
             return None, f"its record {self.relative(path)} is not one caffast wrote"
         done = [row for row in rows if row["status"] == "done"]
-        problem = self._check_outputs(image, done) if done else None
+        problem = self._changed(image, record.get("source")) or (self._check_outputs(image, done) if done else None)
         return (None, problem) if problem else (rows, None)
+
+    def _changed(self, image: str, source: Any) -> Optional[str]:
+        """What changed in the image file since its record was written, or None.  Size and modification
+        time unchanged count as unchanged; otherwise the content decides (a copy or a touch is not a
+        change).  Records from before sources were kept, and images that are gone, count as unchanged."""
+        if self.data is None or not isinstance(source, dict):
+            return None
+        now = image_source(self.data / image)
+        if now is None or all(now[key] == source.get(key) for key in ("size", "mtime_ns")):
+            return None
+        return None if now["sha256"] == source.get("sha256") else "the image file changed since it was explained"
 
     def _check_outputs(self, image: str, rows: list[dict[str, Any]]) -> Optional[str]:
         result = self.result_path(image)
@@ -234,8 +283,30 @@ class RunFolder:
         write_npz(path, arrays)
         return path
 
-    def write_record(self, image: str, rows: list[dict[str, Any]]) -> None:
-        write_json(self.record_path(image), {"image": image, "rows": rows})
+    def write_record(self, image: str, rows: list[dict[str, Any]], source: Optional[dict[str, Any]] = None) -> None:
+        """The image's record: its index rows, and what its file was (`image_source`) when read."""
+        record = {"image": image, "rows": rows, **({"source": source} if source is not None else {})}
+        write_json(self.record_path(image), record)
+
+    def reading_path(self, image: str) -> Path:
+        return self.root / "records" / _output_name(image, ".reading")
+
+    def killed_reads(self, image: str) -> int:
+        """How many processes were killed while they read `image` (its marker left behind)."""
+        try:
+            return int(json.loads(self.reading_path(image).read_text(encoding="utf-8"))["attempts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    @contextlib.contextmanager
+    def reading(self, image: str) -> Iterator[None]:
+        """Mark `image` as being read while the block runs: only a process killed in the block (out of
+        memory, or kill -9) leaves the marker, which counts the attempts so far."""
+        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1})
+        try:
+            yield
+        finally:
+            self.reading_path(image).unlink(missing_ok=True)
 
     def write_index(self, images: list[str]) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import errno
 import gc
-import hashlib
 import os
 import signal
 import sys
@@ -37,8 +36,9 @@ from .common import (
 )  # fmt: skip
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
+from ..models.zoo import file_sha256
 from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
-from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder
+from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
 from ..viz import apply_heatmap
 
 DEMO_ARCH = "demo"
@@ -46,7 +46,9 @@ DEMO_ARCH = "demo"
 RANDOM_WEIGHTS_SEED = 0
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
+RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
 
 
 @dataclass
@@ -69,13 +71,7 @@ class RunModel:
 
 def weights_identity(weights: str) -> str:
     """What the results depend on: the content of a weights file (its sha256), else the name."""
-    if not os.path.isfile(weights):
-        return weights
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(weights)}" if os.path.isfile(weights) else weights
 
 
 def _demo_model(weights: str) -> nn.Module:
@@ -137,6 +133,7 @@ class LoadedImage:
     rgb: np.ndarray  # (H, W, 3) in [0, 1], for overlays
     tensor: torch.Tensor  # (3, H, W), the model input
     save: bool  # False: finished before, in the batch only so that the batch is the same as ever
+    source: Optional[dict[str, Any]] = None  # what the image file was when read (runfolder.image_source)
 
 
 @dataclass
@@ -187,18 +184,36 @@ class Runner:
         """Explain a batch of images (paths relative to the data folder) and save those in `unfinished`."""
         batch = []
         for name in names:
+            source = image_source(self.data_dir / name) if name in unfinished else None  # before it is read
             try:
-                rgb, tensor = read_image(self.data_dir / name, self.model.preprocessing)
+                rgb, tensor = self._read(name, name in unfinished)
             except ImageReadError as error:
                 if name in unfinished:
-                    self._fail(name, str(error))
+                    self._fail(name, str(error), source)
             else:
-                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished))
+                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished, source=source))
         start = 0
         while start < len(batch):  # after an out-of-memory error, in smaller parts
             part = batch[start : start + self.limit]
             self._explain_part(part)
             start += len(part)
+
+    def _read(self, name: str, unfinished: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """Decode and resize an image.  One to save is marked meanwhile: an image that twice killed the
+        process there (out of memory) fails at once instead of killing every rerun."""
+        if not unfinished:
+            return read_image(self.data_dir / name, self.model.preprocessing)
+        if self.folder.killed_reads(name) >= KILLED_READS:
+            self.folder.reading_path(name).unlink(missing_ok=True)  # --retry-failed starts the count again
+            raise ImageReadError(
+                f"the process was killed {KILLED_READS} times while it read and resized image {name!r} (out of "
+                "memory?); --retry-failed tries it again"
+            )
+        try:
+            with self.folder.reading(name):
+                return read_image(self.data_dir / name, self.model.preprocessing)
+        except OSError as error:  # writing or removing the marker: the output folder's storage
+            raise _cannot_write(error, self.folder.root) from None
 
     def _explain_part(self, batch: list[LoadedImage]) -> None:
         """Explain and save a batch.  Out of memory: halve it (and every later batch), down to one
@@ -215,13 +230,14 @@ class Runner:
         else:
             for index, item in enumerate(batch):
                 if item.save:
-                    self._save_or_fail(item, explanation, index)
+                    self._save_or_stop(item, explanation, index)
             return
         # outside the except clause the traceback, and the tensors its frames hold, are released
         images = None
         _free_memory()
         if len(batch) == 1:
-            self._fail(batch[0].name, ("out of memory with this image alone: " if out_of_memory else "") + message)
+            reason = ("out of memory with this image alone: " if out_of_memory else "") + message
+            self._fail(batch[0].name, reason, batch[0].source)
             return
         if out_of_memory:
             self.limit = min(self.limit, (len(batch) + 1) // 2)
@@ -237,14 +253,11 @@ class Runner:
             self.tally.flat_note = message
             say(f"caffast: warning: {message} (such maps are marked \"flat\" in index.jsonl)")
 
-    def _save_or_fail(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
+    def _save_or_stop(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         try:
             self._save(item, explanation, index)
-        except OSError as error:
-            full = _disk_full(error, self.folder.root)
-            if full:
-                raise full from None
-            self._fail(item.name, f"cannot write its outputs: {error}")
+        except OSError as error:  # the output folder's storage, not the image: the run stops
+            raise _cannot_write(error, self.folder.root) from None
 
     def _save(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
@@ -285,28 +298,37 @@ class Runner:
                 row["overlay"] = folder.relative(path)
             rows.append(row)
         with STOP_SIGNALS.held():  # a record written is an image counted
-            folder.write_record(item.name, rows)
+            folder.write_record(item.name, rows, item.source)
             self.tally.done += 1
             self.tally.flat += sum(row["flat"] for row in rows)
         self._report()
 
-    def _fail(self, name: str, error: str) -> None:
+    def _fail(self, name: str, error: str, source: Optional[dict[str, Any]]) -> None:
+        """Record the image as failed; its `source` lets a rerun explain it again once the file is replaced."""
         try:
             with STOP_SIGNALS.held():
-                self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}])
+                rows = [{"image": name, "target": None, "status": "failed", "error": error}]
+                self.folder.write_record(name, rows, source)
                 self.tally.failed += 1
         except OSError as write_error:
-            full = _disk_full(write_error, self.folder.root)
-            if full:
-                raise full from None
-            raise CliError(
-                f"cannot record {name!r} in {self.folder.root} ({write_error}); {error}: rename or move that image"
-            ) from None
+            raise _cannot_write(write_error, self.folder.root) from None
         self._report()
 
     def _report(self) -> None:
         if self.progress_bar:
             show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+
+
+def _cannot_write(error: OSError, root: Path) -> CliError:
+    """The error that stops the run when the output folder cannot be written: every later write
+    would fail alike, and the images are not to blame."""
+    full = _disk_full(error, root)
+    if full is not None:
+        return full
+    blocked = error.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a folder goes
+    fix = "move away the file that stands where a folder goes" if blocked else f"make {root} writable"
+    return CliError(f"cannot write {error.filename or root} ({error.strerror or error}); nothing is recorded for "
+                    f"the image: {fix} and run the same command again to finish")  # fmt: skip
 
 
 def _disk_full(error: OSError, root: Path) -> Optional[CliError]:
@@ -409,6 +431,9 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
         raise CliError(f"data folder {str(data_dir)!r} {problem}: pass the folder that holds the images")
     if Path(args.out).resolve() == data_dir.resolve():
         raise CliError("--out is the data folder itself: pass another folder for the outputs (a subfolder is fine)")
+    if is_run_folder(data_dir):
+        raise CliError(f"data folder {str(data_dir)!r} holds the outputs of a caffast run, not images to explain: "
+                       "pass the folder of the images")
     tally = Tally()
     rank = ""
     with STOP_SIGNALS.installed():
@@ -429,7 +454,11 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
 
 
 def _images(data_dir: Path, folder: RunFolder) -> list[str]:
-    images = find_images(data_dir, exclude=folder.root)
+    earlier_runs: list[str] = []
+    images = find_images(data_dir, exclude=folder.root, run_folders=earlier_runs)
+    if earlier_runs:
+        shown = ", ".join(earlier_runs[:RUN_FOLDERS_SHOWN]) + (" ..." if len(earlier_runs) > RUN_FOLDERS_SHOWN else "")
+        say(f"left out {len(earlier_runs)} caffast output folders inside {data_dir}: {shown}")
     if not images:
         raise CliError(
             f"no images in {str(data_dir)!r} or its subfolders (looked for {' '.join(IMAGE_SUFFIXES)}, any case)"
@@ -441,14 +470,13 @@ def _plan(
     folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
 ) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
-    holding the folder's lock).  Says which images had broken outputs and are explained again."""
+    holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
     pending, broken = folder.pending(images, retry_failed)
     if broken:
         named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
         more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
-        print(f"{len(broken)} images had broken outputs and are explained again: {', '.join(named)}{more}",
-              file=sys.stderr)  # fmt: skip
+        say(f"{len(broken)} images had broken outputs or changed, and are explained again: {', '.join(named)}{more}")
     return images, pending
 
 
@@ -465,7 +493,7 @@ def _run(
 ) -> Optional[RunSummary]:
     options = explain_options(args)
     model = load_run_model(args.arch, args.weights, args.layer, processes.device(args.device), getattr(torch, args.dtype))
-    folder = RunFolder(Path(args.out))
+    folder = RunFolder(Path(args.out), data_dir)
     runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
     runner.check_settings()
     config = {

@@ -26,25 +26,34 @@ class NonFiniteError(ValueError):
 @dataclass(frozen=True)
 class Suspects:
     """What a non-finite value can come from, for the message: the problems' names ("(image 0,
-    target 207)"), the learning rate, the breakpoint and its feature map, and a user objective."""
+    target 207)"), the learning rate, the breakpoint, its feature map and the filter's grid on it
+    (tokens and channels-last maps do not hold it in their last two axes), and a user objective."""
 
     name: Callable[[int], str]
     lr: float
     layer: str
     features: torch.Tensor
+    grid: tuple[int, int]
     objective: bool
+    scorer: Callable[[int], Optional[str]] = lambda problem: None  # the callable target that scores it
+
+
+def _user_code(suspects: Suspects, problem: int) -> Optional[str]:
+    """The user's code that computes problem `problem`'s loss, for the message; None: caffast's loss."""
+    return "the objective" if suspects.objective else suspects.scorer(problem)
 
 
 def _describe(value: float) -> str:
     return "NaN" if math.isnan(value) else ("infinite" if math.isinf(value) else f"{value:.3g}")
 
 
-def _fix(suspects: Suspects, started: bool, loss: bool) -> str:
+def _fix(suspects: Suspects, started: bool, loss: bool, problem: int) -> str:
     """The settings and inputs to look at: the learning rate once a step was taken, the layers
-    after the breakpoint (and a user objective) when the loss is what went wrong."""
+    after the breakpoint (and a user objective or target) when the loss is what went wrong."""
     causes = [f"lower lr (now {suspects.lr:g})"] if started else []
-    if suspects.objective and loss:
-        causes.append("check the objective")
+    user_code = _user_code(suspects, problem)
+    if user_code is not None and loss:
+        causes.append(f"check {user_code}: it must return a finite value")
     scale = float(suspects.features.abs().max())
     if scale > LARGE_FEATURES:
         causes.append(f"scale the images down (the feature map of layer {suspects.layer!r} reaches {scale:.3g})")
@@ -83,7 +92,7 @@ def check_loss(
         what = f"the loss of problem {name} is {value} after {int(iterations[problem])} iterations"
     else:
         what = f"the loss of problem {name} is {value} at the returned filter"
-    raise NonFiniteError(f"{what}: {_fix(suspects, iteration != 1, loss=True)}")
+    raise NonFiniteError(f"{what}: {_fix(suspects, iteration != 1, loss=True, problem=problem)}")
 
 
 def check_filters(params: torch.Tensor, constraint: Constraint, suspects: Suspects) -> None:
@@ -91,7 +100,7 @@ def check_filters(params: torch.Tensor, constraint: Constraint, suspects: Suspec
     filter, in their dtype, is not (a unit filter whose norm overflowed or underflowed vanishes)."""
     values = params.flatten(1)
     finite = torch.isfinite(values).all(dim=1)
-    multiplier = constraint.multiplier(params, tuple(suspects.features.shape[2:])).flatten(1)
+    multiplier = constraint.multiplier(params, suspects.grid).flatten(1)
     if constraint.on_sphere:
         valid = torch.linalg.vector_norm(multiplier, dim=1) > 0.5
     else:
@@ -111,4 +120,4 @@ def check_filters(params: torch.Tensor, constraint: Constraint, suspects: Suspec
             f"the filter of problem {name} vanished: its values reach {largest:.3g} and its norm "
             f"{'overflows' if largest > 1 else 'underflows'} {str(params.dtype).removeprefix('torch.')}"
         )
-    raise NonFiniteError(f"{what}: {_fix(suspects, True, loss=False)}")
+    raise NonFiniteError(f"{what}: {_fix(suspects, True, loss=False, problem=problem)}")

@@ -237,7 +237,9 @@ class FusedProblem:
         cells = head.grid[0] * head.grid[1]
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
-            g = self.constraint.multiplier(params, head.grid).flatten(1)
+            # the filter joins the float64 Grams and linear terms in their precision, whatever the
+            # constraint's own (the softmax and Gaussian filters follow the parameters' dtype)
+            g = self.constraint.multiplier(params, head.grid).flatten(1).to(torch.float64)
             parts = filter_parts(g, head.parts, self.zeros_negative)
             if head.mode == "specific" and head.linear is None:
                 products = head.products.index_select(0, head.image.index_select(0, active))

@@ -9,7 +9,8 @@ function that only selects and rearranges elements (slicing, reshape, permute) d
 
 A 4-D shape is read as channels-first or channels-last where the layer's last module says so (a
 convolution, normalization or pooling: channels-first; a Linear or LayerNorm over the last axis:
-channels-last) and that reading fits the image, or else where only one reading fits (a (N, 7, 7, 768)
+channels-last, where its forward is the class's own or is seen to take that arrangement) and that
+reading fits the image, or else where only one reading fits (a (N, 7, 7, 768)
 map of a 224 x 224 image cannot be a 7 x 768 grid); otherwise the layout must be given.
 """
 
@@ -124,15 +125,55 @@ _CHANNELS_FIRST = (
 )  # fmt: skip
 
 
+def _runs_on(leaf: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether `leaf`'s own forward (no hooks) takes a tensor of `shape` without an error."""
+    parameter = next(leaf.parameters(), None)
+    like = parameter if parameter is not None and parameter.is_floating_point() else torch.empty(0)
+    try:
+        with torch.no_grad():
+            leaf.forward(torch.zeros(shape, dtype=like.dtype, device=like.device))
+    except Exception:
+        return False
+    return True
+
+
+def _last_axis_module(leaf: nn.Module) -> Optional[bool]:
+    """Whether a Linear or a LayerNorm over one axis works on the last axis, as these classes do; a
+    subclass with its own forward may mean the opposite (torchvision's and timm's LayerNorm2d normalize
+    the channels of an (N, C, H, W) map), so its forward is tried on both arrangements and decides
+    where exactly one runs.  None: undecided."""
+    base = nn.Linear if isinstance(leaf, nn.Linear) else nn.LayerNorm
+    if type(leaf).forward is base.forward:
+        return True
+    size = leaf.in_features if isinstance(leaf, nn.Linear) else leaf.normalized_shape[0]
+    other = size + 1  # a length that is not `size`, so each arrangement fits one reading only
+    last, first = _runs_on(leaf, (1, 1, other, size)), _runs_on(leaf, (1, size, 1, other))
+    return last if last != first else None
+
+
+def _output_channels(leaf: nn.Module) -> Optional[int]:
+    """The channels a Linear or a LayerNorm over one axis outputs; None for any other module."""
+    if isinstance(leaf, nn.Linear):
+        return leaf.out_features
+    if isinstance(leaf, nn.LayerNorm) and len(leaf.normalized_shape) == 1:
+        return leaf.normalized_shape[0]
+    return None
+
+
 def _leaf_says(module: nn.Module, channels_last_size: int) -> Optional[str]:
     """What the layer's last layout-bearing module implies: "nchw", "nhwc" or None (undecided)."""
     for leaf in reversed([m for m in module.modules() if not list(m.children())]):
         if isinstance(leaf, _CHANNELS_FIRST):
             return "nchw"
-        if isinstance(leaf, nn.Linear) and leaf.out_features == channels_last_size:
-            return "nhwc"
-        if isinstance(leaf, nn.LayerNorm) and tuple(leaf.normalized_shape) == (channels_last_size,):
-            return "nhwc"
+        channels = _output_channels(leaf)
+        if channels is not None:
+            on_last_axis = _last_axis_module(leaf)
+            if on_last_axis is None:
+                return None
+            if not on_last_axis:
+                return "nchw"
+            if channels == channels_last_size:
+                return "nhwc"
         dims = getattr(leaf, "dims", None)
         if type(leaf).__name__ == "Permute" and dims is not None:
             return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(dims))

@@ -86,17 +86,25 @@ def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torc
     return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
-def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor) -> Callable[[int], str]:
-    """The name of problem p in messages: "(image 0, target 207)", or "(image 0)" class-oblivious."""
-    classes, per_image = targets.flatten(), targets.shape[1]
-    if mode == "oblivious":
-        return lambda p: f"(image {int(image_index[p])})"
+def _scorer_names(scores: Optional[list]) -> Callable[[int], Optional[str]]:
+    """The name of the callable target of problem p in messages ("the target MyScore"); None for a class."""
 
-    def name(p: int) -> str:
-        target = f"target {int(classes[p])}" if classes[p] >= 0 else f"callable target {p % per_image}"
-        return f"(image {int(image_index[p])}, {target})"
+    def name(problem: int) -> Optional[str]:
+        score = scores[problem] if scores is not None else None
+        return None if score is None else f"the target {getattr(score, '__name__', type(score).__name__)}"
 
     return name
+
+
+def _problem_names(mode: str, image_index: torch.Tensor, targets: torch.Tensor,
+                   scores: Optional[list]) -> Callable[[int], str]:  # fmt: skip
+    """The name of problem p in messages: "(image 0, target 207)", "(image 0, the target MyScore)" for
+    a callable, or "(image 0)" class-oblivious."""
+    classes = targets.flatten()
+    scorer = _scorer_names(scores)
+    if mode == "oblivious":
+        return lambda p: f"(image {int(image_index[p])})"
+    return lambda p: f"(image {int(image_index[p])}, {scorer(p) or f'target {int(classes[p])}'})"
 
 
 
@@ -229,8 +237,9 @@ def explain(
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
 
-        suspects = Suspects(_problem_names(mode, image_index, targets), lr, _layer_name(model, layer), features,
-                            objective is not None)  # fmt: skip
+        names = _problem_names(mode, image_index, targets, table.scores)
+        suspects = Suspects(names, lr, _layer_name(model, layer),
+                            features, grid, objective is not None, _scorer_names(table.scores))  # fmt: skip
         beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
         solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
@@ -254,8 +263,7 @@ def explain(
                            objective=objective, loss=class_loss)  # fmt: skip
             return _nearest_working_layer(model, images[image : image + 1], _layer_name(model, layer), options)
 
-        warn_flat(flat, gradient_norm, _problem_names(mode, image_index, targets), _layer_name(model, layer),
-                  nearest_working_layer)  # fmt: skip
+        warn_flat(flat, gradient_norm, names, _layer_name(model, layer), nearest_working_layer)
 
     shape = (batch, per_image)
 

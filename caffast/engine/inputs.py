@@ -147,9 +147,7 @@ def target_table(mode: str, targets: Targets, output: Any) -> TargetTable:
         return TargetTable(ranked.argmax(dim=1, keepdim=True), None)
     rows = _target_rows(targets, batch)
     indices = [t for row in rows for t in row if isinstance(t, int)]
-    classes = torch.tensor([[t if isinstance(t, int) else -1 for t in row] for row in rows], dtype=torch.long)
-    classes = classes.to(ranked_device(output))
-    if indices:
+    if indices:  # checked before they become int64, which a huge index would overflow
         if ranked is None:
             raise ValueError(
                 f"class targets need class scores of shape (N, K); the model outputs {describe(output)}: pass "
@@ -157,7 +155,10 @@ def target_table(mode: str, targets: Targets, output: Any) -> TargetTable:
             )
         count = ranked.shape[1]
         if min(indices) < 0 or max(indices) >= count:
-            raise ValueError(f"targets must be class indices in [0, {count}); got {classes.tolist()}")
+            shown = [[t if isinstance(t, int) else "callable" for t in row] for row in rows]
+            raise ValueError(f"targets must be class indices in [0, {count}); got {shown}")
+    classes = torch.tensor([[t if isinstance(t, int) else -1 for t in row] for row in rows], dtype=torch.long)
+    classes = classes.to(ranked_device(output))
     callables = [t if callable(t) else None for row in rows for t in row]
     return TargetTable(classes, callables if any(c is not None for c in callables) else None)
 

@@ -3,12 +3,18 @@ timm's models when timm is installed, and the reference's `load_architecture`.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import os
+import re
+import socket
+import urllib.request
 from importlib import resources
 from http.client import HTTPException
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -24,8 +30,40 @@ Weights = Union[None, str, os.PathLike, WeightsEnum]
 RELEASE_WEIGHTS = "IMAGENET1K_V1"
 
 
+# torch.hub's names for checked files: NAME-<first hex digits of the file's sha256>.EXT
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+
+
 def _cached_path(weights: WeightsEnum) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_cached(weights: WeightsEnum) -> None:
+    """Refuse a cached weights file whose content is not what its name promises: torch.hub checks the
+    hash only when it downloads, and would load any file found under the expected name."""
+    path = _cached_path(weights)
+    match = HASH_IN_NAME.search(os.path.basename(path))
+    if match is not None and os.path.isfile(path):
+        _check_content(path, match.group(1), str(weights), weights.url)
+
+
+def _check_content(path: str, promised: str, what: str, source: str) -> None:
+    """Raise when the sha256 of the file at `path` does not start with `promised` (its name's hash)."""
+    digest = file_sha256(path)
+    if not digest.startswith(promised):
+        raise ValueError(
+            f"the cached weights file {path} is not the file of {what}: its sha256 starts "
+            f"{digest[:len(promised)]}, its name says {promised} (a truncated, damaged or different file); delete "
+            f"it so that it is downloaded again, or put the file from {source} there"
+        )
 
 
 def _weights_enum(arch: str, name: str) -> Optional[WeightsEnum]:
@@ -55,6 +93,7 @@ def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Ten
             f"weights {os.fspath(weights)!r} are neither a file nor torchvision weights of {arch!r}; pass a "
             "local state-dict file (torch.save(model.state_dict(), PATH)) or a torchvision weights name"
         )
+    _check_cached(enum)
     try:
         return enum.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except (OSError, HTTPException) as error:  # URLError, refused or reset connections, timeouts
@@ -98,10 +137,107 @@ def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
         model.load_state_dict(load_state_dict(name, weights))
         return model.eval()
     full = _timm_tagged(name, weights)
+    _check_timm_cache(full)
+    try:
+        with _hub_offline():  # weights in the cache load without a connection, and without its retries
+            return timm.create_model(full, pretrained=True, **kwargs).eval()
+    except Exception:
+        pass
+    host = _weights_host(full)
+    if host is not None and not _through_proxy(host[0]) and not _reachable(host):
+        raise FileNotFoundError(
+            f"cannot download timm's pretrained weights of {full!r} from {host[0]} (offline?), and they are not in "
+            "the Hugging Face or torch.hub cache: connect once to download them, or pass a local state-dict file "
+            "(--weights FILE)"
+        )
     try:
         return timm.create_model(full, pretrained=True, **kwargs).eval()
     except Exception as error:
         raise FileNotFoundError(f"timm could not load the pretrained weights of {full!r}: {error}") from error
+
+
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_timm_cache(name: str) -> None:
+    """Refuse cached timm weights whose content is not what their name promises, as torchvision's: a
+    file in torch.hub's cache named with a hash prefix, or a Hugging Face cache blob named by its
+    sha256 (huggingface_hub checks it only when it downloads)."""
+    try:
+        config = _timm().models.get_pretrained_cfg(name)
+    except Exception:
+        return
+    url = getattr(config, "url", None)
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        match = HASH_IN_NAME.search(os.path.basename(path))
+        if match is not None and os.path.isfile(path):
+            _check_content(path, match.group(1), f"timm's {name!r}", url)
+    repository = getattr(config, "hf_hub_id", None)
+    if not repository:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_WEIGHT_FILES:
+        cached = try_to_load_from_cache(repository, filename)
+        if isinstance(cached, str) and SHA256_NAME.fullmatch(os.path.basename(os.path.realpath(cached))):
+            _check_content(os.path.realpath(cached), os.path.basename(os.path.realpath(cached)),
+                           f"timm's {name!r}", f"the Hugging Face repository {repository}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode while the block runs: files come from its cache or not at all."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _weights_host(name: str) -> Optional[tuple[str, int]]:
+    """(host, port) that timm downloads the pretrained weights of `name` from; None if it cannot be told."""
+    try:
+        config = _timm().models.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    if config is None:
+        return None
+    if getattr(config, "hf_hub_id", None):
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+    elif getattr(config, "url", None):
+        url = urlparse(config.url)
+    else:
+        return None
+    if url.hostname is None:
+        return None
+    return url.hostname, url.port or (80 if url.scheme == "http" else 443)
+
+
+def _through_proxy(host: str) -> bool:
+    """Whether downloads from `host` go through a proxy (HTTPS_PROXY, ...): a direct connection then
+    says nothing about them."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get("https") or proxies.get("http")) and not urllib.request.proxy_bypass(host)
+
+
+def _reachable(host: tuple[str, int], seconds: float = 5.0) -> bool:
+    """Whether a connection to `host` opens within `seconds`: one try, where a download would retry
+    for most of a minute before it fails."""
+    try:
+        socket.create_connection(host, timeout=seconds).close()
+    except OSError:
+        return False
+    return True
 
 
 def _timm_tagged(name: str, weights: Weights) -> str:

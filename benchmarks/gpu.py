@@ -11,7 +11,8 @@
    problems x 1000 iterations in one launch against its torch twin; explain against Grad-CAM at
    batch 1 and 64 on resnet50, googlenet and densenet169; every breakpoint of
    benchmarks/test_breakpoints.py at batch 1 and 8 (gd 1000 iterations, fast, Grad-CAM, and the
-   reference loop restated with a hook at batch 1);
+   reference loop restated with a hook at batch 1); the trained EfficientNet-Lite0 of the real tier
+   (caffast.eval.real) at bn2 and blocks.5, each class-specific loss, against Grad-CAM;
 4. writes DIR/gpu_results.md ($OUT when set, else benchmarks/) and prints it.
 
 Without a CUDA device it says so and exits 0, having measured nothing.  Grad-CAM is pytorch-grad-cam's
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ["tests/test_triton.py", "tests/test_triton_explain.py", "tests/test_cuda_graphs.py"]
+GPU_TESTS = ["tests/test_triton.py", "tests/test_triton_explain.py", "tests/test_cuda_graphs.py", "tests/test_losses.py"]
 
 
 def install() -> str:
@@ -162,6 +163,31 @@ def reference_row(model, x, layer: str, mode: str, case: str, gradcam: float) ->
             f"{seconds * 1e3:.1f} | {gradcam * 1e3:.1f} | {seconds / gradcam:.2f} | | 1000 |")
 
 
+def real_tier_rows(repeats: int) -> list[str]:
+    """The trained EfficientNet-Lite0 on the real tier's photos: class-specific explain (solver fast,
+    each loss) against Grad-CAM at the fused bn2 and the generic blocks.5, batch 1 and 8."""
+    import torch
+
+    import caffast
+    from caffast.eval.real import efficientnet_lite0, prepare, real_tier
+
+    model = efficientnet_lite0().cuda()
+    photos = torch.stack([prepare(photo)[0] for photo in real_tier()[:8]]).cuda()
+    rows = []
+    for layer in ("bn2", "blocks.5"):
+        for batch in (1, 8):
+            x = photos[:batch]
+            targets = model(x).argmax(1, keepdim=True)
+            baseline_name, gradcam = time_grad_cam(model, layer, x, repeats)
+            for loss in ("margin", "log_softmax", "release"):
+                options = dict(mode="specific", targets=targets, solver="fast", loss=loss)
+                seconds, result = timed(lambda: caffast.explain(model, x, layer, **options), repeats)
+                rows.append(f"| {layer} | {batch} | {loss} | {result.path} | {seconds * 1e3:.1f} | {gradcam * 1e3:.1f} | "
+                            f"{seconds / gradcam:.2f} | {result.evaluations.float().median().item():.0f} |")
+    return ["| layer | batch | loss | path | fast ms | Grad-CAM ms | / Grad-CAM | evaluations |",
+            "|---|---|---|---|---|---|---|---|", *rows]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="caffast's GPU tests and benchmarks in one command")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks"))
@@ -200,6 +226,10 @@ def main() -> int:
         cases = dict(list(BREAKPOINTS.items())[:3]) if args.quick else BREAKPOINTS
         solvers = {"gd 1000 iterations": dict(max_iter=1000, min_error=0.0), "fast": dict(solver="fast")}
         lines += ["## Any breakpoint", "", *explain_rows(cases, (1, 8), solvers, 1, reference=True), ""]
+    try:
+        lines += ["## A trained network on real photos (the real tier)", "", *real_tier_rows(repeats), ""]
+    except ImportError as error:  # timm or the weights package missing
+        lines += [f"(the real tier is not installed: {error})", ""]
     lines += [f"total {time.perf_counter() - started:.0f} s"]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

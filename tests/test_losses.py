@@ -120,3 +120,16 @@ def test_default_loss_is_target_focused_and_recorded():
     exp = caffast.explain(model, torch.randn(1, 3, 13, 13), "features", mode="specific", targets=[1], max_iter=5)
     assert exp.class_loss == DEFAULT_CLASS_LOSS == "margin"
     assert caffast.explain(model, torch.randn(1, 3, 13, 13), "features", max_iter=5).class_loss is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CLASS_LOSSES))
+def test_every_loss_on_the_gpu_equals_the_torch_loop_on_the_cpu(name):
+    torch.manual_seed(9)
+    model = Net(relu=True).eval()
+    images = torch.randn(2, 3, 13, 13)
+    settings = dict(mode="specific", targets=[[0, 5], [3, 3]], max_iter=60, loss=name)
+    gpu = caffast.explain(model.cuda(), images.cuda(), "features", **settings)
+    cpu = caffast.explain(model.cpu(), images, "features", backend="torch", **settings)
+    assert gpu.backend == "triton" and gpu.path == "fused"
+    torch.testing.assert_close(gpu.filters.cpu(), cpu.filters, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@
 
 namespace caffast {
 
-enum class Mode { Oblivious, Specific };
+enum class Mode { Oblivious, Specific, LogSoftmax };
 
 struct FusedObjective {
   Mode mode;
@@ -15,10 +15,13 @@ struct FusedObjective {
   int64_t cells;       // HW
   int64_t classes;     // K, the length of the head's output
   const double* gram;  // (S, S, HW, HW) of the problem's image; unused when specific
-  const double* linear;  // (S, HW); unused when oblivious
+  const double* linear;  // (S, HW); read when specific
   double constant;
+  const double* products;  // (S, K, HW) of the problem's image, M_s; read when log-softmax
+  const double* bias;      // (K,); read when log-softmax
+  int64_t target;          // the class whose log-probability is raised; read when log-softmax
 
-  // Returns the loss at g and writes dloss/dg into grad_g. scratch holds 4 * HW doubles.
+  // Returns the loss at g and writes dloss/dg into grad_g. scratch holds max(4 HW, K) doubles.
   double evaluate(const double* g, double* grad_g, double* scratch) const;
 };
 

@@ -39,12 +39,14 @@ Enum parse_choice(const std::string& kind, const std::string& value,
 
 py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_obj,
                          const py::handle& constant_obj, const py::handle& image_obj,
-                         const py::handle& params_obj, const std::string& mode,
+                         const py::handle& products_obj, const py::handle& bias_obj,
+                         const py::handle& targets_obj, const py::handle& params_obj, const std::string& mode,
                          const std::string& constraint, const std::string& optimizer, int64_t height,
                          int64_t width, int64_t classes, int64_t max_iter, double lr, double min_error,
                          int64_t check_every, int threads) {
   FusedSettings s{};
-  s.mode = parse_choice<Mode>("mode", mode, {{"oblivious", Mode::Oblivious}, {"specific", Mode::Specific}});
+  s.mode = parse_choice<Mode>("mode", mode, {{"oblivious", Mode::Oblivious}, {"specific", Mode::Specific},
+                                             {"log_softmax", Mode::LogSoftmax}});
   s.constraint = parse_choice<Constraint>(
       "constraint", constraint,
       {{"l2norm", Constraint::L2Norm}, {"softmax", Constraint::Softmax}, {"gauss", Constraint::Gauss}});
@@ -73,6 +75,20 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
   require_shape(constant, "constant", {problems});
   auto image = as_array<int64_t>(image_obj, "image", 1);
   require_shape(image, "image", {problems});
+  auto products = as_array<double>(products_obj, "products", 4);
+  auto bias = as_array<double>(bias_obj, "bias", 1);
+  auto targets = as_array<int64_t>(targets_obj, "targets", 1);
+  if (s.mode == Mode::LogSoftmax) {
+    require_shape(products, "products", {-1, s.signs, classes, cells});
+    require_shape(bias, "bias", {classes});
+    require_shape(targets, "targets", {problems});
+    for (int64_t p = 0; p < problems; ++p) {
+      require(image.data()[p] >= 0 && image.data()[p] < products.shape(0),
+              "image[" + std::to_string(p) + "] is not an index into products' images");
+      require(targets.data()[p] >= 0 && targets.data()[p] < classes,
+              "targets[" + std::to_string(p) + "] = " + std::to_string(targets.data()[p]) + " is not a class");
+    }
+  }
   auto params = as_array<double>(params_obj, "params", 2, /*writable=*/true);
   require_shape(params, "params", {problems, parameter_count(s.constraint, s.grid)});
   if (s.mode == Mode::Oblivious) {
@@ -87,6 +103,7 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
   py::array_t<int64_t> iterations(problems);
   py::array_t<double> loss(problems);
   const FusedBatch batch{problems,       gram.data(),         linear.data(),    constant.data(), image.data(),
+                         products.data(), bias.data(),        targets.data(),
                          params.mutable_data(), iterations.mutable_data(), loss.mutable_data()};
   Interrupt interrupt(python_signals);
   {
@@ -205,7 +222,7 @@ PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
   m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter, the projected update and the bundle QP of solver=\"fast\".";
   m.def("solve_fused", &solve_fused_py, py::arg("gram"), py::arg("linear"), py::arg("constant"), py::arg("image"),
-        py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
+        py::arg("products"), py::arg("bias"), py::arg("targets"), py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
         py::arg("height"), py::arg("width"), py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
         py::arg("min_error"), py::arg("check_every"), py::arg("threads") = 0,
         "Optimize P fused-head problems; params (P, D) is updated in place. Returns (iterations, loss).");

@@ -22,8 +22,8 @@ constexpr int64_t kInterruptEvery = 16;
 
 struct Workspace {
   std::vector<double> g, grad_g, grad_f, m, v, scratch;
-  Workspace(int64_t cells, int64_t d)
-      : g(cells), grad_g(cells), grad_f(d), m(d), v(d), scratch(4 * cells) {}
+  Workspace(int64_t cells, int64_t d, int64_t classes)
+      : g(cells), grad_g(cells), grad_f(d), m(d), v(d), scratch(std::max(4 * cells, classes)) {}
 };
 
 void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Workspace& w, Interrupt& interrupt,
@@ -39,6 +39,9 @@ void solve_one(const FusedSettings& s, const FusedBatch& batch, int64_t p, Works
       s.mode == Mode::Oblivious ? batch.gram + batch.image[p] * gram_size : nullptr,
       batch.linear + p * s.signs * cells,
       batch.constant[p],
+      s.mode == Mode::LogSoftmax ? batch.products + batch.image[p] * s.signs * s.classes * cells : nullptr,
+      batch.bias,
+      s.mode == Mode::LogSoftmax ? batch.targets[p] : 0,
   };
   double* f = batch.params + p * d;
   std::fill(w.m.begin(), w.m.end(), 0.0);
@@ -79,7 +82,7 @@ void solve_fused(const FusedSettings& settings, const FusedBatch& batch, Interru
 #pragma omp parallel num_threads(resolve_threads(settings.threads)) if (batch.problems > 1)
   {
     const bool caller = thread_index() == 0;
-    Workspace workspace(cells, d);
+    Workspace workspace(cells, d, settings.classes);
     for (int64_t p = next++; p < batch.problems && !interrupt.stopped(); p = next++) {
       solve_one(settings, batch, p, workspace, interrupt, caller);
       ++finished;

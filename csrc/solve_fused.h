@@ -30,7 +30,10 @@ struct FusedBatch {
   const double* gram;       // (I, S, S, HW, HW)
   const double* linear;     // (P, S, HW)
   const double* constant;   // (P,)
-  const int64_t* image;     // (P,) into gram
+  const int64_t* image;     // (P,) into gram and products
+  const double* products;   // (I, S, K, HW): log-softmax only
+  const double* bias;       // (K,): log-softmax only
+  const int64_t* targets;   // (P,): log-softmax only
   double* params;           // (P, D), updated in place
   int64_t* iterations;      // (P,) out
   double* loss;             // (P,) out: the loss of the last iteration run (NaN if none ran)

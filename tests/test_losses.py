@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import caffast
+from caffast.core.heads import FusedProblem
 from caffast.core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS, as_class_loss
 
 
@@ -85,6 +86,47 @@ def test_linear_losses_have_the_closed_form_minus_c_over_its_norm(name):
     c = (model.fc.weight.T @ s) @ a
     torch.testing.assert_close(exact.filters.flatten(), -c / c.norm(), rtol=1e-9, atol=1e-12)
     assert exact.iterations.item() == 0  # no loop ran
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("constraint", ["l2norm", "softmax"])
+def test_compiled_log_softmax_loop_equals_its_twin_and_the_restated_loss(relu, constraint):
+    """The C++ loop on the K x HW products against the shared loop on FusedProblem (its twin), and
+    the loss at the answer against a plain restatement through the real head in float64."""
+    cpp = pytest.importorskip("caffast.backends.cpp")
+    if not cpp.available():
+        pytest.skip("caffast._C is not built")
+    from caffast.backends.torch.fused_solver import solve_fused_torch
+    from caffast.core.constraints import as_constraint
+    from caffast.core.heads import detect_head, precompute
+    from caffast.core.breakpoints import split
+    from caffast.core.loop import LoopSettings
+
+    torch.manual_seed(11)
+    model = Net(relu).double().eval()
+    images = torch.randn(2, 3, 13, 13, dtype=torch.float64)
+    capture, tail = split(model, "features", images)
+    grid = tuple(capture.features.shape[2:])
+    image_index = torch.tensor([0, 0, 1])
+    targets = torch.tensor([2, 7, 4])
+    head = precompute(detect_head(tail, grid), capture.features, image_index, "specific",
+                      CLASS_LOSSES["log_softmax"], targets)  # fmt: skip
+    assert head.linear is None and head.products is not None
+    settings = LoopSettings(max_iter=120, lr=0.5, min_error=0.0, check_every=10, optimizer="sgd")
+    start = torch.randn(3, grid[0] * grid[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, iterations, loss = cpp.solve_fused(head, constraint, start, settings)
+    twin, twin_iterations, twin_loss = solve_fused_torch(head, constraint, start.view(3, *grid), settings)
+    assert torch.equal(iterations, twin_iterations)
+    torch.testing.assert_close(got, twin.flatten(1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(loss, twin_loss, rtol=0, atol=1e-9)
+    # the restated loss: the real head on the filtered map, at the answer
+    g = as_constraint(constraint).multiplier(got.view(3, *grid), grid)
+    with torch.no_grad():
+        a = model.features(images).index_select(0, image_index) * g[:, None]
+        logits = model.fc(F.adaptive_avg_pool2d(F.relu(a) if relu else a, 1).flatten(1))
+    restated = -torch.log_softmax(logits, 1).gather(1, targets[:, None])[:, 0]
+    final, _ = FusedProblem(head, constraint).loss_and_grad(got.view(3, *grid), torch.arange(3))
+    torch.testing.assert_close(final, restated, rtol=1e-10, atol=1e-12)
 
 
 def test_log_softmax_runs_on_a_compiled_backend_and_matches_the_torch_loop():

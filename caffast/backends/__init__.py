@@ -54,9 +54,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def solve_fused(backend: str, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings) -> Solution:
     """The whole optimization of a fused head: the Python loop when the history is recorded, for an
     optimizer or a schedule floor the compiled solvers do not implement (adam_tf1, end_lr != 1e-5), or
-    for a nonlinear class-specific loss (log_softmax: the compiled loops take linear losses)."""
+    for a nonlinear class-specific loss the backend's loop does not take (its NONLINEAR_LOSSES)."""
     compiled = settings.optimizer in COMPILED_OPTIMIZERS and settings.end_lr == MIN_LEARNING_RATE
-    compiled = compiled and (head.mode == "oblivious" or head.is_linear)
+    if head.mode == "specific" and not head.is_linear and backend in ("cpp", "triton"):
+        compiled = compiled and head.class_loss.name in _compiled(backend).NONLINEAR_LOSSES
     if backend == "torch" or settings.record or not compiled:
         return solve(FusedProblem(head, constraint), initial, settings)
 

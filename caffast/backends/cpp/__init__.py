@@ -8,12 +8,13 @@
 
 from .bundle_qp import bundle_qp
 
-from .fused_solver import solve_fused
+from .fused_solver import NONLINEAR_LOSSES, solve_fused
 from .hadamard import Hadamard, hadamard_backward, hadamard_forward
 from .library import available, import_error, require
 from .projected_update import projected_update
 
 __all__ = [
+    "NONLINEAR_LOSSES",
     "Hadamard", "available", "bundle_qp", "hadamard_backward", "hadamard_forward", "import_error", "projected_update", "require",
     "solve_fused",
 ]  # fmt: skip

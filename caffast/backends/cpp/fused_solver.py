@@ -10,6 +10,8 @@ from ...core.heads import FusedHead
 from ...core.loop import LoopSettings
 from .library import kernels, threads, view
 
+NONLINEAR_LOSSES = ("log_softmax",)  # the class-specific losses beyond the linear ones that the loop takes
+
 
 def solve_fused(
     head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
@@ -18,7 +20,8 @@ def solve_fused(
 
     The head's gram (I, S, S, HW, HW), linear (P, S, HW) and constant (P,) and params (P, D) are
     contiguous float64 CPU tensors, image (P,) int64.  The oblivious mode reads gram and image only,
-    the specific mode linear and constant only; the others may be None.  Returns the final
+    the specific mode linear and constant only, or with the log-softmax loss products
+    (I, S, K, HW), bias (K,), targets (P,) and image; the others may be None.  Returns the final
     parameters (a new tensor; `params` is left as it was), the iterations run (P,) and the loss of
     the last iteration (P,).
     """
@@ -28,7 +31,19 @@ def solve_fused(
     cells = height * width
     problems = params.shape[0]
     gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
-    if head.mode == "specific":
+    mode = head.mode
+    products = torch.empty((0, 1, 1, 1), dtype=torch.float64)
+    bias = torch.empty(0, dtype=torch.float64)
+    targets = torch.empty(0, dtype=torch.int64)
+    if head.mode == "specific" and linear is None:
+        if head.class_loss is None or head.class_loss.name not in NONLINEAR_LOSSES:
+            raise ValueError(f"the compiled loop takes linear losses and {NONLINEAR_LOSSES}, not {head.class_loss!r}")
+        mode, signs = head.class_loss.name, head.products.shape[1]
+        products, bias, targets = head.products.contiguous(), head.bias.contiguous(), head.targets.contiguous()
+        gram = torch.empty((0, signs, signs, cells, cells), dtype=torch.float64)
+        linear = torch.zeros((problems, signs, cells), dtype=torch.float64)
+        constant = torch.zeros(problems, dtype=torch.float64)
+    elif head.mode == "specific":
         if linear is None or constant is None:
             raise ValueError("the specific mode needs linear and constant")
         signs = linear.shape[1]
@@ -46,8 +61,11 @@ def solve_fused(
         view(linear, "linear", f64),
         view(constant, "constant", f64),
         view(image, "image", i64),
+        view(products, "products", f64),
+        view(bias, "bias", f64),
+        view(targets, "targets", i64),
         result,
-        mode=head.mode,
+        mode=mode,
         constraint=as_constraint(constraint).name,
         optimizer=settings.optimizer,
         height=height,

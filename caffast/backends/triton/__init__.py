@@ -9,12 +9,12 @@ Each op's plain PyTorch twin is in caffast.backends.torch, and the tests hold th
 """
 
 from .fused_head import FusedHeadForward, fused_head_backward, fused_head_forward
-from .fused_solver import solve_fused
+from .fused_solver import NONLINEAR_LOSSES, solve_fused
 from .hadamard import Hadamard, hadamard_backward, hadamard_forward
 from .projected_update import projected_step
 from .runtime import available, require
 
 __all__ = [
-    "FusedHeadForward", "Hadamard", "available", "fused_head_backward", "fused_head_forward", "hadamard_backward",
+    "NONLINEAR_LOSSES", "FusedHeadForward", "Hadamard", "available", "fused_head_backward", "fused_head_forward", "hadamard_backward",
     "hadamard_forward", "projected_step", "require", "solve_fused",
 ]  # fmt: skip

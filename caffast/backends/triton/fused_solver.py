@@ -24,6 +24,8 @@ from .runtime import (  # noqa: F401 (tl_core: see runtime)
     tl_sum,
 )
 
+NONLINEAR_LOSSES: tuple[str, ...] = ()  # the persistent kernel takes linear class-specific losses only
+
 _BETA1, _BETA2 = constexpr(BETA1), constexpr(BETA2)  # a kernel reads a global only as a constexpr
 # Elements per Gram tile in the solver: on a GPU small enough for 8 warps to hold it without
 # spilling (ptxas, sm_90: 128 registers for 7 x 7 and 14 x 14 ReLU heads); in the interpreter, where

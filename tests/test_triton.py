@@ -262,6 +262,29 @@ def test_solve_fused_in_float32():
     assert_close(got[2].double(), expected[2], 1e-4)
 
 
+@pytest.mark.parametrize("constraint,optimizer,signs,grid", [("l2norm", "sgd", 2, (7, 7)), ("softmax", "adam", 1, (3, 4)),
+                                                             ("gauss", "sgd", 2, (3, 4))])  # fmt: skip
+def test_solve_fused_log_softmax_matches_its_twin(constraint: str, optimizer: str, signs: int, grid: tuple):
+    """The log-softmax loss on the head's K x HW products (more classes than one block of them)."""
+    from caffast.core.losses import CLASS_LOSSES
+
+    gen = torch.Generator().manual_seed(31 + signs)
+    cells, classes, images = grid[0] * grid[1], 70, 2
+    products = randn(images, signs, classes, cells, gen=gen)
+    bias = randn(classes, gen=gen)
+    image = torch.tensor([0, 1, 1], device=DEVICE)
+    targets = torch.tensor([3, 69, 40], device=DEVICE)
+    head = FusedHead(None, None, None, image, "specific", classes, grid, products, bias, CLASS_LOSSES["log_softmax"],
+                     targets)  # fmt: skip
+    params = random_params(constraint, 3, cells, gen)
+    loop = dict(max_iter=25, lr=0.5, min_error=0.0, check_every=5)
+    twin = run(solve_fused_torch, head, params, constraint, optimizer, **loop)
+    got = run(tk.solve_fused, head, params, constraint, optimizer, **loop)
+    assert torch.equal(got[1], twin[1])
+    torch.testing.assert_close(got[0], twin[0].flatten(1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(got[2], twin[2], rtol=0, atol=1e-9)
+
+
 def test_solve_fused_specific_mode_needs_no_gram():
     gen = torch.Generator().manual_seed(2)
     head = random_head("specific", 2, (3, 4), gen)

@@ -20,9 +20,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_triton_equals_torch_on_a_fused_relu_head(constraint, optimizer):
     model = build("relu_head").to(DEVICE)
     images = torch.randn(2, 3, 24, 24, dtype=torch.float64, device=DEVICE)
-    for mode, targets in (("oblivious", None), ("specific", [1, 6])):
+    for mode, targets, loss in (("oblivious", None, "margin"), ("specific", [1, 6], "release"),
+                                ("specific", [1, 6], "log_softmax")):  # fmt: skip
         settings = dict(mode=mode, targets=targets, max_iter=40, check_every=5, min_error=1e-7,
-                        constraint=constraint, optimizer=optimizer)
+                        constraint=constraint, optimizer=optimizer, loss=loss)
         expected = caffast.explain(model, images, "features", backend="torch", **settings)
         result = caffast.explain(model, images, "features", backend="triton", **settings)
         assert (result.path, result.backend) == ("fused", "triton")

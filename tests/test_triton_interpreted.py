@@ -85,12 +85,14 @@ def test_kernels_compile_for_a_cuda_gpu():
         ("specific", "gauss", "adam", 1, "fp64", (7, 7)),
         ("oblivious", "l2norm", "adam", 2, "fp64", (14, 14)),
         ("oblivious", "softmax", "sgd", 2, "fp32", (3, 4)),
+        ("log_softmax", "l2norm", "adam", 2, "fp64", (7, 7)),
+        ("log_softmax", "gauss", "sgd", 1, "fp32", (3, 4)),
     ]
     for mode, constraint, optimizer, signs, dtype, grid in cases:
         cells = grid[0] * grid[1]
         block_n, block_r = fused_solver.tiles(cells)
         compile_(
-            fused_solver.kernel, dtype, int64_pointers=("image", "iterations"),
+            fused_solver.kernel, dtype, ints=("class_count",), int64_pointers=("image", "targets", "iterations"),
             num_warps=fused_solver.warps(block_n), HEIGHT=grid[0], WIDTH=grid[1],
             DIM=2 if constraint == "gauss" else cells, SIGNS=signs, MODE=mode, CONSTRAINT=constraint,
             OPTIMIZER=optimizer, BLOCK_N=block_n, BLOCK_R=block_r,

@@ -24,7 +24,7 @@ from .runtime import (  # noqa: F401 (tl_core: see runtime)
     tl_sum,
 )
 
-NONLINEAR_LOSSES: tuple[str, ...] = ()  # the persistent kernel takes linear class-specific losses only
+NONLINEAR_LOSSES = ("log_softmax",)  # the class-specific losses beyond the linear ones that the kernel takes
 
 _BETA1, _BETA2 = constexpr(BETA1), constexpr(BETA2)  # a kernel reads a global only as a constexpr
 # Elements per Gram tile in the solver: on a GPU small enough for 8 warps to hold it without
@@ -79,6 +79,52 @@ def _column(z, cell, columns, ONE_TILE: tl.constexpr):
 
 
 @device_function
+def _negative_cells(g, cell, SIGNS: tl.constexpr):
+    """The cells that use part 1 (g < 0) after a ReLU; none for a plain head (S = 1)."""
+    negative = cell < 0
+    if SIGNS == 2:
+        negative = ~(g >= 0)
+    return negative
+
+
+@device_function
+def _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS: tl.constexpr):
+    """FT for the classes `ks` (a block; -inf past the last class): sum_j M[s_j, k, j] g_j / HW + b_k."""
+    present = ks < class_count
+    tile = tl.load(products + (part[None, :] * class_count + ks[:, None]) * CELLS + cell[None, :],
+                   mask=present[:, None] & inside[None, :], other=0.0)  # fmt: skip
+    logits = tl_sum(tile * g[None, :], axis=1) / CELLS + tl.load(bias + ks, mask=present, other=0.0)
+    return tl.where(present, logits, float("-inf")), tile
+
+
+@device_function
+def _log_softmax_objective(g, cell, inside, negative, products, bias, target, class_count, zero,
+                           CELLS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """-log softmax(FT)_t and its gradient, the K classes read BLOCK_K at a time: a first pass for
+    logsumexp (running maximum and sum) and the target's logit, a second for
+    dloss/dg_j = sum_k (softmax_k - [k = t]) M[s_j, k, j] / HW."""
+    part = tl.where(negative, 1, 0)
+    largest = zero + float("-inf")
+    total = zero
+    chosen = zero
+    for start in range(0, class_count, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        logits, _ = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        new_largest = tl.maximum(largest, tl_max(logits, axis=0))
+        total = total * tl.exp(largest - new_largest) + tl_sum(tl.exp(logits - new_largest), axis=0)
+        largest = new_largest
+        chosen += tl_sum(tl.where(ks == target, logits, 0.0), axis=0)
+    log_total = largest + tl.log(total)
+    grad = tl.full(g.shape, 0, g.dtype)
+    for start in range(0, class_count, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        logits, tile = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        weight = tl.exp(logits - log_total) - tl.where(ks == target, 1.0, 0.0)
+        grad += tl_sum(tile * weight[:, None], axis=0)
+    return log_total - chosen, grad / CELLS
+
+
+@device_function
 def _fused_objective(g, cell, inside, gram, linear, constant, classes, CELLS: tl.constexpr, SIGNS: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """Loss and gradient in g of one problem (caffast.core.heads.FusedProblem, closed form).
@@ -87,9 +133,7 @@ def _fused_objective(g, cell, inside, gram, linear, constant, classes, CELLS: tl
     oblivious loss is z . G z / (K HW^2), z = [g+ - 1, g-]; the Grams are read BLOCK_R columns at a
     time, so only a (HW x BLOCK_R) tile per block is live, whatever HW is.
     """
-    negative = cell < 0  # all False; with S = 2 the cells that use part 1
-    if SIGNS == 2:
-        negative = ~(g >= 0)
+    negative = _negative_cells(g, cell, SIGNS)
     if MODE == "specific":
         grad = tl.load(linear + tl.where(negative, CELLS, 0) + cell, mask=inside, other=0.0) / CELLS
         loss = tl_sum(g * grad, axis=0) + constant
@@ -122,7 +166,7 @@ _LR, _MIN_ERROR, _MAX_ITER, _CHECK_EVERY, _CLASSES, _PREVIOUS, _NAN, _ZERO, _ONE
 
 @jit
 def kernel(
-    gram, linear, constant, image, params, iterations, losses, settings,
+    gram, linear, constant, image, products, bias, targets, class_count, params, iterations, losses, settings,
     HEIGHT: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, SIGNS: tl.constexpr, MODE: tl.constexpr,
     CONSTRAINT: tl.constexpr, OPTIMIZER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -146,6 +190,8 @@ def kernel(
     gram = gram + tl.load(image + p) * (SIGNS * SIGNS * CELLS * CELLS)
     linear = linear + p * (SIGNS * CELLS)
     constant = tl.load(constant + p)
+    products = products + tl.load(image + p) * (SIGNS * class_count * CELLS)
+    target = tl.load(targets + p)
 
     f = tl.load(params + p * DIM + cell, mask=cell < DIM, other=0.0)
     m = tl.full(f.shape, 0, f.dtype)
@@ -159,9 +205,15 @@ def kernel(
     running = step == zero
     while running & (step < total):
         g = _constrain(f, cell, inside, x, y, CONSTRAINT)
-        loss, grad_g = _fused_objective(
-            g, cell, inside, gram, linear, constant, classes, CELLS, SIGNS, MODE, BLOCK_N, BLOCK_R
-        )
+        if MODE == "log_softmax":
+            loss, grad_g = _log_softmax_objective(
+                g, cell, inside, _negative_cells(g, cell, SIGNS), products, bias, target, class_count, zero, CELLS,
+                BLOCK_R,
+            )  # fmt: skip
+        else:
+            loss, grad_g = _fused_objective(
+                g, cell, inside, gram, linear, constant, classes, CELLS, SIGNS, MODE, BLOCK_N, BLOCK_R
+            )
         grad_f = _constrain_backward(f, g, grad_g, cell, x, y, CONSTRAINT)
         beta1_power = beta1_power * _BETA1
         beta2_power = beta2_power * _BETA2
@@ -205,7 +257,8 @@ def solve_fused(
     The arguments are those of caffast.backends.cpp.fused_solver.solve_fused, on the GPU: the head's gram
     (I, S, S, HW, HW), linear (P, S, HW), constant (P,) and params (P, D) float64 (or all float32,
     which then is the compute dtype), image (P,) int64. The oblivious mode reads gram and image
-    only, the specific mode linear and constant only; the others may be None. Returns new
+    only, the specific mode linear and constant only, or with the log-softmax loss the head's
+    products (I, S, K, HW), bias (K,), targets (P,) and image; the others may be None. Returns new
     parameters (P, D) (`params` is left as it was), the iterations run (P,) int64 and the loss of
     the last iteration (P,).
     """
@@ -227,7 +280,17 @@ def solve_fused(
     problems = params.shape[0]
     dim = math.prod(constraint.parameter_shape(grid))
     params = checked(params, "params", FLOATING, (problems, dim), device)
-    if mode == "specific":
+    products = bias = targets = None
+    if mode == "specific" and linear is None and head.products is not None:
+        if head.class_loss is None or head.class_loss.name not in NONLINEAR_LOSSES:
+            raise ValueError(f"the kernel takes linear losses and {NONLINEAR_LOSSES}, not {head.class_loss!r}")
+        mode, signs = head.class_loss.name, _part_count(head.products, "products", 4)
+        products = checked(head.products, "products", (dtype,), (head.products.shape[0], signs, classes, cells), device)
+        bias = checked(head.bias, "bias", (dtype,), (classes,), device)
+        targets = checked(head.targets, "targets", (torch.int64,), (problems,), device)
+        image = checked(image, "image", (torch.int64,), (problems,), device)
+        gram, linear, constant = products, products, torch.zeros(problems, dtype=dtype, device=device)  # not read
+    elif mode == "specific":
         if linear is None or constant is None:
             raise ValueError("the specific mode needs linear and constant")
         signs = _part_count(linear, "linear", 3)
@@ -244,6 +307,8 @@ def solve_fused(
             raise ValueError(f"image {image.tolist()} is not an index into gram ({gram.shape[0]} images)")
         linear, constant = gram, torch.zeros(problems, dtype=dtype, device=device)  # linear not read
 
+    if products is None:  # not read
+        products, bias, targets = gram, constant, image
     result = params.clone()
     iterations = torch.zeros(problems, dtype=torch.int64, device=device)
     loss = torch.empty(problems, dtype=dtype, device=device)
@@ -254,7 +319,7 @@ def solve_fused(
     settings = scalars([values[name] for name in _SOLVER_SETTINGS], result)
     block_n, block_r = tiles(cells)
     kernel[(problems,)](
-        gram, linear, constant, image, result, iterations, loss, settings,
+        gram, linear, constant, image, products, bias, targets, classes, result, iterations, loss, settings,
         HEIGHT=height, WIDTH=width, DIM=dim, SIGNS=signs, MODE=mode, CONSTRAINT=constraint.name, OPTIMIZER=optimizer,
         BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps(block_n),
     )  # fmt: skip

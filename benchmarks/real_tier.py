@@ -23,7 +23,7 @@ import caffast
 from caffast.engine.explain import upsample_maps
 from caffast.eval.gradcam import grad_cam
 from caffast.eval.metrics import mask_iou, pointing_game
-from caffast.eval.real import efficientnet_lite0, prepare, real_tier
+from caffast.eval.real import box_mask, efficientnet_lite0, prepare, real_tier
 
 LOSSES = ("margin", "logit", "log_softmax", "release")
 
@@ -33,12 +33,7 @@ def pictures() -> list[tuple[str, torch.Tensor, list[int], list[np.ndarray]]]:
     found = []
     for photo in real_tier():
         images, objects = prepare(photo)
-        masks = []
-        for obj in objects:
-            mask = np.zeros(images.shape[1:], dtype=bool)
-            x0, y0, x1, y1 = (int(round(v)) for v in obj.box)
-            mask[y0:y1, x0:x1] = True
-            masks.append(mask)
+        masks = [box_mask(obj.box, *images.shape[1:]) for obj in objects]
         if objects:
             found.append((photo.name, images[None], [o.class_index for o in objects], masks))
     return found

@@ -259,3 +259,12 @@ def test_pair_scene_needs_two_classes():
     photo = real.real_photos()[0]
     with pytest.raises(ValueError, match="same main class"):
         real.pair_scene(photo, photo)
+
+
+def test_box_mask_takes_the_pixels_whose_centres_lie_inside():
+    whole = np.zeros((6, 8), dtype=bool)
+    whole[1:4, 2:7] = True  # an integer box covers exactly its pixels
+    assert np.array_equal(real.box_mask((2, 1, 7, 4), 6, 8), whole)
+    # centres at 0.5, 1.5, ...: x in [0.6, 2.5] keeps columns 1 and 2, y in [0.2, 1.6] rows 0 and 1
+    assert np.array_equal(np.argwhere(real.box_mask((0.6, 0.2, 2.5, 1.6), 6, 8)), [[0, 1], [0, 2], [1, 1], [1, 2]])
+    assert not real.box_mask((0.6, 0.2, 2.5, 0.4), 6, 8).any()

@@ -44,6 +44,7 @@ __all__ = [
     "preprocess",
     "real_photos",
     "real_tier",
+    "box_mask",
     "transform_box",
 ]
 
@@ -189,6 +190,14 @@ def preprocess(image: Image.Image, size: int = INPUT_SIZE) -> torch.Tensor:
     image = image.crop((left, top, left + size, top + size))
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     return pixels.sub(MEAN).div(STD)
+
+
+def box_mask(box: Box, height: int, width: int) -> np.ndarray:
+    """The (height, width) boolean mask of the pixels whose centres lie inside `box`."""
+    x0, y0, x1, y1 = box
+    columns = np.arange(width) + 0.5
+    rows = np.arange(height) + 0.5
+    return ((rows >= y0) & (rows <= y1))[:, None] & ((columns >= x0) & (columns <= x1))[None, :]
 
 
 def transform_box(box: Box, image_size: tuple[int, int], size: int = INPUT_SIZE) -> tuple[Box, float]:

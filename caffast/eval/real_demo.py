@@ -18,7 +18,7 @@ from ..engine.explain import explain, upsample_maps
 from ..viz import apply_heatmap
 from .gradcam import grad_cam
 from .metrics import pointing_game
-from .real import RealPhoto, efficientnet_lite0, prepare, real_tier
+from .real import RealPhoto, box_mask, efficientnet_lite0, prepare, real_tier
 
 SCENES = ("chelsea+coffee",)
 LAYER = "bn2"
@@ -78,9 +78,7 @@ def pointing_rates(model: torch.nn.Module) -> dict[str, float]:
         for name, method in _methods(model).items():
             heat = upsample_maps(method(images[None], classes).float(), images.shape[1:])[0]
             for k, obj in enumerate(objects):
-                mask = np.zeros(images.shape[1:], dtype=bool)
-                x0, y0, x1, y1 = (int(round(v)) for v in obj.box)
-                mask[y0:y1, x0:x1] = True
+                mask = box_mask(obj.box, *images.shape[1:])
                 hits.setdefault(name, []).append(pointing_game(heat[k].numpy(), mask))
     return {name: float(np.mean(found)) for name, found in hits.items()}
 

@@ -429,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "minimizer (closed form for plain heads)")
         command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
         command.add_argument("--loss", choices=list(CLASS_LOSSES), default="release" if reference else DEFAULT_CLASS_LOSS,
-                             help="the class-specific loss: margin (the target logit against the mean of the others), "
-                                  "logit, log_softmax, or release (the target logit against the sum of the others: "
-                                  "on trained networks its maps hardly depend on the class); default: "
+                             help="the class-specific loss: " + "; ".join(f"{name}: {loss.summary}" for name, loss
+                                                                          in CLASS_LOSSES.items())
+                                  + "; default: "
                                   + ("release, as the release" if reference else DEFAULT_CLASS_LOSS))  # fmt: skip
 
     def explain_settings(command: argparse.ArgumentParser) -> None:

@@ -68,7 +68,8 @@ CLASS_LOSSES: dict[str, ClassLoss] = {
     loss.name: loss
     for loss in (
         LinearClassLoss("release", lambda classes: 1.0,
-                        "the official releases': raise the target logit and lower the sum of all the others"),
+                        "the official releases': raise the target logit and lower the sum of all the others "
+                        "(on a trained network with many classes its maps hardly depend on the class)"),
         LinearClassLoss("margin", lambda classes: 1.0 / max(classes - 1, 1),
                         "raise the target logit above the mean of the others"),
         LinearClassLoss("logit", lambda classes: 0.0, "raise the target logit alone"),

@@ -229,13 +229,13 @@ def explain(
         if fused_head is not None:
             problem = FusedProblem(fused_head, constraint)
         else:
-            loss = Objective(mode, reference, class_loss, class_targets, weights, objective, table.scores)
+            scoring = Objective(mode, reference, class_loss, class_targets, weights, objective, table.scores)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
             multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
                 multiply = grid_layout.multiply_with(constraint)
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
-            problem = AutogradProblem(tail, features, image_index, loss, constraint, grid, multiply, folded)
+            problem = AutogradProblem(tail, features, image_index, scoring, constraint, grid, multiply, folded)
 
         names = _problem_names(mode, image_index, targets, table.scores)
         suspects = Suspects(names, lr, _layer_name(model, layer),

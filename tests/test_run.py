@@ -698,3 +698,27 @@ def test_a_replaced_image_is_explained_again_and_a_touched_one_is_not(dataset, t
     assert "2 images done, 0 failed, 2 skipped" in captured.out
     after = {row["image"]: row for row in _outputs(out)[0]}
     assert after["broken.png"]["status"] == "done" and after["b.png"] == before["b.png"]
+
+
+def test_named_weights_record_where_they_come_from(tmp_path):
+    """"DEFAULT" names what the installed library ships; a folder records the file it resolved to, so a
+    library that changed its meaning does not mix two sets of weights into one run."""
+    import torchvision
+
+    from caffast.apps.runfolder import ConfigMismatch
+    from caffast.models.zoo import weights_source
+
+    assert weights_source("resnet50", "DEFAULT") == torchvision.models.ResNet50_Weights.DEFAULT.url
+    assert weights_source("resnet50", "IMAGENET1K_V1") == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    assert weights_source("resnet50", "random") is None
+    config = {"arch": "resnet50", "weights": "DEFAULT", "weights_source": weights_source("resnet50", "DEFAULT"),
+              "explain": {"mode": "specific", "loss": "margin"}}  # fmt: skip
+    folder = RunFolder(tmp_path / "out")
+    folder.claim(config)
+    older_library = {**config, "weights_source": weights_source("resnet50", "IMAGENET1K_V1")}
+    with pytest.raises(ConfigMismatch, match="weights_source"):
+        folder.claim(older_library)
+    # a folder written before the source was recorded cannot tell: it resumes
+    stored = {key: value for key, value in config.items() if key != "weights_source"}
+    (tmp_path / "out" / "config.json").write_text(json.dumps(stored))
+    folder.claim(older_library)

@@ -97,12 +97,15 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _with_recorded_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """A config.json of an older caffast, with the settings it did not record set as it ran them: its
-    class-specific loss was the release's."""
+    class-specific loss was the release's.  Where its named weights came from it did not record
+    either, and that cannot be recovered: such a folder takes today's source."""
     explain_settings = stored.get("explain")
     if isinstance(explain_settings, dict) and "loss" not in explain_settings:
-        return {**stored, "explain": {**explain_settings, "loss": "release"}}
+        stored = {**stored, "explain": {**explain_settings, "loss": "release"}}
+    if "weights_source" not in stored and "weights_source" in current:
+        stored = {**stored, "weights_source": current["weights_source"]}
     return stored
 
 
@@ -182,7 +185,7 @@ class RunFolder:
                     f"{path} cannot be read ({error}), so the results in {self.root} cannot be trusted: "
                     "pass another --out, or delete that folder to start over"
                 ) from None
-            differences = self._differences(_with_recorded_defaults(stored), config)
+            differences = self._differences(_with_recorded_defaults(stored, config), config)
             if differences:
                 raise ConfigMismatch(
                     f"{self.root} holds results of other settings ({'; '.join(differences)}): rerun with the "

@@ -36,7 +36,7 @@ from .common import (
 )  # fmt: skip
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
-from ..models.zoo import file_sha256
+from ..models.zoo import file_sha256, weights_source
 from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
 from ..viz import apply_heatmap
@@ -500,6 +500,7 @@ def _run(
         "data": str(data_dir.resolve()),
         "arch": args.arch,
         "weights": model.weights,
+        "weights_source": None if args.arch == DEMO_ARCH else weights_source(args.arch, args.weights),
         "layer": model.layer,
         "dtype": args.dtype,
         "input": model.preprocessing.record(),

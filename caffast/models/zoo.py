@@ -74,6 +74,20 @@ def _weights_enum(arch: str, name: str) -> Optional[WeightsEnum]:
         return None
 
 
+def weights_source(arch: str, weights: Optional[str]) -> Optional[str]:
+    """Where named weights come from today: torchvision's file URL (its name holds the hash) or timm's
+    resolved pretrained tag and hub id.  "DEFAULT" names whatever the installed library ships, which
+    can change between versions; None for random weights, files and names that resolve to nothing."""
+    if weights is None or weights == "random" or os.path.isfile(weights):
+        return None
+    name = timm_name(arch)
+    if name is not None:
+        config = _timm_skeleton(_timm_tagged(name, weights)).pretrained_cfg or {}
+        return f"timm:{config.get('architecture', name)}.{config.get('tag')} ({config.get('hf_hub_id') or config.get('url')})"
+    enum = _weights_enum(arch, weights) if arch in torchvision.models.list_models(module=torchvision.models) else None
+    return None if enum is None else enum.url
+
+
 def load_state_dict(arch: str, weights: Weights) -> Optional[dict[str, torch.Tensor]]:
     """The state dict named by `weights`: None (random weights), a local file, or torchvision weights
     (an enum or its name such as "IMAGENET1K_V1"), downloaded into torch.hub's cache with a progress

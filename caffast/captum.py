@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from captum.attr import LayerAttribution  # noqa: E402
 
-from .core.breakpoints import resolve_layer  # noqa: E402
+from .core.breakpoints import resolve_layer, unwrap  # noqa: E402
 from .engine.embedded import autograd_on, outside_inference  # noqa: E402
 from .engine.explain import explain  # noqa: E402
 
@@ -123,7 +123,8 @@ class CaptumForward(nn.Module):
         super().__init__()
         self.function = None if forward_func is owner else forward_func
         if owner is not None:
-            self.model = owner
+            # the model itself runs without its DataParallel or torch.compile wrapper, as explain runs it
+            self.model = unwrap(owner)[0] if self.function is None else owner
         else:
             self.layer = layer
         self.position = position

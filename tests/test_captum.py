@@ -314,3 +314,11 @@ def test_a_trained_network_gives_explains_maps():
     x0, y0, x1, y1 = objects[0].box
     peak_y, peak_x = divmod(int(heat.argmax()), 224)
     assert x0 <= peak_x <= x1 and y0 <= peak_y <= y1  # the map points at the photo's object
+
+
+def test_a_data_parallel_model_is_explained_through_its_inner_module(images):
+    model = small_classifier()
+    wrapped = nn.DataParallel(model)
+    maps = LayerL2CAF(wrapped, "module.3", device_ids=None).attribute(images, target=[0, 1, 2], **FAST)
+    expected = LayerL2CAF(model, model[3]).attribute(images, target=[0, 1, 2], **FAST)
+    assert torch.equal(maps, expected)

@@ -184,6 +184,12 @@ def explain(
     be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
     defines it instead (caffast.core.layouts).
     """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            "explain differentiates the network with respect to its filter, and torch.inference_mode() turns "
+            "autograd off: call explain outside the inference_mode block, or inside "
+            "`with torch.inference_mode(False):` (tensors made in inference mode may be passed)"
+        )
     check_choice("mode", mode, MODES)
     class_loss = as_class_loss(loss)
     constraint = as_constraint(constraint)

@@ -6,9 +6,10 @@
     maps = l2caf.attribute(images, target=labels, solver="fast")        # (N, 1, h, w), layer-shaped
     heat = LayerL2CAF.interpolate(maps, images.shape[-2:], "bilinear")  # at the input's size
 
-`target` means what it means to Captum (one output index per input, or one for all of them);
-`target=None` gives the class-oblivious map.  Every other keyword is caffast.explain's, with its
-defaults, and the maps equal explain's with the same settings.
+`target` means what it means to Captum (one output index per input, or one for all of them): the
+filter raises that output (`loss="logit"`, as Captum's attributions differentiate it; pass `loss=`
+for another); `target=None` gives the class-oblivious map.  Every other keyword is caffast.explain's,
+with its defaults, and the maps equal explain's with the same settings.
 """
 
 from __future__ import annotations
@@ -247,6 +248,7 @@ class LayerL2CAF(LayerAttribution):
             raise ValueError(f"the inputs have {[t.shape[0] for t in inputs]} rows; each must have one per example")
         if target is not None:
             settings.setdefault("mode", "specific")
+            settings.setdefault("loss", "logit")
             settings["targets"] = per_image_targets(target, batch)
         with autograd_on():
             inputs = tuple(outside_inference(t) for t in inputs)

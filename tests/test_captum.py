@@ -104,7 +104,7 @@ def test_it_is_a_captum_layer_attribution():
 def test_each_target_form_gives_explains_maps_for_one_class_per_input(images, target, classes):
     model = small_classifier()
     maps = LayerL2CAF(model, model[3]).attribute(images, target=target, **FAST)
-    expected = caffast.explain(model, images, "3", mode="specific", targets=classes, **FAST)
+    expected = caffast.explain(model, images, "3", mode="specific", loss="logit", targets=classes, **FAST)
     assert maps.shape == (3, 1, 5, 5)
     torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
 
@@ -120,7 +120,8 @@ def test_settings_reach_explain(images):
     l2caf = LayerL2CAF(model, "3")  # a layer by name, as explain takes it
     for settings in (dict(loss="logit", map="signed", **FAST), dict(solver="exact"), dict(max_iter=30, optimizer="adam")):
         maps = l2caf.attribute(images, target=[1, 2, 3], **settings)
-        expected = caffast.explain(model, images, "3", mode="specific", targets=[[1], [2], [3]], **settings)
+        expected = caffast.explain(model, images, "3", mode="specific", targets=[[1], [2], [3]],
+                                   **{"loss": "logit", **settings})
         torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
 
 
@@ -130,7 +131,7 @@ def test_tuple_targets_index_outputs_of_more_than_two_dimensions(images):
     for target, cells in (((2, 4, 5), [(2, 4, 5)] * 3), ([(0, 1, 1), (1, 5, 5), (2, 9, 0)], [(0, 1, 1), (1, 5, 5), (2, 9, 0)])):
         maps = l2caf.attribute(images, target=target, **FAST)
         scores = [[lambda out, cell=cell: out[cell]] for cell in cells]
-        expected = caffast.explain(model, images, model.body, mode="specific", targets=scores, **FAST)
+        expected = caffast.explain(model, images, model.body, mode="specific", loss="logit", targets=scores, **FAST)
         torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
 
 
@@ -145,7 +146,7 @@ def test_two_inputs_and_additional_forward_args_are_matched_per_example(images):
     assert maps.shape == (3, 1, 10, 10)
     for row, label in enumerate([0, 3, 1]):
         one = OneImage(model, side[row : row + 1], weight[row : row + 1], 2.0)
-        expected = caffast.explain(one, images[row : row + 1], model.features, mode="specific", targets=[label], **FAST)
+        expected = caffast.explain(one, images[row : row + 1], model.features, mode="specific", loss="logit", targets=[label], **FAST)
         torch.testing.assert_close(maps[row : row + 1], expected.maps, rtol=0, atol=1e-6)
 
 
@@ -160,7 +161,7 @@ def test_a_single_additional_argument_and_the_image_second(images):
     maps = l2caf.attribute((side, images), target=2, additional_forward_args=3.0, **FAST)
     for row in range(3):
         one = OneImage(model, side[row : row + 1], None, 3.0)
-        expected = caffast.explain(one, images[row : row + 1], model.features, mode="specific", targets=[2], **FAST)
+        expected = caffast.explain(one, images[row : row + 1], model.features, mode="specific", loss="logit", targets=[2], **FAST)
         torch.testing.assert_close(maps[row : row + 1], expected.maps, rtol=0, atol=1e-6)
 
 
@@ -181,7 +182,7 @@ def test_interpolate_brings_the_maps_to_the_input(images):
     assert upsampled.shape == (3, 1, 10, 10)
     torch.testing.assert_close(upsampled, F.interpolate(maps, (10, 10), mode="bilinear"))
     # the same picture as Explanation.upsample, which also scales each map to [0, 1]
-    scaled = caffast.explain(model, images, "3", mode="specific", targets=1, **FAST).upsample(10)
+    scaled = caffast.explain(model, images, "3", mode="specific", loss="logit", targets=1, **FAST).upsample(10)
     low, high = upsampled.amin(dim=(2, 3), keepdim=True), upsampled.amax(dim=(2, 3), keepdim=True)
     torch.testing.assert_close((upsampled - low) / (high - low), scaled, rtol=0, atol=1e-5)
 
@@ -252,7 +253,7 @@ def test_the_model_comes_back_as_it_went_in(images):
 def test_a_closed_over_model_in_training_mode_is_explained_in_eval_mode(images):
     model = nn.Sequential(*small_classifier(), nn.Dropout(0.9)).train()
     maps = LayerL2CAF(lambda x: model(x), model[3]).attribute(images, target=1, **FAST)
-    expected = caffast.explain(model, images, "3", mode="specific", targets=1, **FAST)
+    expected = caffast.explain(model, images, "3", mode="specific", loss="logit", targets=1, **FAST)
     torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
 
 
@@ -308,7 +309,7 @@ def test_a_trained_network_gives_explains_maps():
     image, objects = prepare(photo)
     images, labels = image[None], [objects[0].class_index]
     maps = LayerL2CAF(model, model.bn2).attribute(images, target=labels, solver="fast")
-    expected = caffast.explain(model, images, "bn2", mode="specific", targets=[labels], solver="fast")
+    expected = caffast.explain(model, images, "bn2", mode="specific", loss="logit", targets=[labels], solver="fast")
     torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
     heat = LayerAttribution.interpolate(maps, (224, 224), "bilinear")[0, 0]
     x0, y0, x1, y1 = objects[0].box

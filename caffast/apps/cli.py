@@ -267,7 +267,7 @@ def _release_count(steps: int, args: argparse.Namespace) -> int:
 
 def _command_layers(args: argparse.Namespace) -> None:
     """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape,
-    the path explain takes there and whether the map comes back flat (on --image, or a blank one)."""
+    the path explain takes there and whether the map comes back flat (on --image, or a noise image)."""
     if args.arch == "demo":
         from ..eval.demo_model import load_demo_model
 

@@ -243,7 +243,7 @@ class FusedProblem:
             parts = filter_parts(g, head.parts, self.zeros_negative)
             if head.mode == "specific" and head.linear is None:
                 products = head.products.index_select(0, head.image.index_select(0, active))
-                logits = sum(torch.einsum("pkj,pj->pk", products[:, a], part.double()) for a, part in enumerate(parts))
+                logits = sum(torch.einsum("pkj,pj->pk", products[:, a], part) for a, part in enumerate(parts))
                 output = logits / cells + head.bias
                 loss = head.class_loss(output, head.targets.index_select(0, active), None)
             elif head.mode == "specific":

@@ -70,12 +70,13 @@ def comparison_picture(model: torch.nn.Module) -> Image.Image:
 def pointing_rates(model: torch.nn.Module) -> dict[str, float]:
     """The share of the tier's objects whose map peaks inside the object's box, per method."""
     hits: dict[str, list[bool]] = {}
+    methods = _methods(model)
     for photo in real_tier():
         images, objects = prepare(photo)
         if not objects:
             continue
         classes = [o.class_index for o in objects]
-        for name, method in _methods(model).items():
+        for name, method in methods.items():
             heat = upsample_maps(method(images[None], classes).float(), images.shape[1:])[0]
             for k, obj in enumerate(objects):
                 mask = box_mask(obj.box, *images.shape[1:])

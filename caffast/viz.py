@@ -1,6 +1,6 @@
 """Pictures of attention maps, drawn as the reference draws them, with pillow and numpy only.
 
-The reference output (DESIGN.md section 2): the map resized to the image bilinearly, min-max scaled,
+The reference output (docs/design.md, 'The map and the picture'): the map resized to the image bilinearly, min-max scaled,
 coloured with 'bwr' and laid over the image with alpha 0.6.  The resize and scaling are those of
 caffast.engine.explain.upsample_maps, so a picture shows exactly what Explanation.upsample returns.
 Colormaps are 256-entry lookup tables built from matplotlib's segment definitions and indexed as

@@ -1,5 +1,5 @@
 // The loss of one fused-head problem as a function of its filter g, and dloss/dg, from the
-// precomputed Grams and linear terms (DESIGN.md section 3): O(HW^2) per evaluation, whatever the
+// precomputed Grams and linear terms (docs/design.md, 'The fused head'): O(HW^2) per evaluation, whatever the
 // channel and class counts of the head are.
 #pragma once
 

@@ -1,4 +1,4 @@
-"""How much of the release's stopping decision is float32 rounding: the measurement behind README.md.
+"""How much of the release's stopping decision is float32 rounding: the measurement behind docs/api.md.
 
 The release's class-oblivious loop (SGD, lr 0.5, 1000 iterations, its schedule) runs in float32, as
 the release runs it, on resnet50 at layer4 (random weights, seed 0; their logits are large, so the

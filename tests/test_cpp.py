@@ -1,7 +1,7 @@
 """caffast._C, the C++ CPU backend, against plain PyTorch twins written in this file (float64).
 
 The twins compute gradients with autograd rather than with the closed forms the C++ code uses, so
-they check the formulas of DESIGN.md section 3 as well as the code that implements them.
+they check the formulas of docs/design.md, 'The fused head' as well as the code that implements them.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def twin_loss(g: torch.Tensor, data: dict, mode: str, classes: int) -> torch.Ten
 
 
 def twin_loss_and_grad(params: torch.Tensor, data: dict, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Autograd through the twin, not the closed-form gradients of DESIGN.md."""
+    """Autograd through the twin, not the closed-form gradients of docs/design.md, 'The fused head'."""
     with torch.enable_grad():
         x = params.detach().requires_grad_(True)
         loss = twin_loss(twin_filter(x, s["constraint"], s["grid"]), data, s["mode"], s["classes"])
@@ -267,7 +267,7 @@ def test_fused_step_matches_autograd_through_head(relu: bool, mode: str, constra
     (grad,) = torch.autograd.grad(loss, f)
     expected = params - ((lr - 1e-5) * 1 + 1e-5) * grad
 
-    # The fused precomputation of DESIGN.md section 3, then a one-iteration solve.
+    # The fused precomputation of docs/design.md, 'The fused head', then a one-iteration solve.
     flat = features.reshape(channels, cells)
     parts = [weight @ flat.relu(), weight @ flat.clamp(max=0)] if relu else [weight @ flat]
     gram = torch.stack([torch.stack([a.T @ b for b in parts]) for a in parts])[None].contiguous()

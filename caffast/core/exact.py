@@ -1,7 +1,7 @@
 """The true minimizer of the L2-CAF objective, for `explain(solver="exact")`.
 
 The reference loop stops when its loss moves by less than `min_error` per check, which is not where
-the loss is lowest.  For a plain fused head (DESIGN.md section 3) the minimizer on the unit sphere has
+the loss is lowest.  For a plain fused head (docs/design.md, 'The fused head') the minimizer on the unit sphere has
 a closed form:
 
 - class-specific with a linear loss s . FT: s^T M g / HW + s^T b is linear in g, so g = -c / ||c|| with c = M^T s.

@@ -1,6 +1,6 @@
 """Fused heads: tails of the form [ReLU] -> global average pool -> flatten -> [Dropout] -> Linear.
 
-For such a tail the filtered output is an explicit function of the filter g (DESIGN.md section 3):
+For such a tail the filtered output is an explicit function of the filter g (docs/design.md, 'The fused head'):
 FT = M_s g / HW + b, with M = W A (K x HW) and, after a ReLU, M_s choosing per cell between
 M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  One batched product and
 the HW x HW Grams are computed once; after that no iteration touches the C channels or the K outputs.

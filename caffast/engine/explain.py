@@ -42,7 +42,7 @@ class Explanation:
     projected gradient there (float64), to compare solvers: a minimizer has a vanishing one;
     output: the unfiltered model output NT; targets: (N, T) the classes (top-1 for class-oblivious);
     tail: "fx" (extracted graph) or "hook" (whole model rerun); path: "fused" (the head's closed
-    form, DESIGN.md section 3) or "generic" (autograd through the tail); backend: the backend that ran;
+    form, docs/design.md, 'The fused head') or "generic" (autograd through the tail); backend: the backend that ran;
     history: (iteration, maps) at every check when explain(history=True); features: the breakpoint's
     map A as an (N, C, H, W) grid, whatever the layer's layout; class_loss: the class-specific loss's
     name (None class-oblivious); flat: (N, T) True where the map is flat (a FlatMapWarning said why).

@@ -1,6 +1,6 @@
 """A small trained CNN for the procedural scenes of caffast.eval.scenes: a model to explain with no downloads.
 
-Its head is the fused form of DESIGN.md section 3 (global average pool -> Linear), and its breakpoint
+Its head is fused (docs/design.md, 'The fused head': global average pool -> Linear), and its breakpoint
 `features` ends in a ReLU with an 8 x 8 map at 64 x 64 input, so both the fused and the autograd
 paths apply to it.  Inputs are scenes passed through caffast.eval.scenes.normalize.
 """

@@ -16,7 +16,7 @@ NONLINEAR_LOSSES = ("log_softmax",)  # the class-specific losses beyond the line
 def solve_fused(
     head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the whole reference loop for P fused-head problems in one call (DESIGN.md section 3).
+    """Run the whole reference loop for P fused-head problems in one call (docs/design.md, 'The fused head').
 
     The head's gram (I, S, S, HW, HW), linear (P, S, HW) and constant (P,) and params (P, D) are
     contiguous float64 CPU tensors, image (P,) int64.  The oblivious mode reads gram and image only,

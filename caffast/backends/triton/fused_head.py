@@ -1,6 +1,6 @@
 """The truncated forward of a fused head: FT[p, k] = sum_j g[p, j] M[p, sigma_j, k, j] / HW + b[k].
 
-sigma_j picks M+ or M- by the sign of g_j after a ReLU (DESIGN.md section 3); the gradient in g is
+sigma_j picks M+ or M- by the sign of g_j after a ReLU (docs/design.md, 'The fused head'); the gradient in g is
 the transposed product.  Its twin is caffast.backends.torch.fused_head.fused_head_forward_torch.
 """
 

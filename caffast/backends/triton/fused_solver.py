@@ -252,7 +252,7 @@ def warps(block_n: int) -> int:
 def solve_fused(
     head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the whole reference loop for P fused-head problems in one launch (DESIGN.md section 3).
+    """Run the whole reference loop for P fused-head problems in one launch (docs/design.md, 'The fused head').
 
     The arguments are those of caffast.backends.cpp.fused_solver.solve_fused, on the GPU: the head's gram
     (I, S, S, HW, HW), linear (P, S, HW), constant (P,) and params (P, D) float64 (or all float32,

@@ -1,1 +1,2 @@
-"""The evaluation kit: synthetic scenes, the shipped demo model, localization metrics, the Grad-CAM baseline."""
+"""The evaluation kit: synthetic scenes, the shipped demo model, localization metrics, the Grad-CAM baseline,
+and dataset annotations with the CAM localization protocol."""

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from caffast.apps.cli import main, output_stems
-from caffast.apps.common import class_names
 from caffast.eval.localization import evaluate_scenes
+from caffast.models.source import ModelSource
 
 
 def test_demo_writes_pictures_and_prints_the_comparison(tmp_path, capsys):
@@ -30,7 +30,7 @@ def test_explain_image_files(tmp_path, photo, capsys):
                  "--max-iter", "20", "--out", str(tmp_path / "out"), "--gif"])
     assert code == 0
     assert "wrote 2 overlays" in capsys.readouterr().out  # the image given twice has its two files
-    names = class_names("resnet18", 1000)
+    names = ModelSource("resnet18", "random").class_names(1000)
     expected = {f"photo_l2caf_{k}_{names[k].replace(' ', '_')}_resnet18.{ext}" for k in (3, 7) for ext in ("png", "gif")}
     assert {p.name for p in (tmp_path / "out").iterdir()} == expected | {".caffast-explain"}
     for name in expected:

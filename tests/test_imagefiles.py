@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from caffast.apps import imagefiles
-from caffast.apps.imagefiles import IMAGENET, ImageReadError, Preprocessing, read_image
+from caffast.apps.imagefiles import ImageReadError, read_image
+from caffast.models.preprocessing import IMAGENET, Preprocessing
 
 SIZE = 8
 AS_IS = Preprocessing(SIZE, crop=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

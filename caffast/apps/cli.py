@@ -27,11 +27,12 @@ from ..engine.explain import Explanation, explain
 from ..engine.flat import quiet_trial
 from ..engine.solvers import SOLVERS
 from ..eval.localization import evaluate_scenes, scene_batch
+from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
-    CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, flat_map_notes,
-    load_image, load_model, model_preprocessing, parse_classes, say, show_progress,
+    CliError, check_arguments, check_output_folder, explain_options, flat_map_notes, load_image, model_errors,
+    parse_classes, say, show_progress,
 )  # fmt: skip
 from .atomic import fitting_name
 from .distributed import DEFAULT_RANK_TIMEOUT
@@ -99,13 +100,12 @@ def output_stems(images: Sequence[str]) -> dict[str, str]:
 
 
 def _explain_files(
-    images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], options: dict, out: Path,
-    gif: bool, device: str, name_of,
+    images: Sequence[str], source: ModelSource, layer: Optional[str], options: dict, out: Path, gif: bool,
+    device: str, name_of,
 ) -> list[Path]:
     """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
-    model = load_model(arch, weights, device)
-    preprocessing = model_preprocessing(arch, weights)
-    layer = layer or default_layer(arch)
+    with model_errors():
+        loaded = source.explainable(layer, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
     written: list[Path] = []
@@ -113,9 +113,9 @@ def _explain_files(
     stems = output_stems(images)
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
-        rgb, tensor = load_image(path, preprocessing)
-        exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
-        names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
+        rgb, tensor = load_image(path, loaded.preprocessing)
+        exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, history=gif, **options)
+        names = source.class_names(exp.output.shape[1]) if exp.output.dim() == 2 else []
         paths = [out / name_of(stems[path], int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
         written += paths
@@ -136,8 +136,8 @@ def _command_explain(args: argparse.Namespace) -> None:
         return fitting_name(stem, f"_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png")
 
     options = {**explain_options(args), "backend": args.backend}
-    written = _explain_files(args.images, args.arch, args.weights, args.layer, options, Path(args.out), args.gif,
-                             args.device, name_of)
+    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, options, Path(args.out),
+                             args.gif, args.device, name_of)
     print(f"wrote {len(written)} overlays to {args.out}")
 
 
@@ -173,16 +173,16 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
                   "device", "tf_release")  # fmt: skip
         log.info("caffast: " + ", ".join(f"{key}={getattr(args, key)!r}" for key in extras))
         image = _release_image(args.input_img)
-        model = load_model(args.arch, args.weights, args.device)
-        layer = args.layer or default_layer(args.arch)
-        rgb, tensor = load_image(str(image), model_preprocessing(args.arch, args.weights))
-        exp = _explain(model, tensor[None].to(args.device), layer, history=args.gif, **options)
+        with model_errors():
+            loaded = ModelSource(args.arch, args.weights).explainable(args.layer, args.device)
+        rgb, tensor = load_image(str(image), loaded.preprocessing)
+        exp = _explain(loaded.model, tensor[None].to(args.device), loaded.layer, history=args.gif, **options)
         targets = exp.targets[0].tolist()
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
         if mode == "specific":
             log.info("Top K={} {}".format(len(targets), [labels[t] if labels else str(t) for t in targets]))
         for column, target in enumerate(targets):
-            names = _release_names(args, mode, Path(args.input_img).stem, target, layer, labels)
+            names = _release_names(args, mode, Path(args.input_img).stem, target, loaded.layer, labels)
             written += _write_release_files(rgb, exp, column, out, *names, gif=args.gif)
             log.info(f"Done after {_release_count(int(exp.iterations[0, column]), args)} iterations")
     for path in written:
@@ -268,17 +268,14 @@ def _release_count(steps: int, args: argparse.Namespace) -> int:
 def _command_layers(args: argparse.Namespace) -> None:
     """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape,
     the path explain takes there and whether the map comes back flat (on --image, or a noise image)."""
-    if args.arch == "demo":
-        from ..eval.demo_model import load_demo_model
-
-        model, size, default, preprocessing = load_demo_model(), args.size or 64, "features", None
-    else:
-        model, size = load_model(args.arch, args.weights, "cpu"), args.size or 224
-        preprocessing = model_preprocessing(args.arch, args.weights)
-        try:
-            default = default_layer(args.arch)
-        except CliError:
-            default = None
+    source = ModelSource(args.arch, args.weights)
+    if source.is_demo:  # listed with its shipped weights, whatever --weights says
+        source = SHIPPED_DEMO
+    with model_errors():
+        model = source.load()
+        preprocessing = source.preprocessing()
+    default = source.default_layer()
+    size = args.size or (preprocessing.size if source.is_demo else 224)
     if size < 1:
         raise CliError(f"--size must be a positive number of pixels, got {size}")
     try:
@@ -286,7 +283,7 @@ def _command_layers(args: argparse.Namespace) -> None:
     except RuntimeError as error:
         raise CliError(f"{args.arch} does not run on a {size} x {size} input: {str(error).splitlines()[0]}") from None
     if args.image:
-        if preprocessing is None:
+        if source.is_demo:
             raise CliError("--image needs a model with its preprocessing: not the demo model")
         images = load_image(args.image, replace(preprocessing, size=size))[1][None]
     else:  # noise: a blank image gives every cell the same features, hence flat maps everywhere
@@ -352,11 +349,11 @@ def _command_demo(args: argparse.Namespace) -> None:
         return
     from PIL import Image
 
-    from ..eval.demo_model import CLASS_NAMES, load_demo_model
+    from ..eval.demo_model import CLASS_NAMES
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_demo_model()
+    model = SHIPPED_DEMO.load()
     scenes, images = scene_batch(1, args.seed)
     scene = scenes[0]
     rgb = np.asarray(scene.image).transpose(1, 2, 0)

@@ -1,4 +1,4 @@
-"""What the commands share: the one-line error, the progress bar, models, images and explain's options.
+"""What the commands share: the one-line error, the progress bar, model errors, images and explain's options.
 
 The commands (caffast.apps.cli) and dataset runs (caffast.apps.runner) both build on this module,
 and neither imports the other.
@@ -14,7 +14,6 @@ import re
 import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,12 +21,9 @@ import numpy as np
 import torch
 
 from ..engine.flat import FlatMapWarning
-from ..models.zoo import build_model, timm_default_layer, timm_name, timm_preprocessing
-from .imagefiles import IMAGENET, ImageReadError, Preprocessing, read_image
-
-DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
-                  "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
-                  "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers"}
+from ..models.preprocessing import IMAGENET, Preprocessing
+from ..models.source import ModelSourceError, WeightsError
+from .imagefiles import ImageReadError, read_image
 
 
 class CliError(Exception):
@@ -75,43 +71,6 @@ def load_image(path: str, preprocessing: Preprocessing = IMAGENET) -> tuple[np.n
         raise CliError(str(error)) from None
 
 
-def model_preprocessing(arch: str, weights: Optional[str]) -> Preprocessing:
-    """How images are prepared for `arch`: timm's models by their pretrained config (size, crop, resize
-    filter, mean and std), torchvision's by the reference's ImageNet preprocessing."""
-    config = timm_preprocessing(arch, None if weights == "random" else weights)
-    if config is None:
-        return IMAGENET
-    _, height, width = config["input_size"]
-    if height != width or config["crop_mode"] not in (None, "center"):
-        raise CliError(
-            f"timm's {arch!r} takes {height} x {width} inputs cropped by {config['crop_mode']!r}; caffast prepares "
-            "square centre crops only: explain it through caffast.explain with your own preprocessing"
-        )
-    return replace(IMAGENET, size=height, crop_pct=config["crop_pct"], interpolation=config["interpolation"],
-                   mean=tuple(config["mean"]), std=tuple(config["std"]))  # fmt: skip
-
-
-def default_layer(arch: str) -> str:
-    for family, layer in DEFAULT_LAYERS.items():
-        if arch.startswith(family) and timm_name(arch) is None:
-            return layer
-    layer = timm_default_layer(arch)
-    if layer is not None:
-        return layer
-    raise CliError(f"no default breakpoint for {arch!r}: pass --layer (a dotted module name)")
-
-
-def class_names(arch: str, classes: int) -> list[str]:
-    """ImageNet category names for 1000-class torchvision models (offline, from torchvision's metadata)."""
-    import torchvision
-
-    try:
-        categories = torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"]
-    except (ValueError, KeyError, AttributeError):
-        categories = []
-    return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
-
-
 def weights_error(weights: str, arch: str, error: Exception) -> CliError:
     """The one-line error for weights that cannot be loaded into `arch`: refused for safety, not a
     state dict, or the state dict of another architecture."""
@@ -145,16 +104,15 @@ def weights_error(weights: str, arch: str, error: Exception) -> CliError:
                     "with torch.save(model.state_dict(), PATH)")  # fmt: skip
 
 
-def load_model(arch: str, weights: Optional[str], device: str) -> torch.nn.Module:
+@contextmanager
+def model_errors() -> Iterator[None]:
+    """A caffast.models.source.ModelSource's errors inside, as the commands' one-line errors."""
     try:
-        model = build_model(arch, None if weights == "random" else weights)
-    except ValueError as error:
-        if "unknown architecture" in str(error):
-            raise CliError(str(error)) from None
-        raise weights_error(str(weights), arch, error) from None
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as error:
-        raise weights_error(str(weights), arch, error) from None
-    return model.to(device)
+        yield
+    except WeightsError as error:
+        raise weights_error(error.weights, error.arch, error.cause) from None
+    except ModelSourceError as error:
+        raise CliError(str(error)) from None
 
 
 def parse_classes(text: Optional[str]) -> Optional[list[int]]:

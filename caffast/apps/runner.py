@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import errno
 import gc
-import os
 import signal
 import sys
 import threading
@@ -27,87 +26,21 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .atomic import write_atomically
-from .common import (
-    CliError, default_layer, explain_options, flat_map_notes, load_model, model_preprocessing, say, show_progress,
-    weights_error,
-)  # fmt: skip
+from .common import CliError, explain_options, flat_map_notes, model_errors, say, show_progress
 from .distributed import Processes, start_processes
 from ..engine.explain import Explanation, explain
-from ..models.zoo import file_sha256, weights_source
-from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
+from ..models.source import ExplainableModel, ModelSource
+from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
 from ..viz import apply_heatmap
 
-DEMO_ARCH = "demo"
-# "--weights random" must give the same model in every process and in every rerun
-RANDOM_WEIGHTS_SEED = 0
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
-
-
-@dataclass
-class RunModel:
-    """The model to explain, its breakpoint, the input it expects, and what its weights are."""
-
-    model: nn.Module
-    layer: str
-    preprocessing: Preprocessing
-    weights: str  # a name ("DEFAULT", "random", ...) or the sha256 of a weights file
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-def weights_identity(weights: str) -> str:
-    """What the results depend on: the content of a weights file (its sha256), else the name."""
-    return f"sha256:{file_sha256(weights)}" if os.path.isfile(weights) else weights
-
-
-def _demo_model(weights: str) -> nn.Module:
-    from ..eval.demo_model import DemoCNN, load_demo_model
-    from ..models.zoo import load_state_dict
-
-    if weights == "DEFAULT":
-        return load_demo_model()
-    model = DemoCNN()
-    if weights != "random":
-        if not os.path.isfile(weights):
-            raise CliError(
-                f"--arch demo takes --weights DEFAULT (the shipped weights), random, or a state-dict file; "
-                f"{weights!r} is none of these"
-            )
-        try:
-            model.load_state_dict(load_state_dict(DEMO_ARCH, weights))
-        except Exception as error:  # torch.load and load_state_dict raise many kinds
-            raise weights_error(weights, DEMO_ARCH, error) from None
-    return model.eval()
-
-
-def load_run_model(arch: str, weights: str, layer: Optional[str], device: str, dtype: torch.dtype) -> RunModel:
-    """The torchvision architecture `arch`, or the shipped demo model for arch 'demo', in `dtype`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        if arch == DEMO_ARCH:
-            model, preprocessing, layer = _demo_model(weights), DEMO, layer or "features"
-        else:
-            model, layer = load_model(arch, weights, "cpu"), layer or default_layer(arch)
-            preprocessing = model_preprocessing(arch, weights)
-    try:
-        model = model.to(device=device, dtype=dtype)
-    except (RuntimeError, AssertionError) as error:
-        raise CliError(f"cannot use device {device!r}: {error}") from None
-    return RunModel(model, layer, preprocessing, weights_identity(weights))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -155,7 +88,7 @@ class Runner:
     """Explains batches of images and writes each one's outputs; one per process."""
 
     def __init__(
-        self, folder: RunFolder, data_dir: Path, model: RunModel, options: dict[str, Any], backend: str,
+        self, folder: RunFolder, data_dir: Path, model: ExplainableModel, options: dict[str, Any], backend: str,
         batch_size: int, overlays: bool, tally: Tally,
     ) -> None:  # fmt: skip
         self.folder = folder
@@ -492,15 +425,17 @@ def _run(
     args: argparse.Namespace, data_dir: Path, processes: Processes, started: float, tally: Tally
 ) -> Optional[RunSummary]:
     options = explain_options(args)
-    model = load_run_model(args.arch, args.weights, args.layer, processes.device(args.device), getattr(torch, args.dtype))
+    source = ModelSource(args.arch, args.weights)
+    with model_errors():
+        model = source.explainable(args.layer, processes.device(args.device), getattr(torch, args.dtype))
     folder = RunFolder(Path(args.out), data_dir)
     runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
     runner.check_settings()
     config = {
         "data": str(data_dir.resolve()),
         "arch": args.arch,
-        "weights": model.weights,
-        "weights_source": None if args.arch == DEMO_ARCH else weights_source(args.arch, args.weights),
+        "weights": model.source.weights_identity(),
+        "weights_source": model.source.weights_origin(),
         "layer": model.layer,
         "dtype": args.dtype,
         "input": model.preprocessing.record(),

@@ -30,6 +30,10 @@ Weights = Union[None, str, os.PathLike, WeightsEnum]
 RELEASE_WEIGHTS = "IMAGENET1K_V1"
 
 
+class UnknownArchitecture(ValueError):
+    """An architecture name that neither torchvision nor timm (when installed) knows."""
+
+
 # torch.hub's names for checked files: NAME-<first hex digits of the file's sha256>.EXT
 HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
@@ -321,7 +325,7 @@ def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
     except ValueError:
         known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
         extra = "" if _timm() is not None else " (timm's models too after pip install 'caffast[timm]')"
-        raise ValueError(f"unknown architecture {arch!r}; torchvision classification models: {known}{extra}") from None
+        raise UnknownArchitecture(f"unknown architecture {arch!r}; torchvision classification models: {known}{extra}") from None
     state = load_state_dict(arch, weights)
     if arch in ("googlenet", "inception_v3"):
         kwargs.setdefault("aux_logits", False)

@@ -269,11 +269,23 @@ def test_fully_folded_head():
     assert len(folded.rest.graph.nodes) == 2  # placeholder -> output
 
 
+def test_keyword_and_positional_forms():
+    """Arguments are read by parameter name, however the call passes them."""
+    def fn(m, f, a):
+        y = torch.cat(tensors=[m.c(f), a], dim=1)
+        z = torch.flatten(F.adaptive_avg_pool2d(y, output_size=1), 1, -1)
+        return F.relu(F.linear(input=z, weight=m.weight))
+    folded = run(fn, c=nn.Conv2d(8, 4, 1), params={"weight": torch.randn(5, 12)})
+    assert folded_ops(folded) == ["conv 1x1 s1 p0 d1 g1", "cat", "adaptive pool 1x1", "flatten", "linear 12->5"]
+
+
 def test_permute_pooled():
     def fn(m, f, a):
         y = m.pool(f).permute(0, 2, 3, 1)
         return F.layer_norm(y, (8,)).flatten(1)
     folded = run(fn, pool=nn.AdaptiveAvgPool2d(1))
+    assert folded_ops(folded) == ["adaptive pool 1x1", "permute"]
+    folded = run(lambda m, f, a: F.layer_norm(m.pool(f).permute(dims=(0, 2, 3, 1)), (8,)).flatten(1), pool=nn.AdaptiveAvgPool2d(1))
     assert folded_ops(folded) == ["adaptive pool 1x1", "permute"]
 
 
@@ -309,6 +321,37 @@ def test_budget_refuses():
 def test_shape_queries_stop():
     folded = run(lambda m, f, a: m.fc(m.pool(f).view(f.size(0), -1)), pool=nn.AdaptiveAvgPool2d(1), fc=nn.Linear(8, 3))
     assert folded_ops(folded) == ["adaptive pool 1x1"]
+
+
+def test_arguments_a_rule_does_not_read_stop():
+    """A keyword the op's signature lacks (alpha, dtype) leaves the call unfolded."""
+    folded = run(lambda m, f, a: F.relu(torch.add(m.c(f), a, alpha=2)), c=nn.Conv2d(8, 8, 1))
+    assert folded_ops(folded) == ["conv 1x1 s1 p0 d1 g1"]
+    assert folded.steps[-1].detail == "add call form"
+    folded = run(lambda m, f, a: F.relu(f.mean((2, 3), dtype=torch.float64)))
+    assert folded.folded == [] and folded.steps[0].detail == ".mean() call form"
+
+
+class UntraceableConv(nn.Conv2d):
+    """A Conv2d whose forward fx cannot trace (and that is not a plain convolution)."""
+
+    def forward(self, x):
+        if x.sum() > -1e30:  # data-dependent control flow
+            return super().forward(x) * 2
+        return x
+
+
+def test_subclass_of_a_folded_module_stays_unfolded():
+    """A module class from outside torch.nn is a single call in the tail whose forward may differ from
+    its base class's: it is not folded as its base class."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), UntraceableConv(8, 8, 1), nn.ReLU()).double().eval()
+    images = torch.randn(N_IMAGES, 3, 8, 8, dtype=torch.float64)
+    capture, tail = split(model, "0", images)
+    assert tail.kind == "fx"
+    folded = fold_tail(tail.graph_module, capture.features, tail.captured)
+    assert folded.folded == [] and folded.steps[0].op == "UntraceableConv"
+    check_folded(folded, tail, capture.features)
 
 
 def test_float32_close():

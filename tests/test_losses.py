@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import caffast
-from caffast.core.heads import FusedProblem
 from caffast.core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS, as_class_loss
+from caffast.core.problems import FusedProblem
 
 
 def plain_loss(name: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ from caffast.backends.torch.hadamard import hadamard_torch  # noqa: E402
 from caffast.backends.torch.projected_update import projected_step_torch  # noqa: E402
 from caffast.backends.triton.fused_solver import tiles  # noqa: E402
 from caffast.core.constraints import as_constraint  # noqa: E402
-from caffast.core.heads import FusedHead, FusedProblem  # noqa: E402
+from caffast.core.heads import FusedHead  # noqa: E402
 from caffast.core.loop import LoopSettings, solve  # noqa: E402
+from caffast.core.problems import FusedProblem  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -136,7 +137,7 @@ def test_projected_step_matches_twin(dtype: torch.dtype, optimizer: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The persistent fused-head solver against caffast.core.loop.solve on caffast.core.heads.FusedProblem
+# 4. The persistent fused-head solver against caffast.core.loop.solve on caffast.core.problems.FusedProblem
 
 MODES = ("oblivious", "specific")
 CONSTRAINTS = ("l2norm", "softmax", "gauss")

@@ -17,9 +17,10 @@ import torch
 from ..core.choices import check_choice
 from ..core.constraints import Constraint
 from ..core.fast import BundleQP
-from ..core.heads import FusedHead, FusedProblem
+from ..core.heads import FusedHead
 from ..core.loop import LoopSettings, Solution, solve
 from ..core.optimizers import COMPILED_OPTIMIZERS, MIN_LEARNING_RATE
+from ..core.problems import FusedProblem
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 

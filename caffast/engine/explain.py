@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends import filter_multiply, resolve_backend
-from ..backends.torch.autograd import AutogradProblem
 from ..core.breakpoints import Layer, resolve_layer, split, unwrap
 from ..core.layouts import ReshapeTransform
 from ..core.choices import check_choice
@@ -19,11 +18,12 @@ from ..core.exact import stationarity
 from ..core.finite import Suspects, check_loss
 from ..core.folds import fold_prefix
 from ..core.guard import frozen
-from ..core.heads import FusedProblem, detect_head, precompute
+from ..core.heads import detect_head, precompute
 from ..core.loop import LoopSettings
 from ..core.losses import DEFAULT_CLASS_LOSS, MODES, ClassLossLike, Objective, UserObjective, as_class_loss, as_dtype
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..core.outputs import primary_output, select_rows
+from ..core.problems import AutogradProblem, FusedProblem
 from .flat import flat_maps, later_layers, quiet_trial, warn_flat
 from .inputs import Target, Targets, TargetTable, check_images, check_settings, model_device, target_table
 from .solvers import SOLVERS, SolverSettings, optimize

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from ...core.constraints import ConstraintLike
-from ...core.heads import FusedHead, FusedProblem
+from ...core.heads import FusedHead
 from ...core.loop import LoopSettings, solve
+from ...core.problems import FusedProblem
 
 
 def solve_fused_torch(
     head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Twin of `solve_fused`: caffast.core.loop.solve on caffast.core.heads.FusedProblem, same arguments."""
+    """Twin of `solve_fused`: caffast.core.loop.solve on caffast.core.problems.FusedProblem, same arguments."""
     solution = solve(FusedProblem(head, constraint), params, settings)
     return solution.params, solution.iterations, solution.loss

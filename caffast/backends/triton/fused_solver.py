@@ -127,7 +127,7 @@ def _log_softmax_objective(g, cell, inside, negative, products, bias, target, cl
 @device_function
 def _fused_objective(g, cell, inside, gram, linear, constant, classes, CELLS: tl.constexpr, SIGNS: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """Loss and gradient in g of one problem (caffast.core.heads.FusedProblem, closed form).
+    """Loss and gradient in g of one problem (caffast.core.problems.FusedProblem, closed form).
 
     gram and linear point at this problem's Grams (S, S, HW, HW) and linear terms (S, HW). The
     oblivious loss is z . G z / (K HW^2), z = [g+ - 1, g-]; the Grams are read BLOCK_R columns at a

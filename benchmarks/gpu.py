@@ -71,10 +71,10 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 def fused_solver_rows(repeats: int) -> list[str]:
     import torch
 
-    from caffast.backends.torch.fused_solver import solve_fused_torch
     from caffast.backends.triton import solve_fused
     from caffast.core.heads import FusedHead
-    from caffast.core.loop import LoopSettings
+    from caffast.core.loop import LoopSettings, solve
+    from caffast.core.problems import FusedProblem
 
     rows = []
     generator = torch.Generator().manual_seed(0)
@@ -91,7 +91,7 @@ def fused_solver_rows(repeats: int) -> list[str]:
         head = FusedHead(gram, linear, constant, image, mode, classes, (7, 7))
         params = torch.ones(problems, cells, dtype=torch.float64, device="cuda")
         kernel, _ = timed(lambda: solve_fused(head, "l2norm", params, settings), repeats)
-        twin, _ = timed(lambda: solve_fused_torch(head, "l2norm", params, settings), 1)
+        twin, _ = timed(lambda: solve(FusedProblem(head, "l2norm"), params, settings), 1)
         rows.append(f"| fused solver, {problems} problems x 1000 iterations, {mode} | triton {kernel * 1e3:.2f} ms | "
                     f"torch twin {twin * 1e3:.1f} ms | {twin / kernel:.0f}x |")
     return rows

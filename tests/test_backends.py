@@ -1,10 +1,68 @@
-"""Backends agree: "cpp" equals "torch" on the fused heads and on the generic tail."""
+"""Backends: each object states the Backend interface, resolve_backend picks as documented, and
+"cpp" equals "torch" on the fused heads and on the generic tail."""
+
+import importlib.util
+import inspect
+import os
 
 import pytest
 import torch
 
 import caffast
+from caffast.backends import BACKENDS, Backend, resolve_backend
+from caffast.backends.cpp.backend import CppBackend
+from caffast.backends.torch.backend import TorchBackend
 from test_heads import FUSED_FAMILIES, build
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def backend_objects() -> list:
+    objects = [TorchBackend(), CppBackend()]
+    if HAS_TRITON:
+        from caffast.backends.triton.backend import TritonBackend
+
+        objects.append(TritonBackend())
+    return objects
+
+
+@pytest.mark.parametrize("backend", backend_objects(), ids=lambda backend: backend.name)
+def test_each_backend_object_satisfies_the_protocol(backend):
+    assert isinstance(backend, Backend)
+    assert backend.name in BACKENDS and backend.name != "auto"
+    assert backend.device_type in (None, "cpu", "cuda")
+    assert isinstance(backend.nonlinear_losses, tuple) and all(isinstance(loss, str) for loss in backend.nonlinear_losses)
+    assert isinstance(backend.available(), bool)
+    for name in ("available", "require", "solve_fused", "filter_multiply"):
+        wanted = list(inspect.signature(getattr(Backend, name)).parameters)[1:]
+        assert list(inspect.signature(getattr(backend, name)).parameters) == wanted, name
+    assert isinstance(type(backend).bundle_qp, property)
+    if backend.name == "torch":
+        assert backend.bundle_qp is None and backend.nonlinear_losses == ()
+    else:
+        assert backend.nonlinear_losses == ("log_softmax",)
+
+
+def test_resolve_backend_picks_as_documented():
+    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
+    assert resolve_backend("auto", cpu).name == "cpp"
+    assert resolve_backend("torch", cpu).name == "torch"
+    assert resolve_backend("cpp", cpu).name == "cpp"
+    assert resolve_backend("torch", cuda).name == "torch"
+    assert resolve_backend("auto", meta).name == "torch"
+    triton_runs = HAS_TRITON and resolve_backend("triton", cuda).available()
+    assert resolve_backend("auto", cuda).name == ("triton" if triton_runs else "torch")
+    with pytest.raises(ValueError, match="backend 'cpp' runs on the CPU but the model is on cuda; use backend='triton' or 'torch'"):
+        resolve_backend("cpp", cuda)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; choose one of 'auto', 'torch', 'cpp', 'triton'"):
+        resolve_backend("tpu", cpu)
+
+
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the triton backend computes on this machine")  # fmt: skip
+def test_resolve_backend_refuses_triton_for_a_cpu_model_without_the_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch,layer,size", FUSED_FAMILIES)

@@ -284,7 +284,7 @@ def test_fused_step_matches_autograd_through_head(relu: bool, mode: str, constra
 
 
 # --------------------------------------------------------------------------------------------------
-# The Hadamard filter and the projected update.
+# The Hadamard filter.
 
 
 def twin_hadamard(features: torch.Tensor, filter: torch.Tensor) -> torch.Tensor:
@@ -322,21 +322,6 @@ def test_hadamard_backward_takes_expanded_gradients():
     (got,) = torch.autograd.grad(cpp.Hadamard.apply(features, filter).sum(), filter)
     (expected,) = torch.autograd.grad(twin_hadamard(features, filter).sum(), filter)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_projected_update_matches_formula(dtype: torch.dtype, tolerance: float):
-    gen = torch.Generator().manual_seed(9)
-    params = torch.randn(5, 49, generator=gen, dtype=dtype)
-    grad = torch.randn(5, 49, generator=gen, dtype=dtype)
-    lr = 0.3
-    wide = params.double()
-    norm = wide.norm(dim=1, keepdim=True)
-    g = wide / norm
-    expected = wide - lr * (grad.double() - g * (g * grad.double()).sum(dim=1, keepdim=True)) / norm
-    got = cpp.projected_update(params, grad, lr)
-    assert got is params
-    torch.testing.assert_close(got, expected.to(dtype), rtol=tolerance, atol=tolerance)
 
 
 # --------------------------------------------------------------------------------------------------

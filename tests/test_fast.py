@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 
 import caffast
-from caffast.backends.torch.autograd import AutogradProblem
 from caffast.core.breakpoints import split
 from caffast.core.constraints import as_constraint, initial_parameters
 from caffast.core.exact import stationarity
 from caffast.core.fast import bundle_qp, fast_minimize
 from caffast.core.losses import CLASS_LOSSES, Objective
+from caffast.core.problems import AutogradProblem
 
 CLASSES = 10
 

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import caffast
-from caffast.core.heads import FusedProblem
 from caffast.core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS, as_class_loss
+from caffast.core.problems import FusedProblem
 
 
 def plain_loss(name: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,11 +96,10 @@ def test_compiled_log_softmax_loop_equals_its_twin_and_the_restated_loss(relu, c
     cpp = pytest.importorskip("caffast.backends.cpp")
     if not cpp.available():
         pytest.skip("caffast._C is not built")
-    from caffast.backends.torch.fused_solver import solve_fused_torch
     from caffast.core.constraints import as_constraint
     from caffast.core.heads import detect_head, precompute
     from caffast.core.breakpoints import split
-    from caffast.core.loop import LoopSettings
+    from caffast.core.loop import LoopSettings, solve
 
     torch.manual_seed(11)
     model = Net(relu).double().eval()
@@ -115,10 +114,10 @@ def test_compiled_log_softmax_loop_equals_its_twin_and_the_restated_loss(relu, c
     settings = LoopSettings(max_iter=120, lr=0.5, min_error=0.0, check_every=10, optimizer="sgd")
     start = torch.randn(3, grid[0] * grid[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got, iterations, loss = cpp.solve_fused(head, constraint, start, settings)
-    twin, twin_iterations, twin_loss = solve_fused_torch(head, constraint, start.view(3, *grid), settings)
-    assert torch.equal(iterations, twin_iterations)
-    torch.testing.assert_close(got, twin.flatten(1), rtol=0, atol=1e-9)
-    torch.testing.assert_close(loss, twin_loss, rtol=0, atol=1e-9)
+    twin = solve(FusedProblem(head, constraint), start.view(3, *grid), settings)
+    assert torch.equal(iterations, twin.iterations)
+    torch.testing.assert_close(got, twin.params.flatten(1), rtol=0, atol=1e-9)
+    torch.testing.assert_close(loss, twin.loss, rtol=0, atol=1e-9)
     # the restated loss: the real head on the filtered map, at the answer
     g = as_constraint(constraint).multiplier(got.view(3, *grid), grid)
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""The Triton kernels of caffast against their plain PyTorch twins.
+"""The Triton kernels of caffast, and the groups of device functions the fused solver shares (run on
+their own by the probe kernels of tests/triton_probes.py), against their plain PyTorch twins, written
+in this file.
 
 Runs on a CUDA GPU, or on the CPU under the Triton interpreter: TRITON_INTERPRET=1 must be set
 before triton is imported, so set it in the environment (tests/test_triton_interpreted.py does that
@@ -12,9 +14,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
@@ -22,14 +26,13 @@ pytest.importorskip("triton")
 
 from caffast.backends import cpp  # noqa: E402
 from caffast.backends import triton as tk  # noqa: E402
-from caffast.backends.torch.fused_head import fused_head_forward_torch  # noqa: E402
-from caffast.backends.torch.fused_solver import solve_fused_torch  # noqa: E402
-from caffast.backends.torch.hadamard import hadamard_torch  # noqa: E402
-from caffast.backends.torch.projected_update import projected_step_torch  # noqa: E402
 from caffast.backends.triton.fused_solver import tiles  # noqa: E402
-from caffast.core.constraints import as_constraint  # noqa: E402
-from caffast.core.heads import FusedHead, FusedProblem  # noqa: E402
+from caffast.core.constraints import NORM_EPS, as_constraint  # noqa: E402
+from caffast.core.heads import FusedHead, filter_parts  # noqa: E402
 from caffast.core.loop import LoopSettings, solve  # noqa: E402
+from caffast.core.optimizers import make_optimizer, polynomial_lr_decay  # noqa: E402
+from caffast.core.problems import FusedProblem  # noqa: E402
+import triton_probes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -44,6 +47,60 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float)
     """Relative to the largest entry: float32 sums round at about 1e-7 of their terms' size."""
     scale = max(expected.abs().max().item(), 1e-300)
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The twins
+
+
+def hadamard_torch(features: torch.Tensor, filter: torch.Tensor) -> torch.Tensor:
+    """features (P, C, H, W) * filter (P, H, W) / ||filter||; twin of the `Hadamard` Functions: autograd gives its backward."""
+    return features * F.normalize(filter.flatten(1), dim=1).view_as(filter)[:, None]
+
+
+def fused_head_forward_torch(parts: torch.Tensor, g: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Twin of the head probes: parts (P, S, K, HW), g (P, HW), bias (K,) or None -> FT (P, K)."""
+    cells = g.shape[1]
+    pieces = filter_parts(g, parts.shape[1])
+    out = sum(torch.einsum("pkj,pj->pk", parts[:, a], piece) for a, piece in enumerate(pieces)) / cells
+    return out if bias is None else out + bias
+
+
+def sphere_grad_torch(f: torch.Tensor, grad_g: torch.Tensor) -> torch.Tensor:
+    """Twin of triton.device.sphere_grad, per row of (P, D): the gradient in f given the gradient in g = f / ||f||."""
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    g = f / norm
+    radial = torch.where(norm > NORM_EPS, (g * grad_g).sum(dim=1, keepdim=True), 0)
+    return (grad_g - g * radial) / norm
+
+
+def projected_step_torch(
+    params: torch.Tensor,
+    grad_g: torch.Tensor,
+    active: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    max_iter: int,
+    optimizer: str,
+    first_moment: Optional[torch.Tensor] = None,
+    second_moment: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Twin of the projected-step probe, built from caffast.core.optimizers' own schedule and update rules."""
+    update = make_optimizer(optimizer, params)
+    if optimizer == "adam":  # hand it the caller's state, `step` steps in
+        update.first_moment, update.second_moment, update.steps = first_moment, second_moment, step
+    grad_f = sphere_grad_torch(params.index_select(0, active), grad_g)
+    update.step(params, grad_f, active, polynomial_lr_decay(step, lr, max_iter))
+    return params
+
+
+def solve_fused_torch(
+    head: FusedHead, constraint: str, params: torch.Tensor, settings: LoopSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of `solve_fused`: caffast.core.loop.solve on caffast.core.problems.FusedProblem, same arguments."""
+    solution = solve(FusedProblem(head, constraint), params, settings)
+    return solution.params, solution.iterations, solution.loss
 
 
 def test_available():
@@ -85,7 +142,7 @@ def test_hadamard_takes_expanded_gradients():
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The fused head's truncated forward
+# 2. The fused head's truncated forward (the solver's device functions, through the head probes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,16 +158,15 @@ def test_fused_head_forward_matches_twin(dtype: torch.dtype, signs: int):
         expected_g = g.clone().requires_grad_(True)
         expected = fused_head_forward_torch(parts, expected_g, bias)
         (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), expected_g)
-        got_g = g.clone().requires_grad_(True)
-        got = tk.FusedHeadForward.apply(parts, got_g, bias)
-        (got_grad,) = torch.autograd.grad((got * upstream).sum(), got_g)
+        got = triton_probes.head_forward(parts, g, bias)
+        got_grad = triton_probes.head_backward(parts, g, upstream)
 
         assert_close(got.detach(), expected.detach(), TOLERANCE[dtype])
         assert_close(got_grad, expected_grad, TOLERANCE[dtype])
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The L2-projected update
+# 3. The L2-projected update (the solver's device functions, through the projected-step probe)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -127,8 +183,8 @@ def test_projected_step_matches_twin(dtype: torch.dtype, optimizer: str):
         grad_g = randn(3, 49, gen=gen, dtype=dtype)
         projected_step_torch(expected[0], grad_g, active, step, **settings, first_moment=expected[1],
                                 second_moment=expected[2])  # fmt: skip
-        returned = tk.projected_step(got[0], grad_g, active, step, **settings, first_moment=got[1],
-                                     second_moment=got[2])  # fmt: skip
+        returned = triton_probes.projected_step(got[0], grad_g, active, step, **settings, first_moment=got[1],
+                                                second_moment=got[2])  # fmt: skip
         assert returned is got[0]
     assert torch.equal(got[0][[1, 3]], params[[1, 3]]), "inactive rows must not move"
     for actual, wanted in zip(got, expected):
@@ -136,7 +192,7 @@ def test_projected_step_matches_twin(dtype: torch.dtype, optimizer: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The persistent fused-head solver against caffast.core.loop.solve on caffast.core.heads.FusedProblem
+# 4. The persistent fused-head solver against caffast.core.loop.solve on caffast.core.problems.FusedProblem
 
 MODES = ("oblivious", "specific")
 CONSTRAINTS = ("l2norm", "softmax", "gauss")
@@ -335,17 +391,3 @@ def test_solve_fused_refuses_bad_inputs():
     with pytest.raises(TypeError, match="gram must be float64"):
         bad = FusedHead(head.gram.float(), None, None, head.image, head.mode, head.classes, head.grid)
         run(tk.solve_fused, bad, params, "l2norm", "sgd", **loop)
-
-
-def test_projected_step_refuses_copies_of_its_state():
-    """Its updates are in place: a non-contiguous params or moment would be updated in a copy."""
-    params = torch.randn(4, 3, dtype=torch.float64, device=DEVICE)
-    grad_g, active = torch.ones(2, 3, dtype=torch.float64, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
-    settings = dict(lr=0.1, max_iter=10, optimizer="adam")
-    with pytest.raises(ValueError, match="params is updated in place"):
-        tk.projected_step(params.T.contiguous().T, grad_g, active, 0, **settings, first_moment=params, second_moment=params)
-    moment = torch.zeros(3, 4, dtype=torch.float64, device=DEVICE).T
-    with pytest.raises(ValueError, match="first_moment is updated in place"):
-        tk.projected_step(params, grad_g, active, 0, **settings, first_moment=moment, second_moment=moment.contiguous())
-    with pytest.raises(ValueError, match="adam needs first_moment and second_moment"):
-        tk.projected_step(params, grad_g, active, 0, **settings)

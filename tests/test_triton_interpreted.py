@@ -57,7 +57,8 @@ def test_kernels_compile_for_a_cuda_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from caffast.backends.triton import fused_head, fused_solver, hadamard, projected_update
+    import triton_probes
+    from caffast.backends.triton import fused_solver, hadamard
 
     def compile_(kernel, dtype, ints=(), int64_pointers=(), num_warps=4, **constexprs):
         signature = _signature(kernel, dtype, ints, int64_pointers, **constexprs)
@@ -69,11 +70,11 @@ def test_kernels_compile_for_a_cuda_gpu():
         compile_(hadamard.forward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
         compile_(hadamard.backward_kernel, dtype, sizes, BLOCK_C=64, BLOCK_HW=64)
         for signs in (1, 2):
-            heads = dict(ints=("classes", "cells"), SIGNS=signs, BLOCK_K=64, BLOCK_J=64)
-            compile_(fused_head.forward_kernel, dtype, HAS_BIAS=signs == 2, **heads)
-            compile_(fused_head.backward_kernel, dtype, **heads)
+            heads = dict(ints=("class_count",), CELLS=49, SIGNS=signs, BLOCK_N=64, BLOCK_K=64)
+            compile_(triton_probes.head_forward_kernel, dtype, **heads)
+            compile_(triton_probes.head_backward_kernel, dtype, **heads)
         for optimizer in ("sgd", "adam"):
-            compile_(projected_update.kernel, dtype, ("dim",), ("active",), BLOCK_D=64, OPTIMIZER=optimizer)
+            compile_(triton_probes.projected_step_kernel, dtype, ("dim",), ("active",), BLOCK_D=64, OPTIMIZER=optimizer)
 
     # every branch of the solver: each (mode, constraint) once, with both optimizers and part counts
     cases = [

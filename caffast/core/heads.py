@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constraints import ConstraintLike, Grid, as_constraint
+from .constraints import Grid
 from .breakpoints import FxTail, Tail, hooks_of
 from .losses import ClassLoss
 
@@ -218,46 +218,3 @@ def filter_parts(g: torch.Tensor, parts: int, zeros_negative: bool = False) -> l
         return [g]
     positive = g > 0 if zeros_negative else g >= 0
     return [torch.where(positive, g, 0), torch.where(positive, 0, g)]
-
-
-class FusedProblem:
-    """The fused head's loss as an explicit function of the filter, differentiated by autograd.
-
-    This is the plain PyTorch twin of the compiled fused solvers.  `zeros_negative` differentiates
-    at zero cells from the negative side (see filter_parts).
-    """
-
-    def __init__(self, head: FusedHead, constraint: ConstraintLike, zeros_negative: bool = False):
-        self.head = head
-        self.constraint = as_constraint(constraint)
-        self.zeros_negative = zeros_negative
-
-    def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        head = self.head
-        cells = head.grid[0] * head.grid[1]
-        with torch.enable_grad():
-            params = params.detach().requires_grad_(True)
-            # the filter joins the float64 Grams and linear terms in their precision, whatever the
-            # constraint's own (the softmax and Gaussian filters follow the parameters' dtype)
-            g = self.constraint.multiplier(params, head.grid).flatten(1).to(torch.float64)
-            parts = filter_parts(g, head.parts, self.zeros_negative)
-            if head.mode == "specific" and head.linear is None:
-                products = head.products.index_select(0, head.image.index_select(0, active))
-                logits = sum(torch.einsum("pkj,pj->pk", products[:, a], part) for a, part in enumerate(parts))
-                output = logits / cells + head.bias
-                loss = head.class_loss(output, head.targets.index_select(0, active), None)
-            elif head.mode == "specific":
-                linear = head.linear.index_select(0, active)
-                projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))
-                loss = projection / cells + head.constant.index_select(0, active)
-            else:
-                z = [parts[0] - 1, *parts[1:]]
-                gram = head.gram.index_select(0, head.image.index_select(0, active))
-                quadratic = sum(
-                    torch.einsum("pi,pij,pj->p", left, gram[:, a, b], right)
-                    for a, left in enumerate(z)
-                    for b, right in enumerate(z)
-                )
-                loss = quadratic / (head.classes * cells**2)
-            (grad,) = torch.autograd.grad(loss.sum(), params)
-        return loss.detach(), grad

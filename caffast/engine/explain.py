@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import filter_multiply, resolve_backend
-from ..backends.torch.autograd import AutogradProblem
+from ..backends import resolve_backend
 from ..core.breakpoints import Layer, resolve_layer, split, unwrap
 from ..core.layouts import ReshapeTransform
 from ..core.choices import check_choice
@@ -19,11 +18,12 @@ from ..core.exact import stationarity
 from ..core.finite import Suspects, check_loss
 from ..core.folds import fold_prefix
 from ..core.guard import frozen
-from ..core.heads import FusedProblem, detect_head, precompute
+from ..core.heads import detect_head, precompute
 from ..core.loop import LoopSettings
 from ..core.losses import DEFAULT_CLASS_LOSS, MODES, ClassLossLike, Objective, UserObjective, as_class_loss, as_dtype
 from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
 from ..core.outputs import primary_output, select_rows
+from ..core.problems import AutogradProblem, FusedProblem
 from .flat import flat_maps, later_layers, quiet_trial, warn_flat
 from .inputs import Target, Targets, TargetTable, check_images, check_settings, model_device, target_table
 from .solvers import SOLVERS, SolverSettings, optimize
@@ -208,7 +208,7 @@ def explain(
         raise ValueError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     images = check_images(images)
     device = model_device(model)
-    backend = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device)
 
     with frozen(model):
         images = images.to(device)
@@ -237,7 +237,7 @@ def explain(
         else:
             scoring = Objective(mode, reference, class_loss, class_targets, weights, objective, table.scores)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
-            multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
+            multiply = chosen.filter_multiply(constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
                 multiply = grid_layout.multiply_with(constraint)
             folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
@@ -247,7 +247,7 @@ def explain(
         suspects = Suspects(names, lr, _layer_name(model, layer),
                             features, grid, objective is not None, _scorer_names(table.scores))  # fmt: skip
         beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
-        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)
+        solution = optimize(solver, problem, fused_head, chosen, constraint, initial, settings, beyond, suspects)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
@@ -293,7 +293,7 @@ def explain(
         solver=solver,
         tail=tail.kind,
         path="generic" if head is None else "fused",
-        backend=backend,
+        backend=chosen.name,
         history=[(step, final_maps(values)) for step, values in solution.history],
         features=grid_layout.to_grid(features),
         class_loss=class_loss.name if mode == "specific" else None,

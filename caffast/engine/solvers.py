@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import bundle_qp, solve_fused
+from ..backends import Backend
 from ..backends.torch.graphs import GraphedProblem
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
@@ -16,6 +16,7 @@ from ..core.fast import fast_minimize
 from ..core.finite import Suspects, check_solution
 from ..core.heads import FusedHead
 from ..core.loop import LoopSettings, Problem, Solution, solve
+from ..core.problems import FusedProblem
 
 SOLVERS = ("gd", "fast", "exact")
 
@@ -30,7 +31,7 @@ class SolverSettings:
 
 
 def optimize(
-    solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: Constraint,
+    solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: Backend, constraint: Constraint,
     initial: torch.Tensor, settings: LoopSettings, beyond: SolverSettings, suspects: Suspects,
 ) -> Solution:
     """The answer of `solver` for every problem.
@@ -48,7 +49,7 @@ def optimize(
         solution = _fast(problem, initial, constraint, beyond, backend)
     else:
         if fused_head is not None:
-            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+            solution = fused_loop(backend, fused_head, constraint, initial.double(), settings)
         else:
             graphed = beyond.cuda_graphs and initial.device.type == "cuda"
             solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
@@ -67,11 +68,20 @@ def optimize(
     return solution
 
 
+def fused_loop(
+    backend: Backend, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings
+) -> Solution:
+    """The reference loop on a fused head: the backend's own where it takes the problem, otherwise the
+    shared loop on the head's closed form."""
+    solution = backend.solve_fused(head, constraint, initial, settings)
+    return solution if solution is not None else solve(FusedProblem(head, constraint), initial, settings)
+
+
 def _fast(
-    problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings, backend: str
+    problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings, backend: Backend
 ) -> Solution:
     result = fast_minimize(problem, initial, constraint, beyond.tolerance, beyond.max_evaluations,
-                           qp=bundle_qp(backend))  # fmt: skip
+                           qp=backend.bundle_qp)  # fmt: skip
     return Solution(params=result.params, iterations=result.evaluations, loss=result.loss)
 
 

@@ -1,5 +1,5 @@
-"""The fused-head solver on the CPU (csrc/solve_fused.cpp); its twin is
-caffast.backends.torch.fused_solver."""
+"""The fused-head solver on the CPU (csrc/solve_fused.cpp); its twin is the shared loop
+(caffast.core.loop.solve) on caffast.core.problems.FusedProblem."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The persistent fused-head solver: the whole reference loop, one program per problem, one launch.
 
-Its twin is caffast.backends.torch.fused_solver.solve_fused_torch (the shared loop on the fused
-head's closed form).  The kernel branches on the constraint's and the optimizer's names, the
-compiled twin of caffast.core.constraints and caffast.core.optimizers.
+Its twin is the shared loop (caffast.core.loop.solve) on the fused head's closed form
+(caffast.core.problems.FusedProblem).  The kernel branches on the constraint's and the optimizer's
+names, the compiled twin of caffast.core.constraints and caffast.core.optimizers.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ...core.loop import INITIAL_PREVIOUS_LOSS, LoopSettings
 from ...core.losses import MODES
 from ...core.optimizers import COMPILED_OPTIMIZERS
 from .device import BETA1, BETA2, optimizer_step, scheduled_lr, sphere, sphere_grad
+from .fused_head import head_gradient, head_logits, negative_cells
 from .runtime import (  # noqa: F401 (tl_core: see runtime)
     FLOATING, INTERPRETED, block_size, checked, constexpr, device_function, jit, require, scalars, tl, tl_core, tl_max,
     tl_sum,
@@ -79,25 +80,6 @@ def _column(z, cell, columns, ONE_TILE: tl.constexpr):
 
 
 @device_function
-def _negative_cells(g, cell, SIGNS: tl.constexpr):
-    """The cells that use part 1 (g < 0) after a ReLU; none for a plain head (S = 1)."""
-    negative = cell < 0
-    if SIGNS == 2:
-        negative = ~(g >= 0)
-    return negative
-
-
-@device_function
-def _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS: tl.constexpr):
-    """FT for the classes `ks` (a block; -inf past the last class): sum_j M[s_j, k, j] g_j / HW + b_k."""
-    present = ks < class_count
-    tile = tl.load(products + (part[None, :] * class_count + ks[:, None]) * CELLS + cell[None, :],
-                   mask=present[:, None] & inside[None, :], other=0.0)  # fmt: skip
-    logits = tl_sum(tile * g[None, :], axis=1) / CELLS + tl.load(bias + ks, mask=present, other=0.0)
-    return tl.where(present, logits, float("-inf")), tile
-
-
-@device_function
 def _log_softmax_objective(g, cell, inside, negative, products, bias, target, class_count, zero,
                            CELLS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """-log softmax(FT)_t and its gradient, the K classes read BLOCK_K at a time: a first pass for
@@ -109,7 +91,7 @@ def _log_softmax_objective(g, cell, inside, negative, products, bias, target, cl
     chosen = zero
     for start in range(0, class_count, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        logits, _ = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        logits, _ = head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
         new_largest = tl.maximum(largest, tl_max(logits, axis=0))
         total = total * tl.exp(largest - new_largest) + tl_sum(tl.exp(logits - new_largest), axis=0)
         largest = new_largest
@@ -118,22 +100,22 @@ def _log_softmax_objective(g, cell, inside, negative, products, bias, target, cl
     grad = tl.full(g.shape, 0, g.dtype)
     for start in range(0, class_count, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        logits, tile = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        logits, tile = head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
         weight = tl.exp(logits - log_total) - tl.where(ks == target, 1.0, 0.0)
-        grad += tl_sum(tile * weight[:, None], axis=0)
+        grad += head_gradient(tile, weight)
     return log_total - chosen, grad / CELLS
 
 
 @device_function
 def _fused_objective(g, cell, inside, gram, linear, constant, classes, CELLS: tl.constexpr, SIGNS: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """Loss and gradient in g of one problem (caffast.core.heads.FusedProblem, closed form).
+    """Loss and gradient in g of one problem (caffast.core.problems.FusedProblem, closed form).
 
     gram and linear point at this problem's Grams (S, S, HW, HW) and linear terms (S, HW). The
     oblivious loss is z . G z / (K HW^2), z = [g+ - 1, g-]; the Grams are read BLOCK_R columns at a
     time, so only a (HW x BLOCK_R) tile per block is live, whatever HW is.
     """
-    negative = _negative_cells(g, cell, SIGNS)
+    negative = negative_cells(g, cell, SIGNS)
     if MODE == "specific":
         grad = tl.load(linear + tl.where(negative, CELLS, 0) + cell, mask=inside, other=0.0) / CELLS
         loss = tl_sum(g * grad, axis=0) + constant
@@ -207,7 +189,7 @@ def kernel(
         g = _constrain(f, cell, inside, x, y, CONSTRAINT)
         if MODE == "log_softmax":
             loss, grad_g = _log_softmax_objective(
-                g, cell, inside, _negative_cells(g, cell, SIGNS), products, bias, target, class_count, zero, CELLS,
+                g, cell, inside, negative_cells(g, cell, SIGNS), products, bias, target, class_count, zero, CELLS,
                 BLOCK_R,
             )  # fmt: skip
         else:

@@ -331,13 +331,15 @@ def montage(
     cmap: str = "bwr",
     *,
     symmetric: bool = False,
+    gap: int = 1,
     save: Optional[Union[str, Path]] = None,
 ) -> Image.Image:
     """Slices of a volume (or frames of a clip) with the map over them, tiled row by row.
 
     `axis` as in overlay_frames (axial by default); `slices`: the slice indices to show, or how many
     to pick evenly from first to last (all of them when None, at most 16); `columns`: tiles per row
-    (about a square montage when None).  The picture is written to `save` when given, and returned.
+    (about a square montage when None); `gap`: white pixels between tiles.  The picture is written to
+    `save` when given, and returned.
     """
     pictures = overlay_frames(volume, heatmap, alpha, cmap, symmetric=symmetric, axis=axis)
     count = len(pictures)
@@ -355,9 +357,9 @@ def montage(
     columns = columns or int(np.ceil(np.sqrt(len(chosen))))
     rows = int(np.ceil(len(chosen) / columns))
     width, height = pictures[0].size
-    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    sheet = Image.new("RGB", (columns * (width + gap) - gap, rows * (height + gap) - gap), "white")
     for place, index in enumerate(chosen):
-        sheet.paste(pictures[index], ((place % columns) * width, (place // columns) * height))
+        sheet.paste(pictures[index], ((place % columns) * (width + gap), (place // columns) * (height + gap)))
     if save is not None:
         sheet.save(save)
     return sheet

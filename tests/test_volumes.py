@@ -513,10 +513,11 @@ def test_pictures_of_a_clip(tmp_path):
 
     sagittal = viz.overlay_frames(clip[0], heatmap, axis="sagittal")  # a grey (D, H, W) volume
     assert len(sagittal) == 12 and sagittal[0].size == (10, 6)
-    sheet = viz.montage(clip, heatmap, slices=4, columns=2, save=tmp_path / "montage.png")
-    assert sheet.size == (24, 20) and Image.open(tmp_path / "montage.png").size == (24, 20)
+    sheet = viz.montage(clip, heatmap, slices=4, columns=2, gap=1, save=tmp_path / "montage.png")
+    assert sheet.size == (25, 21) and Image.open(tmp_path / "montage.png").size == (25, 21)
     tiles = np.asarray(sheet)
-    assert np.array_equal(tiles[:10, :12], np.asarray(frames[0])) and np.array_equal(tiles[10:, 12:], np.asarray(frames[5]))
+    assert np.array_equal(tiles[:10, :12], np.asarray(frames[0])) and np.array_equal(tiles[11:, 13:], np.asarray(frames[5]))
+    assert (tiles[10] == 255).all() and (tiles[:, 12] == 255).all()  # the white gap between tiles
     with pytest.raises(ValueError, match=r"indices in \[0, 6\)"):
         viz.montage(clip, heatmap, slices=[0, 6])
     with pytest.raises(ValueError, match="axis"):

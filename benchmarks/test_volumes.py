@@ -56,7 +56,8 @@ class TestLastBlock:
         model, x = models[name], inputs[name][:batch]
         benchmark.group = f"{name}-b{batch}"
         benchmark.name = f"caffast {mode} 1000 iterations"
-        result = benchmark.pedantic(caffast.explain, args=(model, x, LAST[name]), kwargs=dict(mode=mode, **LOOP), **ROUNDS)
+        options = dict(mode=mode, **LOOP)
+        result = benchmark.pedantic(caffast.explain, args=(model, x, LAST[name]), kwargs=options, **ROUNDS)
         assert result.path == "fused" and (result.iterations == 1000).all()
         benchmark.extra_info["iterations"] = 1000
 

@@ -154,7 +154,8 @@ class _CAM:
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
     ) -> np.ndarray:
-        """(N, H, W) float32 maps in [0, 1] ((N, D, H, W) for clips and volumes); `targets` one per image (ints, ClassifierOutputTarget or any
+        """(N, H, W) float32 maps in [0, 1] ((N, D, H, W) for clips and volumes); `targets` one per image
+        (ints, ClassifierOutputTarget or any
         callable of one image's output), None for each image's top class.  `aug_smooth` averages the maps
         of horizontally flipped and rescaled (x 0.9, 1, 1.1) inputs (or of `tta_transforms`);
         `eigen_smooth` maps the first principal component of the filtered activations."""

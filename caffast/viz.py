@@ -191,7 +191,8 @@ def apply_heatmap(
     if release and not symmetric and values.size and values.max() == values.min():
         blended = rgb  # 0 / 0 in the release's min-max scaling: matplotlib leaves NaN cells transparent
     else:
-        blended = _blend(rgb, scale_map(values, rgb.shape[:2], symmetric, "mirror" if release else "clamp"), alpha, cmap)
+        scaled = scale_map(values, rgb.shape[:2], symmetric, "mirror" if release else "clamp")
+        blended = _blend(rgb, scaled, alpha, cmap)
     picture = _picture(blended)
     if release:
         picture = picture.resize(release_size(picture.height, picture.width)[::-1], Image.Resampling.HAMMING)
@@ -286,7 +287,8 @@ def _slice_axis(axis: Union[int, str]) -> int:
     if isinstance(axis, str):
         return SLICE_AXES[check_choice("axis", axis, tuple(SLICE_AXES))]
     if isinstance(axis, bool) or axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2 (D, H or W) or one of {', '.join(map(repr, SLICE_AXES))}; got {axis!r}")
+        names = ", ".join(map(repr, SLICE_AXES))
+        raise ValueError(f"axis must be 0, 1 or 2 (D, H or W) or one of {names}; got {axis!r}")
     return axis
 
 

@@ -522,3 +522,24 @@ def test_pictures_of_a_clip(tmp_path):
         viz.montage(clip, heatmap, slices=[0, 6])
     with pytest.raises(ValueError, match="axis"):
         viz.overlay_frames(clip, heatmap, axis=3)
+
+
+def test_every_map_kind_and_a_callable_target_on_clips(r3d):
+    """map="positive" and "signed" renormalize over all D * H * W cells; a callable target takes the
+    generic path and raises its own score, as the class it names does under loss="logit"."""
+    _, _, truncated, layer3 = r3d
+    options = dict(mode="specific", max_iter=30, check_every=10)
+    signed = caffast.explain(truncated, layer3, "layer4", targets=[3], map="signed", **options)
+    positive = caffast.explain(truncated, layer3, "layer4", targets=[3], map="positive", **options)
+    unit = signed.filters / torch.linalg.vector_norm(signed.filters, dim=(2, 3, 4), keepdim=True)
+    torch.testing.assert_close(signed.maps, unit)
+    kept = unit.clamp_min(0)
+    torch.testing.assert_close(positive.maps, kept / torch.linalg.vector_norm(kept, dim=(2, 3, 4), keepdim=True))
+
+    def logit_3(output: torch.Tensor) -> torch.Tensor:
+        return output[3]
+
+    scored = caffast.explain(truncated, layer3, "layer4", targets=[logit_3], **options)
+    by_class = caffast.explain(truncated, layer3, "layer4", targets=[3], loss="logit", **options)
+    assert scored.path == "generic" and by_class.path == "fused"
+    torch.testing.assert_close(scored.maps, by_class.maps, rtol=0, atol=1e-9)

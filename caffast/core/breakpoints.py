@@ -190,7 +190,8 @@ def _misfit(model: nn.Module, images: torch.Tensor, error: BaseException) -> Opt
         wanted = convolution.in_channels
         grayscale = channels == 1 and wanted == 3
         spread = ", -1" * (images.dim() - 2)
-        fix = f"repeat the grayscale channel with images.expand(-1, 3{spread})" if grayscale else f"pass {wanted}-channel images"
+        fix = f"repeat the grayscale channel with images.expand(-1, 3{spread})" if grayscale else (
+            f"pass {wanted}-channel images")  # fmt: skip
         return f"the model's first convolution takes {wanted} channels, the images have {channels}: {fix}"
     weight = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
     if weight is not None and weight.dtype != images.dtype:

@@ -2,9 +2,10 @@
 
 For such a tail the filtered output is an explicit function of the filter g (docs/design.md, 'The fused head'):
 FT = M_s g / HW + b, with M = W A (K x HW) and, after a ReLU, M_s choosing per cell between
-M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  On a (D, H, W) grid of a
-clip or a volume (a 3-D pool before the Linear) HW stands for its D * H * W cells: nothing else changes.  One batched product and
-the HW x HW Grams are computed once; after that no iteration touches the C channels or the K outputs.
+M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  On the (D, H, W) grid of
+a clip or a volume (a 3-D pool before the Linear) HW stands for its D * H * W cells: nothing else
+changes.  One batched product and the HW x HW Grams are computed once; after that no iteration
+touches the C channels or the K outputs.
 Everything here is float64: the Grams are small and the loss differences that decide stopping stay
 exact at the 1e-6 level.
 """
@@ -83,7 +84,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], grid: Grid) -> Optio
     if node.op == "call_function":
         if node.target in _RELUS:
             return "relu"
-        if node.target is _ADAPTIVE_POOL_FUNCTIONS.get(rank) and _is_unit(args[0] if args else kwargs.get("output_size")):
+        size = args[0] if args else kwargs.get("output_size")
+        if node.target is _ADAPTIVE_POOL_FUNCTIONS.get(rank) and _is_unit(size):
             return "pool"
         if node.target is torch.mean and _is_spatial_dims(args[0] if args else kwargs.get("dim"), grid):
             return "pool"

@@ -1,11 +1,12 @@
 """Where the spatial grid lies in a breakpoint's output, so that the filter multiplies the right cells.
 
-Convolutional layers give (N, C, H, W), or (N, C, D, H, W) on clips and volumes.  Transformers give channels-last maps (N, H, W, C)
-(torchvision's swin_t, timm's Swin; (N, D, H, W, C) for torchvision's swin3d_t) or tokens (N, L, C)
-with prefix tokens (a class token) before the H * W patch tokens (ViT).  A layout turns the layer's
-output into an (N, C, *grid) map for the filter; the filter multiplies the patch cells where they lie, prefix tokens stay as they are, and the
-tail sees the layer's own layout.  pytorch-grad-cam's `reshape_transform` defines a layout too: any
-function that only selects and rearranges elements (slicing, reshape, permute) does.
+Convolutional layers give (N, C, H, W), or (N, C, D, H, W) on clips and volumes.  Transformers give
+channels-last maps (N, H, W, C) (torchvision's swin_t, timm's Swin; (N, D, H, W, C) for torchvision's
+swin3d_t) or tokens (N, L, C) with prefix tokens (a class token) before the H * W patch tokens (ViT).
+A layout turns the layer's output into an (N, C, *grid) map for the filter; the filter multiplies the
+patch cells where they lie, prefix tokens stay as they are, and the tail sees the layer's own layout.
+pytorch-grad-cam's `reshape_transform` defines a layout too: any function that only selects and
+rearranges elements (slicing, reshape, permute) does.
 
 A 4-D shape is read as channels-first or channels-last where the layer's last module says so (a
 convolution, normalization or pooling: channels-first; a Linear or LayerNorm over the last axis:
@@ -76,7 +77,11 @@ def _channels_first(features: torch.Tensor) -> Layout:
 def _channels_last(features: torch.Tensor) -> Layout:
     """(N, H, W, C) or (N, D, H, W, C): the channels move before the grid."""
     rank = features.dim() - 2
-    return _probed(_CHANNEL_LAYOUTS[features.dim()][1], features, lambda x: x.permute(0, rank + 1, *range(1, rank + 1)))
+
+    def channels_first(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, rank + 1, *range(1, rank + 1))
+
+    return _probed(_CHANNEL_LAYOUTS[features.dim()][1], features, channels_first)
 
 
 def _tokens(features: torch.Tensor, prefix: int, grid: Grid) -> Layout:

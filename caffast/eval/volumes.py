@@ -44,7 +44,9 @@ class Volumes(NamedTuple):
     masks: torch.Tensor
 
 
-def ball_volumes(count: int, size: int = 16, radius: float = 3.0, generator: Optional[torch.Generator] = None) -> Volumes:
+def ball_volumes(
+    count: int, size: int = 16, radius: float = 3.0, generator: Optional[torch.Generator] = None
+) -> Volumes:
     """`count` volumes of Gaussian noise (sigma 0.5); the odd-numbered ones hold a ball of brightness
     1.5 and `radius` voxels at a random place wholly inside the volume."""
     generator = generator or torch.Generator().manual_seed(0)

@@ -341,7 +341,9 @@ def convolve(
     for key, parts in targets.items():
         total = None
         for t, tap in parts:
-            window = tuple(slice(d * i, d * i + s * (size - 1) + 1, s) for d, i, s, size in zip(dilation, tap, stride, out_shape))
+            window = tuple(
+                slice(d * i, d * i + s * (size - 1) + 1, s) for d, i, s, size in zip(dilation, tap, stride, out_shape)
+            )
             piece = products[t][(slice(None), slice(None), *tap, *window)]
             total = piece if total is None else total + piece
         keys.append(key)

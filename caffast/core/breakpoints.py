@@ -198,9 +198,10 @@ def _misfit(model: nn.Module, images: torch.Tensor, error: BaseException) -> Opt
         return f"the images are {images.dtype}, the model's weights {weight.dtype}: convert them with images.to({weight.dtype})"
     if any(pattern in str(error).lower() for pattern in _TOO_SMALL):
         size = " x ".join(map(str, images.shape[2:]))
+        usual = "224 x 224 for ImageNet models" if images.dim() == 4 else "16 x 112 x 112 for torchvision's video models"
         return (
             f"the images ({size}) are too small for the network, or not the size it was built for: "
-            "pass images of the size it takes (224 x 224 for ImageNet models)"
+            f"pass images of the size it takes ({usual})"
         )
     return None
 

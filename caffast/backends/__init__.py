@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Optional, get_args
 
 import torch
 
-from ..core.choices import check_choice
+from ..core.choices import BackendName, check_choice
 from ..core.constraints import Constraint
 from ..core.fast import BundleQP
 from ..core.heads import FusedHead, FusedProblem
 from ..core.loop import LoopSettings, Solution, solve
 from ..core.optimizers import COMPILED_OPTIMIZERS, MIN_LEARNING_RATE
 
-BACKENDS = ("auto", "torch", "cpp", "triton")
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
 
 Multiply = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

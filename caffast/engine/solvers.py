@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 
 from ..backends import bundle_qp, solve_fused
 from ..backends.torch.graphs import GraphedProblem
+from ..core.choices import SolverName
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
 from ..core.fast import fast_minimize
@@ -17,7 +18,7 @@ from ..core.finite import Suspects, check_solution
 from ..core.heads import FusedHead
 from ..core.loop import LoopSettings, Problem, Solution, solve
 
-SOLVERS = ("gd", "fast", "exact")
+SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
 
 
 @dataclass(frozen=True)

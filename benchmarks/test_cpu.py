@@ -12,6 +12,7 @@ import torch
 import caffast
 from caffast.backends import solve_fused
 from caffast.eval.gradcam import grad_cam
+from caffast.core.constraints import CONSTRAINTS
 from caffast.core.heads import detect_head, precompute
 from caffast.core.losses import CLASS_LOSSES
 from caffast.core.loop import LoopSettings
@@ -109,5 +110,5 @@ class TestLoop:
         initial = torch.ones(1, *grid, dtype=torch.float64)
         benchmark.group = f"{arch}-{mode}-{stopping}-loop"
         benchmark.name = f"caffast {backend} loop"
-        solution = benchmark.pedantic(solve_fused, args=(backend, head, "l2norm", initial, settings), **ROUNDS)
+        solution = benchmark.pedantic(solve_fused, args=(backend, head, CONSTRAINTS["l2norm"], initial, settings), **ROUNDS)
         benchmark.extra_info["iterations"] = solution.iterations.item()

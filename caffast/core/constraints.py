@@ -129,7 +129,7 @@ def as_constraint(constraint: ConstraintLike, kind: str = "constraint") -> Const
 
 
 def initial_parameters(
-    constraint: ConstraintLike,
+    constraint: Constraint,
     init: InitName,
     count: int,
     grid: Grid,
@@ -143,7 +143,6 @@ def initial_parameters(
     float64 generator seeded by `seed`, so a run is reproducible on any device.
     """
     check_choice("init", init, INITS)
-    constraint = as_constraint(constraint)
     shape = (count, *constraint.parameter_shape(grid))
     if init == "normal":
         generator = torch.Generator()

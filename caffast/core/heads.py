@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constraints import ConstraintLike, Grid, as_constraint
+from .constraints import Constraint, Grid
 from .breakpoints import FxTail, Tail, hooks_of
 from .losses import ClassLoss
 
@@ -227,9 +227,9 @@ class FusedProblem:
     at zero cells from the negative side (see filter_parts).
     """
 
-    def __init__(self, head: FusedHead, constraint: ConstraintLike, zeros_negative: bool = False):
+    def __init__(self, head: FusedHead, constraint: Constraint, zeros_negative: bool = False):
         self.head = head
-        self.constraint = as_constraint(constraint)
+        self.constraint = constraint
         self.zeros_negative = zeros_negative
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

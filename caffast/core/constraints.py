@@ -122,7 +122,10 @@ ConstraintLike = Union[ConstraintName, Constraint]
 
 
 def as_constraint(constraint: ConstraintLike, kind: str = "constraint") -> Constraint:
-    """The constraint object for a name (or the object itself); a clear error for anything else."""
+    """The constraint object for a name (or the object itself); a clear error for anything else.
+
+    The one place a name becomes its constraint (caffast.core.settings.Settings, and normalize_filter's
+    filter_type): everything below explain takes the object."""
     if isinstance(constraint, Constraint):
         return constraint
     return CONSTRAINTS[check_choice(kind, constraint, get_args(ConstraintName))]

@@ -72,6 +72,7 @@ def fused_solver_rows(repeats: int) -> list[str]:
     import torch
 
     from caffast.backends.triton import solve_fused
+    from caffast.core.constraints import CONSTRAINTS
     from caffast.core.heads import FusedHead
     from caffast.core.loop import LoopSettings, solve
     from caffast.core.problems import FusedProblem
@@ -90,8 +91,8 @@ def fused_solver_rows(repeats: int) -> list[str]:
         image = torch.arange(problems, device="cuda")
         head = FusedHead(gram, linear, constant, image, mode, classes, (7, 7))
         params = torch.ones(problems, cells, dtype=torch.float64, device="cuda")
-        kernel, _ = timed(lambda: solve_fused(head, "l2norm", params, settings), repeats)
-        twin, _ = timed(lambda: solve(FusedProblem(head, "l2norm"), params, settings), 1)
+        kernel, _ = timed(lambda: solve_fused(head, CONSTRAINTS["l2norm"], params, settings), repeats)
+        twin, _ = timed(lambda: solve(FusedProblem(head, CONSTRAINTS["l2norm"]), params, settings), 1)
         rows.append(f"| fused solver, {problems} problems x 1000 iterations, {mode} | triton {kernel * 1e3:.2f} ms | "
                     f"torch twin {twin * 1e3:.1f} ms | {twin / kernel:.0f}x |")
     return rows

@@ -438,8 +438,8 @@ def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, cap
 
 @pytest.mark.parametrize(
     "option,value,message",
-    [("--max-iter", "0", "--max-iter must be at least 1, got 0"), ("--lr", "0", "--lr must be a positive"),
-     ("--lr", "nan", "--lr must be a positive"), ("--min-error", "-1", "--min-error must be zero or"),
+    [("--max-iter", "0", "--max-iter must be at least 1, got 0"), ("--lr", "0", "--lr must be a finite positive number"),
+     ("--lr", "nan", "--lr must be a finite positive number"), ("--min-error", "-1", "--min-error must be zero or"),
      ("--batch-size", "0", "--batch-size must be at least 1"), ("--classes", "2,2", "name 2 more than once"),
      ("--classes", "-1", "indices from 0 on"), ("--classes", "6", "targets must be class indices in [0, 6)"),
      ("--rank-timeout", "0", "--rank-timeout must be"), ("--device", "cuda:99", "--device cuda:99")],

@@ -20,28 +20,26 @@ import numpy as np
 import torch
 
 from ..cam import GradCAM
-from ..core.constraints import CONSTRAINTS, INITS, MAPS
-from ..core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS
-from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
+from ..core.settings import FLAG_SETTINGS, RELEASE_SETTINGS, TF_RELEASE_SETTINGS, Settings
 from ..engine.explain import Explanation, explain
 from ..engine.flat import quiet_trial
-from ..engine.solvers import SOLVERS
+from ..engine.inputs import Targets
 from ..eval.localization import evaluate_scenes, scene_batch
 from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
-    CliError, check_arguments, check_output_folder, explain_options, flat_map_notes, load_image, model_errors,
-    parse_classes, say, show_progress,
+    CliError, add_setting_flags, check_arguments, check_output_folder, command_settings, flat_map_notes, load_image,
+    model_errors, parse_classes, say, show_progress, take_defaults,
 )  # fmt: skip
 from .atomic import fitting_name
 from .distributed import DEFAULT_RANK_TIMEOUT
 from .imagefiles import EXPLAIN_MARKER
 
-# The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
-# (its scripts' fixed runs: TF1's Adam from a normal draw, lr 0.5, 1000 iterations, a schedule to 0).
-RELEASE_SETTINGS = {"max_iter": 500, "lr": 0.1, "optimizer": "sgd", "init": "ones", "end_lr": MIN_LEARNING_RATE}
-TF_RELEASE_SETTINGS = {"max_iter": 1000, "lr": 0.5, "optimizer": "adam_tf1", "init": "normal", "end_lr": 0.0}
+COMMAND_SETTINGS = Settings(mode="specific")  # the defaults of explain and run: class-specific maps
+RELEASE_COMMANDS = ("class_oblivious", "class_specific")
+# the release's own spellings of some flags, which its commands take too
+RELEASE_ALIASES = {"lr": ["--learning-rate"], "constraint": ["--filter_type"], "end_lr": ["--end_learning_rate"]}
 # what the release's scripts run when they are given no arguments at all
 RELEASE_NO_ARGUMENTS = {
     "class_oblivious": ["--output_dir", "./output_heatmaps/", "--max_iter", "1000", "--lr", "0.5", "--arch", "densenet169",
@@ -66,11 +64,11 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
             save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
 
 
-def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options) -> Explanation:
+def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, targets: Targets, settings: Settings) -> Explanation:
     """explain, with its refusals as one-line errors and its flat-map warnings as lines."""
     try:
         with flat_map_notes(lambda message: say(f"caffast: warning: {message}")):
-            return explain(model, images, layer, **options)
+            return explain(model, images, layer, targets, settings=settings)
     except (ValueError, TypeError) as error:
         raise CliError(str(error)) from None
 
@@ -100,21 +98,22 @@ def output_stems(images: Sequence[str]) -> dict[str, str]:
 
 
 def _explain_files(
-    images: Sequence[str], source: ModelSource, layer: Optional[str], options: dict, out: Path, gif: bool,
-    device: str, name_of,
+    images: Sequence[str], source: ModelSource, layer: Optional[str], targets: Targets, settings: Settings,
+    out: Path, gif: bool, device: str, name_of,
 ) -> list[Path]:
-    """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
+    """Explain each image file with caffast.explain and write its overlays; returns the files written."""
     with model_errors():
         loaded = source.explainable(layer, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
+    settings = replace(settings, history=gif)
     written: list[Path] = []
     flat = 0
     stems = output_stems(images)
     for done, path in enumerate(images):
         show_progress(done, len(images), "explaining")
         rgb, tensor = load_image(path, loaded.preprocessing)
-        exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, history=gif, **options)
+        exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, targets, settings)
         names = source.class_names(exp.output.shape[1]) if exp.output.dim() == 2 else []
         paths = [out / name_of(stems[path], int(target), names) for target in exp.targets[0].tolist()]
         _save_overlays(rgb, exp, 0, paths, gif)
@@ -135,9 +134,8 @@ def _command_explain(args: argparse.Namespace) -> None:
         label = names[target] if target < len(names) else str(target)
         return fitting_name(stem, f"_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png")
 
-    options = {**explain_options(args), "backend": args.backend}
-    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, options, Path(args.out),
-                             args.gif, args.device, name_of)
+    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, parse_classes(args.classes),
+                             command_settings(args), Path(args.out), args.gif, args.device, name_of)  # fmt: skip
     print(f"wrote {len(written)} overlays to {args.out}")
 
 
@@ -156,13 +154,11 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
     """The release's class_oblivious.py / class_specific.py: its flags and defaults, file names, picture
-    and log file; --tf-release runs with the TensorFlow release's settings and writes its files."""
-    for key, value in (TF_RELEASE_SETTINGS if args.tf_release else RELEASE_SETTINGS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    and log file; --tf-release runs with the TensorFlow release's settings (`_release_defaults`) and
+    writes its files."""
     classes = parse_classes(args.cls_logits)
-    args.classes = args.cls_logits if mode == "specific" else None  # class_oblivious ignores them, as the release
-    options = {**explain_options(args), "backend": args.backend}
+    targets = classes if mode == "specific" else None  # class_oblivious ignores them, as the release
+    settings = replace(command_settings(args), mode=mode, history=args.gif)
     out = Path(args.output_dir)
     written: list[Path] = []
     with _release_log(out, args.log_file) as log:
@@ -176,7 +172,7 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         with model_errors():
             loaded = ModelSource(args.arch, args.weights).explainable(args.layer, args.device)
         rgb, tensor = load_image(str(image), loaded.preprocessing)
-        exp = _explain(loaded.model, tensor[None].to(args.device), loaded.layer, history=args.gif, **options)
+        exp = _explain(loaded.model, tensor[None].to(args.device), loaded.layer, targets, settings)
         targets = exp.targets[0].tolist()
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
         if mode == "specific":
@@ -378,6 +374,12 @@ def _command_demo(args: argparse.Namespace) -> None:
     _print_table(results)
 
 
+def _release_defaults(args: argparse.Namespace) -> None:
+    """The settings a release command was not given: the PyTorch release's, or with --tf-release the
+    TensorFlow release's."""
+    take_defaults(args, TF_RELEASE_SETTINGS if args.tf_release else RELEASE_SETTINGS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caffast", description="L2-CAF attention maps for CNNs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -386,54 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="caffast-demo", help="output folder (default: caffast-demo)")
     demo.add_argument("--seed", type=int, default=7, help="scene seed")
     demo.add_argument("--scenes", type=int, default=50, help="scenes for the localization comparison")
-    demo.add_argument("--max-iter", type=int, default=1000)
+    add_setting_flags(demo, ["max_iter"], COMMAND_SETTINGS)
     demo.add_argument("--real", action="store_true",
                       help="an ImageNet-trained network on real photos beside Grad-CAM (needs caffast[real])")
 
     def model_options(command: argparse.ArgumentParser, reference: bool) -> None:
-        """Shared flags; the reference's (class_*) spell them with underscores and take their defaults
-        (None: RELEASE_SETTINGS, or TF_RELEASE_SETTINGS with --tf-release)."""
-        dash = "_" if reference else "-"
+        """Shared flags: the model, the device, and explain's settings (but the mode); the reference's
+        (class_*) spell them with underscores, take the release's spellings too, and take the release's
+        defaults (None where --tf-release changes them: filled in by `_release_defaults`)."""
         weights = RELEASE_WEIGHTS if reference else "DEFAULT"
         command.add_argument("--arch", default="resnet50", help="a torchvision classification architecture")
         command.add_argument("--weights", default=weights,
                              help="a local state-dict file, torchvision weights (DEFAULT, IMAGENET1K_V1, ...; downloaded "
                                   f"into torch.hub's cache when missing), or 'random' (default: {weights})")
-        command.add_argument(f"--max{dash}iter", dest="max_iter", type=int, default=None if reference else 1000,
-                             help="default: 500, or 1000 with --tf-release" if reference else None)
-        command.add_argument("--lr", *(["--learning-rate"] if reference else []), dest="lr", metavar="LR", type=float,
-                             default=None if reference else 0.5,
-                             help="default: 0.1, or 0.5 with --tf-release" if reference else None)  # fmt: skip
-        command.add_argument(f"--min{dash}error", dest="min_error", type=float, default=1e-6)
-        command.add_argument("--constraint", *(["--filter_type"] if reference else []), dest="constraint",
-                             choices=list(CONSTRAINTS), default="l2norm", help="how the filter is kept normalized")
-        command.add_argument("--optimizer", choices=OPTIMIZERS, default=None if reference else "sgd",
-                             help="adam_tf1: TensorFlow 1's Adam (the TensorFlow release's); default: sgd"
-                                  + (", or adam_tf1 with --tf-release" if reference else ""))  # fmt: skip
-        command.add_argument("--init", choices=INITS, default=None if reference else "ones",
-                             help="the filter's start; default: ones" + (", or normal with --tf-release" if reference else ""))
-        command.add_argument("--seed", type=int, default=None, help="seed of --init normal (default: a fresh draw)")
-        command.add_argument(f"--end{dash}lr", *(["--end_learning_rate"] if reference else []), dest="end_lr", type=float,
-                             default=None if reference else MIN_LEARNING_RATE,
-                             help="where the learning rate's linear decay ends; default: 1e-5"
-                                  + (", or 0 with --tf-release" if reference else ""))  # fmt: skip
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        command.add_argument("--map", default="abs", choices=MAPS,
-                             help="abs: |f| (the reference); positive: the cells that raise the class; signed: f, "
-                                  "drawn around zero")
-        command.add_argument("--solver", default="gd", choices=SOLVERS,
-                             help="gd: the reference loop; fast: tens of evaluations to a lower loss; exact: the "
-                                  "minimizer (closed form for plain heads)")
-        command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
-        command.add_argument("--loss", choices=list(CLASS_LOSSES), default="release" if reference else DEFAULT_CLASS_LOSS,
-                             help="the class-specific loss: " + "; ".join(f"{name}: {loss.summary}" for name, loss
-                                                                          in CLASS_LOSSES.items())
-                                  + "; default: "
-                                  + ("release, as the release" if reference else DEFAULT_CLASS_LOSS))  # fmt: skip
+        names = [name for name in FLAG_SETTINGS if name != "mode"]
+        if reference:
+            add_setting_flags(command, names, RELEASE_SETTINGS, dash="_", alternative=(TF_RELEASE_SETTINGS, "--tf-release"),
+                              aliases=RELEASE_ALIASES)  # fmt: skip
+        else:
+            add_setting_flags(command, names, COMMAND_SETTINGS)
 
     def explain_settings(command: argparse.ArgumentParser) -> None:
         command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
-        command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
+        add_setting_flags(command, ["mode"], COMMAND_SETTINGS)
         command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
 
     explain_command = commands.add_parser("explain", help="explain image files")
@@ -496,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
     evaluate.add_argument("--scenes", type=int, default=2000)
-    evaluate.add_argument("--max-iter", type=int, default=1000)
+    add_setting_flags(evaluate, ["max_iter"], COMMAND_SETTINGS)
     return parser
 
 
@@ -507,6 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv += RELEASE_NO_ARGUMENTS[argv[0]]
     args = build_parser().parse_args(argv)
     try:
+        if args.command in RELEASE_COMMANDS:
+            _release_defaults(args)
         check_arguments(args)
         for flag in ("out", "output_dir"):
             if getattr(args, flag, None) is not None:
@@ -517,7 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_explain(args)
         elif args.command == "run":
             return _command_run(args)
-        elif args.command in ("class_oblivious", "class_specific"):
+        elif args.command in RELEASE_COMMANDS:
             _command_reference(args, args.mode)
         elif args.command == "layers":
             _command_layers(args)

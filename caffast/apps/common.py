@@ -1,4 +1,5 @@
-"""What the commands share: the one-line error, the progress bar, model errors, images and explain's options.
+"""What the commands share: the one-line error, the progress bar, model errors, images, and the
+flags of explain's settings with the Settings they give.
 
 The commands (caffast.apps.cli) and dataset runs (caffast.apps.runner) both build on this module,
 and neither imports the other.
@@ -15,15 +16,18 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, get_args
 
 import numpy as np
 import torch
 
+from ..core.settings import CHOICES, SETTINGS_FIELDS, TYPES, SettingError, Settings
 from ..engine.flat import FlatMapWarning
 from ..models.preprocessing import IMAGENET, Preprocessing
 from ..models.source import ModelSourceError, WeightsError
 from .imagefiles import ImageReadError, read_image
+
+SETTING_FLAGS = "setting_flags"  # a command's arguments hold its settings' flags by setting under this name
 
 
 class CliError(Exception):
@@ -142,9 +146,7 @@ def _check(args: argparse.Namespace, name: str, valid: Callable[[Any], bool], wa
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every setting of a command that can be wrong on its own, before anything is loaded or written."""
-    _check(args, "max_iter", lambda v: v >= 1, "at least 1")
-    _check(args, "lr", lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-    _check(args, "min_error", lambda v: math.isfinite(v) and v >= 0, "zero or a positive finite number")
+    command_settings(args)
     _check(args, "batch_size", lambda v: v >= 1, "at least 1")
     _check(args, "scenes", lambda v: v >= 1, "at least 1")
     _check(args, "rank_timeout", lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
@@ -199,14 +201,56 @@ def check_output_folder(path: str, flag: str = "--out") -> None:
         raise CliError(f"{flag} {path!r}: {str(existing)!r} is read-only for this user: pass a folder you can write to")
 
 
-def explain_options(args: argparse.Namespace) -> dict:
-    """caffast.explain's keyword arguments that shape the results, from the command's flags.
+def add_setting_flags(
+    command: argparse.ArgumentParser, names: Sequence[str], defaults: Settings, *, dash: str = "-",
+    alternative: Optional[tuple[Settings, str]] = None, aliases: Mapping[str, Sequence[str]] = {},
+) -> None:
+    """Flags for the settings `names`, made from Settings' fields: the help beside each field, the
+    values of a choice's Literal type, and the defaults of `defaults`.
 
-    The one place they are built: an option added here reaches every command, and `caffast run`'s
-    config.json (which refuses to mix results of different values).  The backend is not among them:
-    every backend gives the same results.
+    `alternative` is (settings, the flag that selects them): where they differ from `defaults` the
+    flag's default is None, for the command to fill in (`take_defaults`).  `aliases` are other
+    spellings of a flag.  `command_settings` reads the flags back.
     """
-    return {"mode": args.mode, "targets": parse_classes(getattr(args, "classes", None)), "max_iter": args.max_iter,
-            "lr": args.lr, "min_error": args.min_error, "map": args.map, "solver": args.solver,
-            "constraint": args.constraint, "optimizer": args.optimizer, "init": args.init, "seed": args.seed,
-            "end_lr": args.end_lr, "loss": args.loss}
+    flags = dict(command.get_default(SETTING_FLAGS) or {})
+    for name in names:
+        default = getattr(defaults, name)
+        shown = f"default: {_shown(default)}"
+        if alternative is not None and getattr(alternative[0], name) != default:
+            default, shown = None, f"{shown}, or {_shown(getattr(alternative[0], name))} with {alternative[1]}"
+        kind = {"choices": CHOICES[name]} if name in CHOICES else {"type": _value_type(name)}
+        flags[name] = f"--{name.replace('_', dash)}"
+        command.add_argument(flags[name], *aliases.get(name, ()), dest=name, default=default,
+                             help=f"{SETTINGS_FIELDS[name].metadata['help']}; {shown}", **kind)  # fmt: skip
+    command.set_defaults(**{SETTING_FLAGS: flags})
+
+
+def take_defaults(args: argparse.Namespace, settings: Settings) -> None:
+    """The setting flags a command left at None (`add_setting_flags`' alternative) take `settings`' values."""
+    for name in getattr(args, SETTING_FLAGS, {}):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(settings, name))
+
+
+def command_settings(args: argparse.Namespace) -> Settings:
+    """The Settings of a command's setting flags (its other settings at their defaults); a refused
+    value is the command's one-line error, naming the setting by its flag.
+
+    The one place the flags become caffast.explain's settings: a setting with a flag reaches every
+    command, and `caffast run`'s config.json (which refuses to mix results of different values).
+    """
+    flags = getattr(args, SETTING_FLAGS, {})
+    try:
+        return Settings(**{name: getattr(args, name) for name in flags})
+    except SettingError as error:
+        raise CliError(f"{flags[error.setting]} {error.requirement}") from None
+
+
+def _value_type(name: str) -> type:
+    """The type a numeric setting's flag converts its text to (int for Optional[int])."""
+    hint = TYPES[name]
+    return next(kind for kind in get_args(hint) or (hint,) if kind is not type(None))
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)

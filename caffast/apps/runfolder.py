@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from ..core.settings import complete_record
 from ..models.zoo import file_sha256
 from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
 
@@ -98,12 +99,12 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """A config.json of an older caffast, with the settings it did not record set as it ran them: its
-    class-specific loss was the release's.  Where its named weights came from it did not record
+    """A config.json of an older caffast, with the settings it did not record set as it ran them
+    (caffast.core.settings.complete_record).  Where its named weights came from it did not record
     either, and that cannot be recovered: such a folder takes today's source."""
     explain_settings = stored.get("explain")
-    if isinstance(explain_settings, dict) and "loss" not in explain_settings:
-        stored = {**stored, "explain": {**explain_settings, "loss": "release"}}
+    if isinstance(explain_settings, dict):
+        stored = {**stored, "explain": complete_record(explain_settings)}
     if "weights_source" not in stored and "weights_source" in current:
         stored = {**stored, "weights_source": current["weights_source"]}
     return stored

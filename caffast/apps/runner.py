@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from .atomic import write_atomically
-from .common import CliError, explain_options, flat_map_notes, model_errors, say, show_progress
+from .common import CliError, command_settings, flat_map_notes, model_errors, parse_classes, say, show_progress
 from .distributed import Processes, start_processes
+from ..core.settings import Settings
 from ..engine.explain import Explanation, explain
+from ..engine.inputs import Targets
 from ..models.source import ExplainableModel, ModelSource
 from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
@@ -88,14 +90,14 @@ class Runner:
     """Explains batches of images and writes each one's outputs; one per process."""
 
     def __init__(
-        self, folder: RunFolder, data_dir: Path, model: ExplainableModel, options: dict[str, Any], backend: str,
+        self, folder: RunFolder, data_dir: Path, model: ExplainableModel, targets: Targets, settings: Settings,
         batch_size: int, overlays: bool, tally: Tally,
     ) -> None:  # fmt: skip
         self.folder = folder
         self.data_dir = data_dir
         self.model = model
-        self.options = options
-        self.backend = backend
+        self.targets = targets
+        self.settings = settings
         self.limit = batch_size  # the batch size, halved for good after an out-of-memory error
         self.overlays = overlays
         self.tally = tally
@@ -108,7 +110,7 @@ class Runner:
         blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
             with flat_map_notes(lambda message: None):  # a blank image may well give a flat map
-                explain(self.model.model, blank, self.model.layer, backend=self.backend, **{**self.options, "max_iter": 1})
+                explain(self.model.model, blank, self.model.layer, self.targets, settings=replace(self.settings, max_iter=1))
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
                            "and --classes") from None
@@ -156,7 +158,7 @@ class Runner:
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
             with flat_map_notes(self._note_flat):
-                explanation = explain(self.model.model, images, self.model.layer, backend=self.backend, **self.options)
+                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings)
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
             message = f"{type(error).__name__}: {error}"
@@ -424,12 +426,12 @@ def _batches(images: list[str], pending: list[str], size: int) -> list[list[str]
 def _run(
     args: argparse.Namespace, data_dir: Path, processes: Processes, started: float, tally: Tally
 ) -> Optional[RunSummary]:
-    options = explain_options(args)
+    settings, targets = command_settings(args), parse_classes(args.classes)
     source = ModelSource(args.arch, args.weights)
     with model_errors():
         model = source.explainable(args.layer, processes.device(args.device), getattr(torch, args.dtype))
     folder = RunFolder(Path(args.out), data_dir)
-    runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
+    runner = Runner(folder, data_dir, model, targets, settings, args.batch_size, args.overlays, tally)
     runner.check_settings()
     config = {
         "data": str(data_dir.resolve()),
@@ -439,7 +441,7 @@ def _run(
         "layer": model.layer,
         "dtype": args.dtype,
         "input": model.preprocessing.record(),
-        "explain": options,
+        "explain": {**settings.to_record(), "targets": targets},
         "overlays": args.overlays,
     }
     with contextlib.ExitStack() as lock:

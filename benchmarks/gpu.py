@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ["tests/test_triton.py", "tests/test_triton_explain.py", "tests/test_cuda_graphs.py", "tests/test_losses.py"]
+GPU_TESTS = ["tests/backends/test_triton.py", "tests/backends/test_triton_explain.py", "tests/backends/test_cuda_graphs.py", "tests/core/test_losses.py"]
 
 
 def install() -> str:

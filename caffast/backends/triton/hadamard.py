@@ -1,6 +1,6 @@
 """The Hadamard filter: features (P, C, H, W) * f / ||f|| with f (P, H, W), and its gradient in f.
 
-The generic tail's filter multiply; its plain PyTorch twin is in tests/test_triton.py.
+The generic tail's filter multiply; its plain PyTorch twin is in tests/backends/test_triton.py.
 """
 
 from __future__ import annotations

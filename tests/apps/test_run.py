@@ -23,7 +23,7 @@ from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["--arch", "demo", "--max-iter", "100"]
 IMAGES = 12  # plus one broken file
 

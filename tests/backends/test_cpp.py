@@ -403,7 +403,7 @@ def test_ctrl_c_stops_the_compiled_loop_at_once(images, tmp_path):
     fraction of a second, not when the compiled call returns."""
     script = tmp_path / "explain.py"
     script.write_text(INTERRUPTED_EXPLAIN)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "2"}  # fmt: skip
     process = subprocess.Popen([sys.executable, str(script), str(images)], env=env, stdout=subprocess.PIPE,

@@ -1,12 +1,12 @@
 """The Triton kernels of caffast, and the groups of device functions the fused solver shares (run on
-their own by the probe kernels of tests/triton_probes.py), against their plain PyTorch twins, written
+their own by the probe kernels of tests/backends/triton_probes.py), against their plain PyTorch twins, written
 in this file.
 
 Runs on a CUDA GPU, or on the CPU under the Triton interpreter: TRITON_INTERPRET=1 must be set
-before triton is imported, so set it in the environment (tests/test_triton_interpreted.py does that
+before triton is imported, so set it in the environment (tests/backends/test_triton_interpreted.py does that
 for the normal test run):
 
-    TRITON_INTERPRET=1 python -m pytest tests/test_triton.py
+    TRITON_INTERPRET=1 python -m pytest tests/backends/test_triton.py
 """
 
 from __future__ import annotations

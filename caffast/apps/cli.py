@@ -441,6 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT.total_seconds(), metavar="SECONDS",
                      help="under torchrun, how long a rank waits for the others before it names the one that did "
                           "not answer and stops (default: 1800)")
+    run.add_argument("--annotations", metavar="PATH",
+                     help="score every map by the CAM localization protocol against these boxes: ImageNet XML or "
+                          "LOC_val_solution.csv, CUB-200-2011, Pascal VOC, or a CSV image,class,x0,y0,x1,y1; "
+                          "writes OUT/summary.json")
+    run.add_argument("--baseline", choices=["gradcam"],
+                     help="also compute this method's maps at the same layer and targets, saved and scored beside L2-CAF's")
+    run.add_argument("--threshold", type=float, metavar="FRACTION",
+                     help="with --annotations: the protocol's box is the largest region of the map at or above this "
+                          "fraction of its maximum (default: 0.2)")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(

@@ -24,7 +24,9 @@ from ..core.settings import FLAG_SETTINGS, RELEASE_SETTINGS, TF_RELEASE_SETTINGS
 from ..engine.explain import Explanation, explain
 from ..engine.flat import quiet_trial
 from ..engine.inputs import Targets
-from ..eval.localization import evaluate_scenes, scene_batch
+from ..engine.solvers import SOLVERS
+from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, scene_records
+from ..eval.summary import format_table, summarize
 from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
@@ -319,11 +321,15 @@ def _print_table(results: dict[str, dict[str, float]]) -> None:
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
+    """A table per solver, its three maps beside Grad-CAM, each metric with its bootstrap interval."""
     start = time.perf_counter()
-    results = evaluate_scenes(args.scenes, args.max_iter)
+    records = scene_records(args.scenes, args.max_iter)
     print(f"{args.scenes} two-object scenes, class-specific maps scored against each class's mask "
           f"({time.perf_counter() - start:.1f} s)")
-    _print_table(results)
+    summaries = {method: summarize(values, SCENE_METRICS) for method, values in records.items()}
+    for solver in SOLVERS:
+        shown = {method: summary for method, summary in summaries.items() if method.startswith(f"L2-CAF {solver} ")}
+        print(f"\nsolver {solver}:\n{format_table({**shown, 'Grad-CAM': summaries['Grad-CAM']})}")
 
 
 def _command_real_demo(out: Path) -> None:

@@ -332,6 +332,12 @@ def _command_evaluate(args: argparse.Namespace) -> None:
         print(f"\nsolver {solver}:\n{format_table({**shown, 'Grad-CAM': summaries['Grad-CAM']})}")
 
 
+def _command_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(Path(args.run_folder))}")
+
+
 def _command_real_demo(out: Path) -> None:
     from ..eval.real_demo import write_real_demo
 
@@ -487,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--image", help="an image to try the layers on (default: a blank image)")
     layers.add_argument("--check", type=int, default=12, help="how many of the last layers to try (default: 12)")
 
+    report = commands.add_parser(
+        "report", help="a static HTML page to browse a run: OUT/report.html, thumbnails in OUT/report/",
+        description="Write OUT/report.html, one self-contained page that opens offline: the run's settings and "
+        "localization summary, per-class figures, the worst and best maps, and every map in a table that sorts "
+        "and filters, with overlays (Grad-CAM's beside L2-CAF's where the run has them).",
+    )  # fmt: skip
+    report.add_argument("run_folder", metavar="OUT", help="the output folder of a caffast run")
+
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
     evaluate.add_argument("--scenes", type=int, default=2000)
     add_setting_flags(evaluate, ["max_iter"], COMMAND_SETTINGS)
@@ -516,6 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_reference(args, args.mode)
         elif args.command == "layers":
             _command_layers(args)
+        elif args.command == "report":
+            _command_report(args)
         else:
             _command_evaluate(args)
     except CliError as error:

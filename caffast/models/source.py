@@ -140,14 +140,18 @@ class ModelSource:
     def class_names(self, classes: int) -> list[str]:
         """The names of the model's `classes` outputs: the demo's shapes, ImageNet's categories for
         1000-class torchvision models (offline, from torchvision's metadata), else their numbers."""
+        categories = self.known_class_names()
+        return categories if len(categories) == classes else [str(k) for k in range(classes)]
+
+    def known_class_names(self) -> list[str]:
+        """The class names the architecture is known to have, without loading it (the demo's shapes,
+        torchvision's categories); empty where none are known."""
         if self.is_demo:
-            categories: list[str] = list(DEMO_CLASS_NAMES)
-        else:
-            try:
-                categories = torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"]
-            except (ValueError, KeyError, AttributeError):
-                categories = []
-        return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
+            return list(DEMO_CLASS_NAMES)
+        try:
+            return list(torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"])
+        except (ValueError, KeyError, AttributeError):
+            return []
 
     def weights_identity(self) -> str:
         """What a run's results depend on, as its config.json records it: the content of a weights

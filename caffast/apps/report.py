@@ -204,9 +204,12 @@ def _cell(value: Any, shown: str, number: bool = True) -> str:
 
 
 def _verdict(record: Optional[Mapping[str, Any]]) -> str:
+    """hit or miss; "absent" for a class the image has no box of, which no box can hit."""
     if not record:
         return ""
-    return "hit" if record.get("box_hit") else "miss"
+    if record.get("gt_known_loc") is None:
+        return "absent"
+    return "hit" if record["box_hit"] else "miss"
 
 
 def _estimate(estimate: Estimate) -> str:
@@ -340,7 +343,8 @@ def _table(entries: Sequence[MapEntry], methods: Sequence[Method], scored: bool)
         verdict = _verdict(row.get(L2CAF.field)) or "none"
         body.append(f'<tr data-search="{_text(search)}" data-verdict="{verdict}">{"".join(cells)}</tr>')
     verdicts = ('<select id="verdict" aria-label="L2-CAF verdict"><option value="">hits and misses</option>'
-                '<option value="hit">L2-CAF hits</option><option value="miss">L2-CAF misses</option></select>'
+                '<option value="hit">L2-CAF hits</option><option value="miss">L2-CAF misses</option>'
+                '<option value="absent">classes the image has no box of</option></select>'
                 if scored else "")  # fmt: skip
     return (f'<section id="maps"><h2>Every map</h2><p class="controls"><input id="filter" type="search" '
             f'placeholder="filter by image or class" aria-label="filter">{verdicts} <span id="shown"></span></p>'

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 
 from caffast.apps import runner
 from caffast.apps.cli import main
+from caffast.apps.imagefiles import upright_size
 from caffast.eval.annotations import load_annotations
 from caffast.eval.demo_model import load_demo_model
 from caffast.eval.geometry import resize_geometry
@@ -208,3 +209,16 @@ def test_a_baseline_that_does_not_run_at_the_layer_is_refused_at_once(data, tmp_
     error = capsys.readouterr().err
     assert "--baseline gradcam does not run at layer 'features'" in error and "needs a 4-D map" in error
     assert not out.exists()
+
+
+def test_boxes_are_in_the_pixels_of_the_upright_picture(tmp_path):
+    """A photo stored sideways with an EXIF orientation is read upright, and so is its size."""
+    stored = Image.fromarray(np.zeros((40, 100, 3), np.uint8))  # 100 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 40 wide, 100 high
+    stored.save(tmp_path / "turned.jpg", exif=exif)
+    stored.save(tmp_path / "plain.jpg")
+    assert upright_size(tmp_path / "turned.jpg") == (40, 100)
+    assert upright_size(tmp_path / "plain.jpg") == (100, 40)
+    with Image.open(tmp_path / "turned.jpg") as opened:
+        assert ImageOps.exif_transpose(opened).size == (40, 100)

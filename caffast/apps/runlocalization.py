@@ -151,13 +151,9 @@ def write_summary(root: Path, rows: Sequence[Mapping[str, Any]], settings: Mappi
         "scored_images": len(scored),
         "unscored_images": len(done - scored),
         "methods": {
-            method: {label: _estimate(estimate) for label, estimate in summary.items() if estimate.count}
+            method: {label: asdict(estimate) for label, estimate in summary.items() if estimate.count}
             for method, summary in summaries.items()
         },
     }
     write_text(root / SUMMARY, json.dumps(content, indent=2) + "\n")
     return summary_table(summaries)
-
-
-def _estimate(estimate: Estimate) -> dict[str, Any]:
-    return asdict(estimate)

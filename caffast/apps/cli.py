@@ -24,7 +24,9 @@ from ..core.settings import FLAG_SETTINGS, RELEASE_SETTINGS, TF_RELEASE_SETTINGS
 from ..engine.explain import Explanation, explain
 from ..engine.flat import quiet_trial
 from ..engine.inputs import Targets
-from ..eval.localization import evaluate_scenes, scene_batch
+from ..engine.solvers import SOLVERS
+from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, scene_records
+from ..eval.summary import format_table, summarize
 from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
@@ -319,11 +321,21 @@ def _print_table(results: dict[str, dict[str, float]]) -> None:
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
+    """A table per solver, its three maps beside Grad-CAM, each metric with its bootstrap interval."""
     start = time.perf_counter()
-    results = evaluate_scenes(args.scenes, args.max_iter)
+    records = scene_records(args.scenes, args.max_iter)
     print(f"{args.scenes} two-object scenes, class-specific maps scored against each class's mask "
           f"({time.perf_counter() - start:.1f} s)")
-    _print_table(results)
+    summaries = {method: summarize(values, SCENE_METRICS) for method, values in records.items()}
+    for solver in SOLVERS:
+        shown = {method: summary for method, summary in summaries.items() if method.startswith(f"L2-CAF {solver} ")}
+        print(f"\nsolver {solver}:\n{format_table({**shown, 'Grad-CAM': summaries['Grad-CAM']})}")
+
+
+def _command_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(Path(args.run_folder))}")
 
 
 def _command_real_demo(out: Path) -> None:
@@ -441,6 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT.total_seconds(), metavar="SECONDS",
                      help="under torchrun, how long a rank waits for the others before it names the one that did "
                           "not answer and stops (default: 1800)")
+    run.add_argument("--annotations", metavar="PATH",
+                     help="score every map by the CAM localization protocol against these boxes: ImageNet XML or "
+                          "LOC_val_solution.csv, CUB-200-2011, Pascal VOC, or a CSV image,class,x0,y0,x1,y1; "
+                          "writes OUT/summary.json")
+    run.add_argument("--baseline", choices=["gradcam"],
+                     help="also compute this method's maps at the same layer and targets, saved and scored beside L2-CAF's")
+    run.add_argument("--threshold", type=float, metavar="FRACTION",
+                     help="with --annotations: the protocol's box is the largest region of the map at or above this "
+                          "fraction of its maximum (default: 0.2)")
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(
@@ -472,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--image", help="an image to try the layers on (default: a blank image)")
     layers.add_argument("--check", type=int, default=12, help="how many of the last layers to try (default: 12)")
 
+    report = commands.add_parser(
+        "report", help="a static HTML page to browse a run: OUT/report.html, thumbnails in OUT/report/",
+        description="Write OUT/report.html, one self-contained page that opens offline: the run's settings and "
+        "localization summary, per-class figures, the worst and best maps, and every map in a table that sorts "
+        "and filters, with overlays (Grad-CAM's beside L2-CAF's where the run has them).",
+    )  # fmt: skip
+    report.add_argument("run_folder", metavar="OUT", help="the output folder of a caffast run")
+
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
     evaluate.add_argument("--scenes", type=int, default=2000)
     add_setting_flags(evaluate, ["max_iter"], COMMAND_SETTINGS)
@@ -501,6 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_reference(args, args.mode)
         elif args.command == "layers":
             _command_layers(args)
+        elif args.command == "report":
+            _command_report(args)
         else:
             _command_evaluate(args)
     except CliError as error:

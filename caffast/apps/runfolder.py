@@ -2,11 +2,12 @@
 
     OUT/config.json              the settings the results depend on (written once, at the first start)
     OUT/results/REL.npz          per image: filters, maps (T, H, W) float32, iterations, loss, objective,
-                                 gradient_norm, targets (T,)
+                                 gradient_norm, targets (T,); with --baseline gradcam also gradcam_maps
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
     OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
     OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
+    OUT/summary.json             with --annotations: the localization scores (caffast.apps.runlocalization)
     OUT/.lock                    held (flock) by the run using the folder; holds its pid and host
 
 REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart);
@@ -113,9 +114,10 @@ def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> 
 class RunFolder:
     """Paths and files of one output folder; every write is atomic."""
 
-    def __init__(self, root: Path, data: Optional[Path] = None) -> None:
+    def __init__(self, root: Path, data: Optional[Path] = None, extra_arrays: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.data = None if data is None else Path(data)  # the images: records of changed ones do not count
+        self.arrays = RESULT_ARRAYS + tuple(extra_arrays)  # a result file lacking one is broken (a baseline's maps)
 
     def result_path(self, image: str) -> Path:
         return self.root / "results" / _output_name(image, ".npz")
@@ -253,10 +255,10 @@ class RunFolder:
         result = self.result_path(image)
         try:
             with np.load(result, allow_pickle=False) as arrays:
-                missing = [name for name in RESULT_ARRAYS if name not in arrays.files]
+                missing = [name for name in self.arrays if name not in arrays.files]
                 if missing:
                     return f"its result file {self.relative(result)} lacks {', '.join(missing)}"
-                loaded = {name: arrays[name] for name in RESULT_ARRAYS}  # reads every array: a CRC check
+                loaded = {name: arrays[name] for name in self.arrays}  # reads every array: a CRC check
         except FileNotFoundError:
             return f"its result file {self.relative(result)} is missing"
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -311,6 +313,11 @@ class RunFolder:
             yield
         finally:
             self.reading_path(image).unlink(missing_ok=True)
+
+    def read_index(self) -> list[dict[str, Any]]:
+        """The rows of index.jsonl, as the last run wrote it."""
+        text = (self.root / INDEX).read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def write_index(self, images: list[str]) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row

@@ -12,6 +12,11 @@ from .demo_model import load_demo_model
 from .gradcam import grad_cam
 from .metrics import iou_auc, mask_iou, pointing_game
 from .scenes import make_scene, normalize
+from .summary import Metric
+
+
+# the record fields of scene_records, as rows of caffast.eval.summary's tables
+SCENE_METRICS = (Metric("pointing game", "pointing"), Metric("IoU@0.5", "iou"), Metric("IoU AUC", "iou_auc"))
 
 
 def scene_batch(count: int, first_seed: int, objects: int = 2):
@@ -20,24 +25,27 @@ def scene_batch(count: int, first_seed: int, objects: int = 2):
     return scenes, images
 
 
-def localization(maps: torch.Tensor, scenes, targets: torch.Tensor) -> dict[str, float]:
-    """Pointing game, IoU at 0.5 and the IoU-curve area of (N, T, H, W) maps against each target's mask."""
-    hits, ious, aucs = [], [], []
+def localization_records(maps: torch.Tensor, scenes, targets: torch.Tensor) -> list[dict[str, float]]:
+    """Per map of (N, T, H, W) maps, its pointing game, IoU at 0.5 and IoU-curve area against its
+    target's mask: one record per (scene, target), as caffast.eval.summary takes them."""
+    records = []
     for n, scene in enumerate(scenes):
         for t, target in enumerate(targets[n].tolist()):
             mask = np.asarray(scene.masks[list(scene.labels).index(target)])
             heat = maps[n, t].cpu().numpy()
-            hits.append(pointing_game(heat, mask, tolerance=round(15 * mask.shape[0] / 224)))
-            ious.append(mask_iou(heat, mask, 0.5))
-            aucs.append(iou_auc(heat, mask))
-    return {"pointing game": float(np.mean(hits)), "IoU@0.5": float(np.mean(ious)), "IoU AUC": float(np.mean(aucs))}
+            records.append({
+                "pointing": pointing_game(heat, mask, tolerance=round(15 * mask.shape[0] / 224)),
+                "iou": mask_iou(heat, mask, 0.5),
+                "iou_auc": iou_auc(heat, mask),
+            })  # fmt: skip
+    return records
 
 
-def evaluate_scenes(
+def scene_records(
     count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
-) -> dict[str, dict[str, float]]:
+) -> dict[str, list[dict[str, float]]]:
     """Class-specific L2-CAF with every solver and map, and Grad-CAM, on synthetic scenes: each class's
-    map scored against that class's mask."""
+    map scored against that class's mask, one record per map (`localization_records`), by method."""
     model = load_demo_model()
     scenes, images = scene_batch(count, first_seed, objects)
     targets = torch.tensor([list(scene.labels) for scene in scenes], dtype=torch.long)
@@ -47,7 +55,17 @@ def evaluate_scenes(
         l2caf = explain(model, images, "features", mode="specific", targets=targets, max_iter=max_iter, solver=solver)
         for kind in MAPS:
             maps = normalize_filter(l2caf.filters, map=kind)
-            results[f"L2-CAF {solver} {kind}"] = localization(upsample_maps(maps, size), scenes, targets)
+            results[f"L2-CAF {solver} {kind}"] = localization_records(upsample_maps(maps, size), scenes, targets)
     gradcam = grad_cam(model, images, "features", targets).maps
-    results["Grad-CAM"] = localization(upsample_maps(gradcam, size), scenes, targets)
+    results["Grad-CAM"] = localization_records(upsample_maps(gradcam, size), scenes, targets)
     return results
+
+
+def evaluate_scenes(
+    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
+) -> dict[str, dict[str, float]]:
+    """The means of `scene_records`' metrics, by method."""
+    return {
+        method: {metric.label: float(np.mean([record[metric.field] for record in records])) for metric in SCENE_METRICS}
+        for method, records in scene_records(count, max_iter, first_seed, objects).items()
+    }

@@ -284,6 +284,12 @@ def timm_preprocessing(arch: str, weights: Weights = None) -> Optional[dict[str,
     return {key: config.get(key) for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
 
 
+def timm_num_classes(arch: str) -> Optional[int]:
+    """How many classes timm's `arch` outputs (1000 for its ImageNet-1k models); None for torchvision's."""
+    name = timm_name(arch)
+    return None if name is None else int(_timm_skeleton(name).num_classes)
+
+
 def timm_default_layer(arch: str) -> Optional[str]:
     """The breakpoint for a timm model: the last block's first norm for ViTs (the last block's output
     patch tokens never reach a class-token head); for CNNs the last module that outputs the last

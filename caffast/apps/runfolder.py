@@ -268,12 +268,16 @@ class RunFolder:
                 return f"its overlay {row['overlay']} is missing"
         return None
 
-    def pending(self, images: list[str], retry_failed: bool) -> tuple[list[str], dict[str, str]]:
+    def pending(
+        self, images: list[str], retry_failed: bool, checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[list[str], dict[str, str]]:
         """The images still to explain: those with no whole record, and with `retry_failed` the failed
-        ones; and, among them, the images whose outputs are broken, with what is wrong."""
+        ones; and, among them, the images whose outputs are broken, with what is wrong.  `checked` is
+        told how many images were checked so far (reading every result file takes a while)."""
         pending, broken = [], {}
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows, problem = self.check_record(image)
+            checked(count)
             if problem:
                 broken[image] = problem
             if rows is None or (retry_failed and any(row["status"] != "done" for row in rows)):
@@ -312,12 +316,15 @@ class RunFolder:
         finally:
             self.reading_path(image).unlink(missing_ok=True)
 
-    def write_index(self, images: list[str]) -> tuple[int, list[str]]:
+    def write_index(
+        self, images: list[str], checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row
-        count and the images left out for want of a whole record."""
+        count and the images left out for want of a whole record.  `checked` as for `pending`."""
         lines, unfinished = [], []
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows = self.read_record(image)
+            checked(count)
             if rows is None:
                 unfinished.append(image)
             lines += [json.dumps(row) for row in rows or []]

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import gc
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,8 +27,11 @@ import numpy as np
 import torch
 
 from .atomic import write_atomically
-from .common import CliError, command_settings, flat_map_notes, model_errors, parse_classes, say, show_progress
+from .common import (
+    CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
+)  # fmt: skip
 from .distributed import Processes, start_processes
+from ..core.loop import ProgressCallback
 from ..core.settings import Settings
 from ..engine.explain import Explanation, explain
 from ..engine.inputs import Targets
@@ -43,6 +45,7 @@ DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
+CHECKS_SHOWN_AFTER = 2.0  # seconds: checking the records of finished images shows progress when it takes longer
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -101,7 +104,7 @@ class Runner:
         self.limit = batch_size  # the batch size, halved for good after an out-of-memory error
         self.overlays = overlays
         self.tally = tally
-        self.progress_bar = False
+        self.progress: Optional[Progress] = None  # images finished of this process's, once it has some
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -158,7 +161,8 @@ class Runner:
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
             with flat_map_notes(self._note_flat):
-                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings)
+                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings,
+                                      progress=self._under_way(batch))  # fmt: skip
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
             message = f"{type(error).__name__}: {error}"
@@ -183,6 +187,13 @@ class Runner:
             self._explain_part(part)
             start += len(part)
 
+    def _under_way(self, batch: list[LoadedImage]) -> Optional[ProgressCallback]:
+        """What the solver's share of the batch's work moves: the progress of the images it will save."""
+        if self.progress is None:
+            return None
+        progress, finished, saved = self.progress, self.tally.done + self.tally.failed, sum(item.save for item in batch)
+        return lambda share: progress.update(finished, share * saved)
+
     def _note_flat(self, message: str) -> None:
         if self.tally.flat_note is None:
             self.tally.flat_note = message
@@ -197,20 +208,9 @@ class Runner:
     def _save(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
         folder = self.folder
-
-        def array(tensor: torch.Tensor) -> np.ndarray:
-            return tensor[index].detach().cpu().numpy()
-
-        targets = array(explanation.targets)
-        result = folder.write_result(item.name, {
-            "filters": array(explanation.filters.float()),
-            "maps": array(explanation.maps.float()),
-            "iterations": array(explanation.iterations),
-            "loss": array(explanation.loss.float()),
-            "objective": array(explanation.objective),
-            "gradient_norm": array(explanation.gradient_norm),
-            "targets": targets,
-        })  # fmt: skip
+        arrays = result_arrays(explanation, index)
+        targets = arrays["targets"]
+        result = folder.write_result(item.name, arrays)
         rows = []
         for column, target in enumerate(targets.tolist()):
             row = {
@@ -250,8 +250,8 @@ class Runner:
         self._report()
 
     def _report(self) -> None:
-        if self.progress_bar:
-            show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+        if self.progress is not None:
+            self.progress.update(self.tally.done + self.tally.failed)
 
 
 def _cannot_write(error: OSError, root: Path) -> CliError:
@@ -402,12 +402,14 @@ def _images(data_dir: Path, folder: RunFolder) -> list[str]:
 
 
 def _plan(
-    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
+    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool, quiet: bool
 ) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
     holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
-    pending, broken = folder.pending(images, retry_failed)
+    checking = Progress(len(images), "checking earlier outputs", quiet=quiet, delay=CHECKS_SHOWN_AFTER)
+    pending, broken = folder.pending(images, retry_failed, checking.update)
+    checking.end()
     if broken:
         named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
         more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
@@ -451,7 +453,7 @@ def _run(
             try:
                 images = _images(data_dir, folder)
                 lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
-                verdict = _plan(folder, images, config, args.retry_failed)
+                verdict = _plan(folder, images, config, args.retry_failed, args.quiet)
             except (CliError, ConfigMismatch, FolderBusy) as error:
                 verdict = str(error)
             except OSError as error:
@@ -473,10 +475,12 @@ def _explain_plan(
     batches = _batches(images, pending, args.batch_size)
     mine = batches[processes.rank :: processes.world_size]
     tally.planned = sum(name in unfinished for batch in mine for name in batch)
-    if processes.first:
+    if processes.first and not args.quiet:
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
-        print(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}", file=sys.stderr)
-        runner.progress_bar = True
+        say(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}")
+    if tally.planned:
+        rank = processes.rank if processes.world_size > 1 else None
+        runner.progress = Progress(tally.planned, "explaining", quiet=args.quiet, rank=rank)
 
     # every rank takes part in every round, so that each waits for the others one batch at most
     problem, stopped = "", 0
@@ -489,6 +493,8 @@ def _explain_plan(
         stopped = processes.check_in(bool(problem))
         if stopped:
             break
+    if runner.progress is not None:
+        runner.progress.end()
     if problem:
         raise CliError(problem)
     if stopped:
@@ -497,7 +503,9 @@ def _explain_plan(
     done, failed, flat = processes.total([tally.done, tally.failed, tally.flat])
     if not processes.first:
         return None
-    rows, unfinished_now = folder.write_index(images)
+    indexing = Progress(len(images), "writing the index", quiet=args.quiet, delay=CHECKS_SHOWN_AFTER)
+    rows, unfinished_now = folder.write_index(images, indexing.update)
+    indexing.end()
     if unfinished_now:
         say(
             f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "

@@ -140,14 +140,22 @@ class ModelSource:
     def class_names(self, classes: int) -> list[str]:
         """The names of the model's `classes` outputs: the demo's shapes, ImageNet's categories for
         1000-class torchvision models (offline, from torchvision's metadata), else their numbers."""
+        categories = self._categories()
+        return categories if len(categories) == classes else [str(k) for k in range(classes)]
+
+    def class_name(self, index: int, classes: int) -> Optional[str]:
+        """The name of class `index` of the model's `classes` outputs, as `class_names` has it; None
+        where the classes have no names (a file name then holds the number alone)."""
+        categories = self._categories()
+        return categories[index] if len(categories) == classes and 0 <= index < classes else None
+
+    def _categories(self) -> list[str]:
         if self.is_demo:
-            categories: list[str] = list(DEMO_CLASS_NAMES)
-        else:
-            try:
-                categories = torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"]
-            except (ValueError, KeyError, AttributeError):
-                categories = []
-        return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
+            return list(DEMO_CLASS_NAMES)
+        try:
+            return list(torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"])
+        except (ValueError, KeyError, AttributeError):
+            return []
 
     def weights_identity(self) -> str:
         """What a run's results depend on, as its config.json records it: the content of a weights

@@ -309,8 +309,10 @@ class RunFolder:
     @contextlib.contextmanager
     def reading(self, image: str) -> Iterator[None]:
         """Mark `image` as being read while the block runs: only a process killed in the block (out of
-        memory, or kill -9) leaves the marker, which counts the attempts so far."""
-        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1})
+        memory, or kill -9) leaves the marker, which counts the attempts so far.  The marker is not
+        fsynced: a kill leaves it in the page cache, and a crash of the machine, which loses it, is no
+        fault of the image."""
+        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1}, durable=False)
         try:
             yield
         finally:

@@ -34,6 +34,7 @@ from .distributed import Processes, start_processes
 from ..core.loop import ProgressCallback
 from ..core.settings import Settings
 from ..engine.explain import Explanation, explain
+from ..engine.flat import unwarned
 from ..engine.inputs import Targets
 from ..models.source import ExplainableModel, ModelSource
 from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
@@ -112,7 +113,7 @@ class Runner:
         size = self.model.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
-            with flat_map_notes(lambda message: None):  # a blank image may well give a flat map
+            with unwarned():  # a blank image gives a flat map: no warning, and no search for a better layer
                 explain(self.model.model, blank, self.model.layer, self.targets, settings=replace(self.settings, max_iter=1))
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "

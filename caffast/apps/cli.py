@@ -377,13 +377,15 @@ def _command_evaluate(args: argparse.Namespace) -> None:
     _print_table(results)
 
 
-def _command_real_demo(out: Path) -> None:
-    from ..eval.real_demo import write_real_demo
+def _command_real_demo(out: Path, quiet: bool) -> None:
+    from ..eval.real_demo import demo_steps, write_real_demo
 
     try:
-        path, rates = write_real_demo(out)
+        progress = Progress(demo_steps(), "demo --real", unit="steps", quiet=quiet)
+        path, rates = write_real_demo(out, progress.update)
     except ImportError as error:
         raise CliError(f"caffast demo --real: {error}") from None
+    progress.end()
     print(f"class-specific maps of an ImageNet-trained EfficientNet-Lite0 on real photos: {path}")
     print("pointing game over the real tier (the map's peak inside the object's box):")
     for method, rate in rates.items():
@@ -392,7 +394,7 @@ def _command_real_demo(out: Path) -> None:
 
 def _command_demo(args: argparse.Namespace) -> None:
     if args.real:
-        _command_real_demo(Path(args.out))
+        _command_real_demo(Path(args.out), args.quiet)
         return
     from PIL import Image
 

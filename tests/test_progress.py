@@ -274,7 +274,7 @@ def test_a_gif_shows_the_convergence_and_is_never_one_frame(scenes, tmp_path, ca
     out = tmp_path / "exact"  # the closed form: one map, no convergence
     assert main(["explain", str(scenes / "2.png"), "--arch", "demo", "--classes", "1", "--solver", "exact",
                  "--gif", "--out", str(out)]) == 0  # fmt: skip
-    assert not list(out.glob("*.gif")) and "no GIF for the maps of 1 images" in capsys.readouterr().err
+    assert not list(out.glob("*.gif")) and "no GIF for the maps of 1 images, which have one frame: solver exact" in capsys.readouterr().err
 
 
 def test_evaluate_reports_scenes_and_batches_change_no_score(monkeypatch, every_update, capsys):

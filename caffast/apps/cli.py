@@ -153,7 +153,7 @@ def _explain_files(
                  for target in exp.targets[0].tolist()]  # fmt: skip
         for saved in _save_overlays(rgb, exp, 0, paths, gif):
             (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
-        result = out / name_of(stems[path], -1, None)
+        result = out / fitting_name(stems[path], f"_l2caf_{settings.mode}_{source.arch}.npz")
         write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
                            "settings": np.array(json.dumps({"image": path, **record}))})  # fmt: skip
         written.results.append(result)
@@ -162,8 +162,9 @@ def _explain_files(
         progress.update(done + 1)
     progress.end()
     if stills:
-        say(f"caffast: no GIF for the maps of {stills} images: solver {settings.solver} found them without a "
-            "history to show (a closed form or a few bundle steps); --solver gd draws the convergence")  # fmt: skip
+        why = ("one iteration shows no convergence" if settings.solver == "gd" else f"solver {settings.solver} keeps "
+               "no history (a closed form or a few bundle steps); --solver gd draws the convergence")  # fmt: skip
+        say(f"caffast: no GIF for the maps of {stills} images, which have one frame: {why}")
     if flat:
         say(f"caffast: {flat} of the maps are flat and show nothing (the warnings above say why and where to look instead)")
     for kind in ("overlays", "gifs", "results"):  # an image given twice writes its files once
@@ -175,9 +176,7 @@ def _command_explain(args: argparse.Namespace) -> None:
     mode = args.mode
 
     def name_of(stem: str, target: int, label: Optional[str]) -> str:
-        """An overlay's name (`target` -1: the image's .npz): the class once, with its name where known."""
-        if target < 0:
-            return fitting_name(stem, f"_l2caf_{mode}_{args.arch}.npz")
+        """An overlay's name: the class once, with its name where the model has names."""
         if mode == "oblivious":
             return fitting_name(stem, f"_l2caf_oblivious_{args.arch}.png")
         named = f"_{label.replace(' ', '_')}" if label is not None else ""

@@ -189,7 +189,8 @@ def test_a_run_of_one_batch_moves_before_the_batch_ends(scenes, tmp_path, every_
 
 
 def test_a_quiet_run_says_nothing_on_stderr(scenes, tmp_path, every_update, capsys):
-    assert main(["run", str(scenes), "--out", str(tmp_path / "out"), "--arch", "demo", "--max-iter", "50", "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["run", str(scenes), "--out", str(out), "--arch", "demo", "--max-iter", "50", "--quiet"]) == 0
     printed = capsys.readouterr()
     assert printed.err == "" and "3 images done" in printed.out
 
@@ -274,7 +275,8 @@ def test_a_gif_shows_the_convergence_and_is_never_one_frame(scenes, tmp_path, ca
     out = tmp_path / "exact"  # the closed form: one map, no convergence
     assert main(["explain", str(scenes / "2.png"), "--arch", "demo", "--classes", "1", "--solver", "exact",
                  "--gif", "--out", str(out)]) == 0  # fmt: skip
-    assert not list(out.glob("*.gif")) and "no GIF for the maps of 1 images, which have one frame: solver exact" in capsys.readouterr().err
+    assert not list(out.glob("*.gif"))
+    assert "no GIF for the maps of 1 images, which have one frame: solver exact" in capsys.readouterr().err
 
 
 def test_evaluate_reports_scenes_and_batches_change_no_score(monkeypatch, every_update, capsys):
@@ -291,4 +293,5 @@ def test_evaluate_reports_scenes_and_batches_change_no_score(monkeypatch, every_
 def test_the_demo_counts_its_scene_and_the_scored_ones(tmp_path, every_update, capsys):
     assert main(["demo", "--out", str(tmp_path), "--scenes", "4", "--max-iter", "60"]) == 0
     lines = _lines(capsys.readouterr().err)
-    assert lines[-1][1:5] == ("demo", 5, 5, "scenes") and [line[2] for line in lines] == sorted(line[2] for line in lines)
+    done = [line[2] for line in lines]
+    assert lines[-1][1:5] == ("demo", 5, 5, "scenes") and done == sorted(done)

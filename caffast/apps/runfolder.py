@@ -270,12 +270,16 @@ class RunFolder:
                 return f"its overlay {row['overlay']} is missing"
         return None
 
-    def pending(self, images: list[str], retry_failed: bool) -> tuple[list[str], dict[str, str]]:
+    def pending(
+        self, images: list[str], retry_failed: bool, checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[list[str], dict[str, str]]:
         """The images still to explain: those with no whole record, and with `retry_failed` the failed
-        ones; and, among them, the images whose outputs are broken, with what is wrong."""
+        ones; and, among them, the images whose outputs are broken, with what is wrong.  `checked` is
+        told how many images were checked so far (reading every result file takes a while)."""
         pending, broken = [], {}
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows, problem = self.check_record(image)
+            checked(count)
             if problem:
                 broken[image] = problem
             if rows is None or (retry_failed and any(row["status"] != "done" for row in rows)):
@@ -307,8 +311,10 @@ class RunFolder:
     @contextlib.contextmanager
     def reading(self, image: str) -> Iterator[None]:
         """Mark `image` as being read while the block runs: only a process killed in the block (out of
-        memory, or kill -9) leaves the marker, which counts the attempts so far."""
-        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1})
+        memory, or kill -9) leaves the marker, which counts the attempts so far.  The marker is not
+        fsynced: a kill leaves it in the page cache, and a crash of the machine, which loses it, is no
+        fault of the image."""
+        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1}, durable=False)
         try:
             yield
         finally:
@@ -319,12 +325,15 @@ class RunFolder:
         text = (self.root / INDEX).read_text(encoding="utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def write_index(self, images: list[str]) -> tuple[int, list[str]]:
+    def write_index(
+        self, images: list[str], checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row
-        count and the images left out for want of a whole record."""
+        count and the images left out for want of a whole record.  `checked` as for `pending`."""
         lines, unfinished = [], []
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows = self.read_record(image)
+            checked(count)
             if rows is None:
                 unfinished.append(image)
             lines += [json.dumps(row) for row in rows or []]

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import gc
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,10 +27,14 @@ import numpy as np
 import torch
 
 from .atomic import write_atomically
-from .common import CliError, command_settings, flat_map_notes, model_errors, parse_classes, say, show_progress
+from .common import (
+    CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
+)  # fmt: skip
 from .distributed import Processes, start_processes
+from ..core.loop import ProgressCallback
 from ..core.settings import Settings
 from ..engine.explain import Explanation, explain
+from ..engine.flat import unwarned
 from ..engine.inputs import Targets
 from ..eval.gradcam import grad_cam
 from ..models.source import ExplainableModel, ModelSource
@@ -47,6 +50,7 @@ DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
+CHECKS_SHOWN_AFTER = 2.0  # seconds: checking the records of finished images shows progress when it takes longer
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -109,7 +113,7 @@ class Runner:
         self.tally = tally
         self.localization = localization  # score each map against these annotations
         self.baseline = baseline  # "gradcam": its maps beside L2-CAF's, at the same layer and targets
-        self.progress_bar = False
+        self.progress: Optional[Progress] = None  # images finished of this process's, once it has some
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -117,7 +121,7 @@ class Runner:
         size = self.model.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
-            with flat_map_notes(lambda message: None):  # a blank image may well give a flat map
+            with unwarned():  # a blank image gives a flat map: no warning, and no search for a better layer
                 explain(self.model.model, blank, self.model.layer, self.targets, settings=replace(self.settings, max_iter=1))
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
@@ -174,7 +178,8 @@ class Runner:
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
             with flat_map_notes(self._note_flat):
-                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings)
+                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings,
+                                      progress=self._under_way(batch))  # fmt: skip
             baseline = self._baseline_maps(images, explanation.targets) if self.baseline is not None else None
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
@@ -204,6 +209,13 @@ class Runner:
         """The baseline's (N, T, H, W) maps at the run's layer, for L2-CAF's targets."""
         return grad_cam(self.model.model, images, self.model.layer, targets).maps.float()
 
+    def _under_way(self, batch: list[LoadedImage]) -> Optional[ProgressCallback]:
+        """What the solver's share of the batch's work moves: the progress of the images it will save."""
+        if self.progress is None:
+            return None
+        progress, finished, saved = self.progress, self.tally.done + self.tally.failed, sum(item.save for item in batch)
+        return lambda share: progress.update(finished, share * saved)
+
     def _note_flat(self, message: str) -> None:
         if self.tally.flat_note is None:
             self.tally.flat_note = message
@@ -220,22 +232,10 @@ class Runner:
     def _save(self, item: LoadedImage, explanation: Explanation, index: int, baseline: Optional[torch.Tensor]) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
         folder = self.folder
-
-        def array(tensor: torch.Tensor) -> np.ndarray:
-            return tensor[index].detach().cpu().numpy()
-
-        targets = array(explanation.targets)
-        arrays = {
-            "filters": array(explanation.filters.float()),
-            "maps": array(explanation.maps.float()),
-            "iterations": array(explanation.iterations),
-            "loss": array(explanation.loss.float()),
-            "objective": array(explanation.objective),
-            "gradient_norm": array(explanation.gradient_norm),
-            "targets": targets,
-        }
+        arrays = result_arrays(explanation, index)
+        targets = arrays["targets"]
         if baseline is not None:
-            arrays[BASELINE_ARRAY[self.baseline]] = array(baseline)
+            arrays[BASELINE_ARRAY[self.baseline]] = baseline[index].detach().cpu().numpy()
         top1, probabilities = _prediction(explanation.output, index)
         try:
             scores = self._score(item, arrays, targets.tolist(), top1)
@@ -303,8 +303,8 @@ class Runner:
         self._report()
 
     def _report(self) -> None:
-        if self.progress_bar:
-            show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+        if self.progress is not None:
+            self.progress.update(self.tally.done + self.tally.failed)
 
 
 def _prediction(output: torch.Tensor, index: int) -> tuple[Optional[int], np.ndarray]:
@@ -473,12 +473,14 @@ def _say_missing(missing: list[str]) -> None:
 
 
 def _plan(
-    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
+    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool, quiet: bool
 ) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
     holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
-    pending, broken = folder.pending(images, retry_failed)
+    checking = Progress(len(images), "checking earlier outputs", quiet=quiet, delay=CHECKS_SHOWN_AFTER)
+    pending, broken = folder.pending(images, retry_failed, checking.update)
+    checking.end()
     if broken:
         named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
         more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
@@ -535,7 +537,7 @@ def _run(
                 if localization is not None:
                     _say_missing(localization.missing(images))
                 lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
-                verdict = _plan(folder, images, config, args.retry_failed)
+                verdict = _plan(folder, images, config, args.retry_failed, args.quiet)
             except (CliError, ConfigMismatch, FolderBusy) as error:
                 verdict = str(error)
             except OSError as error:
@@ -557,10 +559,12 @@ def _explain_plan(
     batches = _batches(images, pending, args.batch_size)
     mine = batches[processes.rank :: processes.world_size]
     tally.planned = sum(name in unfinished for batch in mine for name in batch)
-    if processes.first:
+    if processes.first and not args.quiet:
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
-        print(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}", file=sys.stderr)
-        runner.progress_bar = True
+        say(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}")
+    if tally.planned:
+        rank = processes.rank if processes.world_size > 1 else None
+        runner.progress = Progress(tally.planned, "explaining", quiet=args.quiet, rank=rank)
 
     # every rank takes part in every round, so that each waits for the others one batch at most
     problem, stopped = "", 0
@@ -573,6 +577,8 @@ def _explain_plan(
         stopped = processes.check_in(bool(problem))
         if stopped:
             break
+    if runner.progress is not None:
+        runner.progress.end()
     if problem:
         raise CliError(problem)
     if stopped:
@@ -581,7 +587,9 @@ def _explain_plan(
     done, failed, flat = processes.total([tally.done, tally.failed, tally.flat])
     if not processes.first:
         return None
-    rows, unfinished_now = folder.write_index(images)
+    indexing = Progress(len(images), "writing the index", quiet=args.quiet, delay=CHECKS_SHOWN_AFTER)
+    rows, unfinished_now = folder.write_index(images, indexing.update)
+    indexing.end()
     if unfinished_now:
         say(
             f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "

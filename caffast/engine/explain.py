@@ -19,6 +19,7 @@ from ..core.finite import Suspects, check_loss
 from ..core.folds import fold_prefix
 from ..core.guard import frozen
 from ..core.heads import detect_head, precompute
+from ..core.loop import ProgressCallback
 from ..core.losses import ClassLoss, Objective, UserObjective, as_dtype
 from ..core.outputs import primary_output, select_rows
 from ..core.problems import AutogradProblem, FusedProblem
@@ -175,6 +176,7 @@ def explain(
     reshape_transform: Optional[ReshapeTransform] = None,
     loss: Union[LossName, ClassLoss] = Settings.loss,
     settings: Optional[Settings] = None,
+    progress: Optional[ProgressCallback] = None,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
@@ -205,6 +207,9 @@ def explain(
     "release", the official releases' (the target logit against the sum of the others, which on
     trained networks with many classes mostly explains the other classes: use it for parity).
     `objective(FT, NT)` replaces the class-oblivious loss (one loss per sample).
+    `progress(share)` is told, at every check of the reference loop, the share of its work done (0 to
+    1), for a progress bar; it changes no result.  The compiled fused loops (backends cpp and triton)
+    run whole in one call and do not report, nor do solver="fast" and the descent of "exact".
     `layout` ("nchw", "nhwc", "tokens") says where the grid lies in the layer's output where it cannot
     be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
     defines it instead (caffast.core.layouts).
@@ -260,7 +265,7 @@ def explain(
         names = _problem_names(mode, image_index, targets, table.scores)
         suspects = Suspects(names, chosen.lr, _layer_name(model, layer),
                             features, grid, objective is not None, _scorer_names(table.scores))  # fmt: skip
-        solution = optimize(problem, fused_head, backend, initial, chosen, suspects)
+        solution = optimize(problem, fused_head, backend, initial, chosen, suspects, progress)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)

@@ -15,7 +15,7 @@ from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_
 from ..core.fast import fast_minimize
 from ..core.finite import Suspects, check_solution
 from ..core.heads import FusedHead
-from ..core.loop import LoopSettings, Problem, Solution, solve
+from ..core.loop import LoopSettings, Problem, ProgressCallback, Solution, solve
 from ..core.problems import FusedProblem
 from ..core.settings import Settings
 
@@ -24,7 +24,7 @@ SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
 
 def optimize(
     problem: Problem, fused_head: Optional[FusedHead], backend: Backend, initial: torch.Tensor, chosen: Settings,
-    suspects: Suspects,
+    suspects: Suspects, progress: Optional[ProgressCallback] = None,
 ) -> Solution:
     """The answer of the `chosen` solver for every problem.
 
@@ -32,7 +32,9 @@ def optimize(
     bundle method of caffast.core.fast from the reference start.  "exact" descends (caffast.core.exact)
     from the loop's answer, on a generic tail from the better of the loop's and fast's answers, so its
     objective is the lowest of the three.  A loss or filter that is not finite in the result's
-    precision (the dtype of `initial`) raises a NonFiniteError naming its cause.
+    precision (the dtype of `initial`) raises a NonFiniteError naming its cause.  `progress` hears the
+    reference loop's checks where it runs in Python (caffast.core.loop.solve); the compiled fused
+    loops run whole in one call, and "fast" and the descent of "exact" report nothing.
     """
     solver, constraint, settings = chosen.solver, chosen.filter_constraint, chosen.loop_settings()
     if solver != "gd" and has_closed_form(fused_head, constraint):
@@ -42,10 +44,10 @@ def optimize(
         solution = _fast(problem, initial, chosen, backend)
     else:
         if fused_head is not None:
-            solution = fused_loop(backend, fused_head, constraint, initial.double(), settings)
+            solution = fused_loop(backend, fused_head, constraint, initial.double(), settings, progress)
         else:
             graphed = chosen.cuda_graphs and initial.device.type == "cuda"
-            solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
+            solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings, progress)
         if solver == "exact":
             check_solution(solution, constraint, initial.dtype, suspects)  # the loop's own cause first
             start, evaluations = solution.params, solution.evaluations
@@ -62,12 +64,13 @@ def optimize(
 
 
 def fused_loop(
-    backend: Backend, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings
+    backend: Backend, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings,
+    progress: Optional[ProgressCallback] = None,
 ) -> Solution:
     """The reference loop on a fused head: the backend's own where it takes the problem, otherwise the
-    shared loop on the head's closed form."""
+    shared loop on the head's closed form (which alone reports to `progress`)."""
     solution = backend.solve_fused(head, constraint, initial, settings)
-    return solution if solution is not None else solve(FusedProblem(head, constraint), initial, settings)
+    return solution if solution is not None else solve(FusedProblem(head, constraint), initial, settings, progress)
 
 
 def _fast(problem: Problem, initial: torch.Tensor, chosen: Settings, backend: Backend) -> Solution:

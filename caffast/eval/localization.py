@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 
@@ -17,6 +19,7 @@ from .summary import Metric
 
 # the record fields of scene_records, as rows of caffast.eval.summary's tables
 SCENE_METRICS = (Metric("pointing game", "pointing"), Metric("IoU@0.5", "iou"), Metric("IoU AUC", "iou_auc"))
+SCENES_PER_BATCH = 100  # scenes explained in one call: progress after each, and memory bounded whatever the count
 
 
 def scene_batch(count: int, first_seed: int, objects: int = 2):
@@ -42,11 +45,31 @@ def localization_records(maps: torch.Tensor, scenes, targets: torch.Tensor) -> l
 
 
 def scene_records(
-    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
+    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> dict[str, list[dict[str, float]]]:
     """Class-specific L2-CAF with every solver and map, and Grad-CAM, on synthetic scenes: each class's
-    map scored against that class's mask, one record per map (`localization_records`), by method."""
+    map scored against that class's mask, one record per map (`localization_records`), by method.
+
+    The scenes are explained SCENES_PER_BATCH at a time (each problem is solved on its own, so the
+    batches give what one call on every scene gives); `progress` is told after each batch how many
+    scenes are scored.
+    """
     model = load_demo_model()
+    records: dict[str, list[dict[str, float]]] = {}
+    for start in range(0, count, SCENES_PER_BATCH):
+        size = min(SCENES_PER_BATCH, count - start)
+        for method, batch in _batch_records(model, size, first_seed + start, max_iter, objects).items():
+            records.setdefault(method, []).extend(batch)
+        if progress is not None:
+            progress(start + size)
+    return records
+
+
+def _batch_records(
+    model: torch.nn.Module, count: int, first_seed: int, max_iter: int, objects: int
+) -> dict[str, list[dict[str, float]]]:
+    """Every method's records on the scenes of seeds first_seed, first_seed + 1, ..., per (scene, target)."""
     scenes, images = scene_batch(count, first_seed, objects)
     targets = torch.tensor([list(scene.labels) for scene in scenes], dtype=torch.long)
     size = tuple(images.shape[-2:])
@@ -62,10 +85,11 @@ def scene_records(
 
 
 def evaluate_scenes(
-    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
+    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> dict[str, dict[str, float]]:
     """The means of `scene_records`' metrics, by method."""
     return {
         method: {metric.label: float(np.mean([record[metric.field] for record in records])) for metric in SCENE_METRICS}
-        for method, records in scene_records(count, max_iter, first_seed, objects).items()
+        for method, records in scene_records(count, max_iter, first_seed, objects, progress).items()
     }

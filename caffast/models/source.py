@@ -145,6 +145,12 @@ class ModelSource:
         categories = self._listed_class_names()
         return categories if len(categories) == classes else [str(k) for k in range(classes)]
 
+    def class_name(self, index: int, classes: int) -> Optional[str]:
+        """The name of class `index` of the model's `classes` outputs, as `class_names` has it; None
+        where the classes have no names (a file name then holds the number alone)."""
+        categories = self._listed_class_names()
+        return categories[index] if len(categories) == classes and 0 <= index < classes else None
+
     def known_class_names(self) -> list[str]:
         """The class names the architecture is known to have, without loading it: those of
         `class_names`, and ImageNet's for timm's 1000-class models; empty where none are known."""

@@ -133,10 +133,10 @@ def timm_name(arch: str) -> Optional[str]:
     """`arch` when it names a timm model that torchvision does not have ("vit_tiny_patch16_224",
     "resnet50.a1_in1k" with a pretrained tag) and timm is installed; None otherwise (torchvision's
     names stay torchvision's)."""
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return None  # before importing timm, which takes seconds
     timm = _timm()
-    if timm is None or arch in torchvision.models.list_models(module=torchvision.models) or not timm.is_model(arch):
-        return None
-    return arch
+    return arch if timm is not None and timm.is_model(arch) else None
 
 
 def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:

@@ -269,6 +269,10 @@ def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{IMAGES} images done, 1 failed, 0 skipped" in result.stdout
     _assert_same_outputs(out, reference)
+    # each rank closes its own progress line: of the IMAGES + 1 one-image batches, rank 0 takes the 1st, 3rd, ...
+    first, second = (IMAGES + 2) // 2, (IMAGES + 1) // 2
+    closing = re.findall(r"^\[rank (\d)\] explaining: (\d+)/(\d+) images \(100%\)", result.stderr, re.MULTILINE)
+    assert sorted(closing) == [("0", str(first), str(first)), ("1", str(second), str(second))]
 
 
 def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):

@@ -27,7 +27,7 @@ from caffast.eval.localization import evaluate_scenes
 from caffast.eval.scenes import make_scene
 from caffast.models.source import SHIPPED_DEMO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^(?:\[rank (\d+)\] )?(.+?): (\d+)/(\d+) (\w+) \((\d+)%\), (\S+) \w+/s, (.+)$")
 
 

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .core.choices import Mode
 from .core.layouts import ReshapeTransform
+from .engine.embedded import settings_and_others
 from .engine.explain import explain, upsample_maps
 from .engine.inputs import check_images
 from .eval.gradcam import grad_cam
@@ -191,8 +193,8 @@ class _CAM:
 
 
 class L2CAF(_CAM):
-    """L2-CAF maps with pytorch-grad-cam's interface; `mode` and `explain_options` go to caffast.explain
-    (max_iter, lr, solver, map, layout, ...).
+    """L2-CAF maps with pytorch-grad-cam's interface; `mode` and `explain_options` are caffast.explain's
+    keywords (max_iter, lr, solver, map, layout, ...), its settings checked here into `settings`.
 
     The default is class-specific for the given targets (the top-1 class when None), as a
     class-discriminative CAM method would be.  A class target (an int, or ClassifierOutputTarget(c))
@@ -202,16 +204,15 @@ class L2CAF(_CAM):
     """
 
     def __init__(self, model: nn.Module, target_layers: TargetLayers, reshape_transform: Optional[ReshapeTransform] = None,
-                 *args: Any, mode: str = "specific", **explain_options: Any):  # fmt: skip
+                 *args: Any, mode: Mode = "specific", **explain_options: Any):  # fmt: skip
         accepted = ("compute_input_gradient", "uses_gradients", "tta_transforms", "detach", "use_cuda", "device")
         base = {key: explain_options.pop(key) for key in accepted if key in explain_options}
+        self.settings, self.explain_options = settings_and_others(explain_options, mode=mode, loss="logit")
         super().__init__(model, target_layers, reshape_transform, *args, **base)
-        self.mode = mode
-        self.explain_options = {"loss": "logit", **explain_options}
 
     def maps(self, images: torch.Tensor, layer: Union[str, nn.Module], rows: Optional[list], eigen_smooth: bool) -> torch.Tensor:
-        targets = rows if self.mode == "specific" else None
-        result = explain(self.model, images, layer, mode=self.mode, targets=targets,
+        targets = rows if self.settings.mode == "specific" else None
+        result = explain(self.model, images, layer, targets, settings=self.settings,
                          reshape_transform=self.reshape_transform, **self.explain_options)  # fmt: skip
         self.outputs = result.output
         if not eigen_smooth:

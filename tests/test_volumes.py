@@ -38,6 +38,7 @@ import caffast  # noqa: E402
 from caffast import viz  # noqa: E402
 from caffast.backends import cpp  # noqa: E402
 from caffast.core.breakpoints import split  # noqa: E402
+from caffast.core.constraints import as_constraint  # noqa: E402
 from caffast.core.folds import fold_tail  # noqa: E402
 from caffast.eval.volumes import VolumeNet, ball_volumes  # noqa: E402
 
@@ -343,11 +344,12 @@ def test_cpp_loop_on_a_volume_grid_matches_the_shared_loop(constraint, optimizer
     parts = torch.randn(2, 2, classes, 24, generator=gen, dtype=F64)
     gram = torch.einsum("iska,itkb->istab", parts, parts).contiguous()
     head = FusedHead(gram, None, None, torch.tensor([0, 1, 1]), "oblivious", classes, grid)
-    shape = (3, *caffast.core.constraints.as_constraint(constraint).parameter_shape(grid))
+    kind = as_constraint(constraint)
+    shape = (3, *kind.parameter_shape(grid))
     initial = torch.randn(shape, generator=gen, dtype=F64) * (0.5 if constraint == "gauss" else 1.0)
     settings = LoopSettings(max_iter=40, lr=0.5, min_error=0.0, check_every=5, optimizer=optimizer)
-    expected = solve(FusedProblem(head, constraint), initial, settings)
-    params, iterations, loss = cpp.solve_fused(head, constraint, initial.reshape(3, -1).contiguous(), settings)
+    expected = solve(FusedProblem(head, kind), initial, settings)
+    params, iterations, loss = cpp.solve_fused(head, kind, initial.reshape(3, -1).contiguous(), settings)
     assert torch.equal(iterations, expected.iterations)
     torch.testing.assert_close(params.view(shape), expected.params, rtol=0, atol=1e-10)
     torch.testing.assert_close(loss, expected.loss, rtol=0, atol=1e-10)

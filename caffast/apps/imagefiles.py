@@ -123,6 +123,25 @@ def _check_size(path: PathLike, width: int, height: int) -> None:
         )
 
 
+# EXIF orientations that turn the picture a quarter turn: its upright width is the stored height
+QUARTER_TURNS = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+
+
+def upright_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) of the picture as read_image reads it, upright, from the file's header alone:
+    boxes drawn on a picture are in these pixels.  Raises ImageReadError as read_image does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            turned = opened.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS
+    except Exception as error:  # as in read_image: decoders raise many kinds
+        raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
+    return (height, width) if turned else (width, height)
+
+
 def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
     """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
     normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""

@@ -9,14 +9,16 @@ CUDA models, "cpp" for CPU models.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-from ..core.choices import check_choice
+from ..core.choices import BackendName, check_choice
 from .cpp.backend import CppBackend
 from .interface import Backend
 from .torch.backend import TorchBackend
 
-BACKENDS = ("auto", "torch", "cpp", "triton")
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
 
 __all__ = ["BACKENDS", "Backend", "resolve_backend"]
 

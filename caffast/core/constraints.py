@@ -11,27 +11,27 @@ solvers, a kernel branch under its `name` in csrc/constraints.cpp and backends/t
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union, get_args
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .choices import check_choice
+from .choices import ConstraintName, InitName, MapName, check_choice
 
 Grid = tuple[int, ...]  # (H, W), or (D, H, W) for clips and volumes
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-INITS = ("ones", "normal")
+INITS: tuple[InitName, ...] = get_args(InitName)
 NORM_EPS = 1e-12  # F.normalize's: below it the norm is clamped
-MAPS = ("abs", "positive", "signed")  # how a signed l2norm filter becomes a map
+MAPS: tuple[MapName, ...] = get_args(MapName)  # how a signed l2norm filter becomes a map
 
 
 class Constraint:
     """The parameterization of one problem's filter."""
 
-    name: ClassVar[str]
+    name: ClassVar[ConstraintName]
     # the filter is f / ||f||: the parameters live on (a scaling of) the unit sphere, and the filter's
     # cells take either sign and can be exactly zero
     on_sphere: ClassVar[bool] = False
@@ -56,7 +56,7 @@ class Constraint:
         """Parameters standing for the same filter, in the form a descent steps from."""
         return params
 
-    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: MapName) -> torch.Tensor:
         """The map of converged parameters (..., *parameter_shape), over the grid's axes (the last
         two when no grid is given)."""
         raise NotImplementedError
@@ -77,7 +77,7 @@ class L2Norm(Constraint):
     def retract(self, params: torch.Tensor) -> torch.Tensor:
         return self.multiplier(params, None)
 
-    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: MapName) -> torch.Tensor:
         kept = {"abs": values.abs(), "positive": values.clamp_min(0), "signed": values}[map]
         norm = torch.linalg.vector_norm(kept, dim=grid_axes(grid), keepdim=True)
         return kept / norm.clamp_min(torch.finfo(kept.dtype).tiny)
@@ -91,7 +91,7 @@ class Softmax(Constraint):
     def multiplier(self, params: torch.Tensor, grid: Optional[Grid]) -> torch.Tensor:
         return torch.softmax(params.flatten(1), dim=1).view(params.shape)
 
-    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: MapName) -> torch.Tensor:
         return torch.softmax(values.flatten(grid_axes(grid)[0]), dim=-1).view(values.shape)
 
 
@@ -116,25 +116,28 @@ class Gauss(Constraint):
         """The Gaussian the mean stands for."""
         return gaussian_filter(params, grid)
 
-    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: str) -> torch.Tensor:
+    def attention_map(self, values: torch.Tensor, grid: Optional[Grid], map: MapName) -> torch.Tensor:
         grid = grid or self.DEFAULT_GRID
         return gaussian_filter(values.reshape(*values.shape[:-1], len(grid)), grid)
 
 
-CONSTRAINTS: dict[str, Constraint] = {kind.name: kind() for kind in (L2Norm, Softmax, Gauss)}
-ConstraintLike = Union[str, Constraint]
+CONSTRAINTS: dict[ConstraintName, Constraint] = {kind.name: kind() for kind in (L2Norm, Softmax, Gauss)}
+ConstraintLike = Union[ConstraintName, Constraint]
 
 
 def as_constraint(constraint: ConstraintLike, kind: str = "constraint") -> Constraint:
-    """The constraint object for a name (or the object itself); a clear error for anything else."""
+    """The constraint object for a name (or the object itself); a clear error for anything else.
+
+    The one place a name becomes its constraint (caffast.core.settings.Settings, and normalize_filter's
+    filter_type): everything below explain takes the object."""
     if isinstance(constraint, Constraint):
         return constraint
-    return CONSTRAINTS[check_choice(kind, constraint, tuple(CONSTRAINTS))]
+    return CONSTRAINTS[check_choice(kind, constraint, get_args(ConstraintName))]
 
 
 def initial_parameters(
-    constraint: ConstraintLike,
-    init: str,
+    constraint: Constraint,
+    init: InitName,
     count: int,
     grid: Grid,
     seed: int | None,
@@ -147,7 +150,6 @@ def initial_parameters(
     float64 generator seeded by `seed`, so a run is reproducible on any device.
     """
     check_choice("init", init, INITS)
-    constraint = as_constraint(constraint)
     shape = (count, *constraint.parameter_shape(grid))
     if init == "normal":
         generator = torch.Generator()
@@ -182,7 +184,7 @@ def gaussian_filter(mean: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def normalize_filter(
-    filter: ArrayLike, filter_type: ConstraintLike = "l2norm", shape: Grid | None = None, map: str = "abs"
+    filter: ArrayLike, filter_type: ConstraintLike = "l2norm", shape: Grid | None = None, map: MapName = "abs"
 ) -> ArrayLike:
     """The attention map of a converged filter; the default is the reference's finalization.
 

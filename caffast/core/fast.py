@@ -49,7 +49,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .constraints import ConstraintLike, as_constraint
+from .constraints import Constraint
 from .loop import Problem
 
 
@@ -70,7 +70,7 @@ _QP_ITERATIONS = 150  # accelerated projected-gradient iterations of the bundle'
 def fast_minimize(
     problem: Problem,
     initial: torch.Tensor,
-    constraint: ConstraintLike = "l2norm",
+    constraint: Constraint,
     tolerance: float = 1e-8,
     max_evaluations: int = 30,
     *,
@@ -95,7 +95,7 @@ def fast_minimize(
     qp = qp or bundle_qp
     if max_evaluations < 1:
         raise ValueError(f"max_evaluations must be at least 1, got {max_evaluations}")
-    sphere = as_constraint(constraint).on_sphere
+    sphere = constraint.on_sphere
     shape = initial.shape[1:]
     dtype, device = initial.dtype, initial.device
     work = torch.float64

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .breakpoints import Tail
-from .constraints import Constraint, ConstraintLike, Grid, as_constraint
+from .constraints import Constraint, Grid
 from .folds import FoldedTail
 from .heads import FusedHead, filter_parts
 from .losses import Objective
@@ -80,9 +80,9 @@ class FusedProblem:
     at zero cells from the negative side (see filter_parts).
     """
 
-    def __init__(self, head: FusedHead, constraint: ConstraintLike, zeros_negative: bool = False):
+    def __init__(self, head: FusedHead, constraint: Constraint, zeros_negative: bool = False):
         self.head = head
-        self.constraint = as_constraint(constraint)
+        self.constraint = constraint
         self.zeros_negative = zeros_negative
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

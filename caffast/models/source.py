@@ -17,14 +17,16 @@ from ..eval.demo_model import CLASS_NAMES as DEMO_CLASS_NAMES
 from ..eval.demo_model import DemoCNN, load_demo_model
 from .preprocessing import DEMO, IMAGENET, Preprocessing
 from .zoo import (
-    UnknownArchitecture, build_model, file_sha256, load_state_dict, timm_default_layer, timm_name, timm_preprocessing,
-    weights_source,
+    UnknownArchitecture, build_model, file_sha256, load_state_dict, timm_default_layer, timm_name, timm_num_classes,
+    timm_preprocessing, weights_source,
 )  # fmt: skip
 
 DEMO_ARCH = "demo"  # the shipped demo CNN (caffast.eval.demo_model)
 DEMO_LAYER = "features"
 DEFAULT_WEIGHTS = "DEFAULT"
 RANDOM_WEIGHTS = "random"
+# ImageNet-1k's class names in the order of its class indices (offline, from torchvision's metadata)
+IMAGENET_CATEGORIES = tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 # random weights are drawn from this seed, so that "random" names one model in every process and rerun
 RANDOM_WEIGHTS_SEED = 0
 
@@ -140,14 +142,30 @@ class ModelSource:
     def class_names(self, classes: int) -> list[str]:
         """The names of the model's `classes` outputs: the demo's shapes, ImageNet's categories for
         1000-class torchvision models (offline, from torchvision's metadata), else their numbers."""
+        categories = self._listed_class_names()
+        return categories if len(categories) == classes else [str(k) for k in range(classes)]
+
+    def class_name(self, index: int, classes: int) -> Optional[str]:
+        """The name of class `index` of the model's `classes` outputs, as `class_names` has it; None
+        where the classes have no names (a file name then holds the number alone)."""
+        categories = self._listed_class_names()
+        return categories[index] if len(categories) == classes and 0 <= index < classes else None
+
+    def known_class_names(self) -> list[str]:
+        """The class names the architecture is known to have, without loading it: those of
+        `class_names`, and ImageNet's for timm's 1000-class models; empty where none are known."""
+        listed = self._listed_class_names()
+        if not listed and timm_num_classes(self.arch) == len(IMAGENET_CATEGORIES):  # timm's order is ImageNet's
+            return list(IMAGENET_CATEGORIES)
+        return listed
+
+    def _listed_class_names(self) -> list[str]:
         if self.is_demo:
-            categories: list[str] = list(DEMO_CLASS_NAMES)
-        else:
-            try:
-                categories = torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"]
-            except (ValueError, KeyError, AttributeError):
-                categories = []
-        return list(categories) if len(categories) == classes else [str(k) for k in range(classes)]
+            return list(DEMO_CLASS_NAMES)
+        try:
+            return list(torchvision.models.get_model_weights(self.arch).DEFAULT.meta["categories"])
+        except (ValueError, KeyError, AttributeError):
+            return []
 
     def weights_identity(self) -> str:
         """What a run's results depend on, as its config.json records it: the content of a weights

@@ -133,10 +133,10 @@ def timm_name(arch: str) -> Optional[str]:
     """`arch` when it names a timm model that torchvision does not have ("vit_tiny_patch16_224",
     "resnet50.a1_in1k" with a pretrained tag) and timm is installed; None otherwise (torchvision's
     names stay torchvision's)."""
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return None  # before importing timm, which takes seconds
     timm = _timm()
-    if timm is None or arch in torchvision.models.list_models(module=torchvision.models) or not timm.is_model(arch):
-        return None
-    return arch
+    return arch if timm is not None and timm.is_model(arch) else None
 
 
 def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
@@ -282,6 +282,12 @@ def timm_preprocessing(arch: str, weights: Weights = None) -> Optional[dict[str,
         return None
     config = _timm().data.resolve_data_config({}, model=_timm_skeleton(_timm_tagged(name, weights)))
     return {key: config.get(key) for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
+
+
+def timm_num_classes(arch: str) -> Optional[int]:
+    """How many classes timm's `arch` outputs (1000 for its ImageNet-1k models); None for torchvision's."""
+    name = timm_name(arch)
+    return None if name is None else int(_timm_skeleton(name).num_classes)
 
 
 def timm_default_layer(arch: str) -> Optional[str]:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ...core.constraints import ConstraintLike, as_constraint
+from ...core.constraints import Constraint
 from ...core.heads import FusedHead
 from ...core.loop import LoopSettings
 from .library import kernels, threads, view
@@ -16,7 +16,7 @@ NONLINEAR_LOSSES = ("log_softmax",)  # the class-specific losses beyond the line
 
 
 def solve_fused(
-    head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
+    head: FusedHead, constraint: Constraint, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one call (docs/design.md, 'The fused head').
 
@@ -69,7 +69,7 @@ def solve_fused(
         view(targets, "targets", i64),
         result,
         mode=mode,
-        constraint=as_constraint(constraint).name,
+        constraint=constraint.name,
         optimizer=settings.optimizer,
         height=height,
         width=width,

@@ -1,4 +1,4 @@
-"""The Hadamard filter on the CPU (csrc/hadamard.cpp); its plain PyTorch twin is in tests/test_cpp.py."""
+"""The Hadamard filter on the CPU (csrc/hadamard.cpp); its plain PyTorch twin is in tests/backends/test_cpp.py."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ...core.choices import check_choice
-from ...core.constraints import ConstraintLike, as_constraint
+from ...core.constraints import Constraint
 from ...core.heads import FusedHead
 from ...core.loop import INITIAL_PREVIOUS_LOSS, LoopSettings
 from ...core.losses import MODES
@@ -251,7 +251,7 @@ def warps(block_n: int) -> int:
 
 
 def solve_fused(
-    head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
+    head: FusedHead, constraint: Constraint, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one launch (docs/design.md, 'The fused head').
 
@@ -268,7 +268,6 @@ def solve_fused(
     optimizer, max_iter, check_every = settings.optimizer, settings.max_iter, settings.check_every
     lr, min_error = settings.lr, settings.min_error
     check_choice("mode", mode, MODES)
-    constraint = as_constraint(constraint)
     check_choice("optimizer", optimizer, COMPILED_OPTIMIZERS)
     if check_every < 1:
         raise ValueError(f"check_every must be at least 1, got {check_every}")

@@ -1,7 +1,7 @@
 """The Hadamard filter: features (P, C, *grid) * f / ||f|| with f (P, *grid), and its gradient in f;
 the grid is (H, W), or (D, H, W) on clips and volumes, and the kernels see only its cells.
 
-The generic tail's filter multiply; its plain PyTorch twin is in tests/test_triton.py.
+The generic tail's filter multiply; its plain PyTorch twin is in tests/backends/test_triton.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Triton tests under the Triton interpreter, so that a run without a GPU covers the kernels.
 
 TRITON_INTERPRET=1 only takes effect if it is set before triton is imported, hence a subprocess.
-On a machine with a CUDA GPU, tests/test_triton.py runs the compiled kernels directly instead.
+On a machine with a CUDA GPU, tests/backends/test_triton.py runs the compiled kernels directly instead.
 """
 
 import os
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NO_GPU = not torch.cuda.is_available()
-INTERPRETED = ("tests/test_triton.py", "tests/test_triton_explain.py")  # the files that run under the interpreter, in one subprocess
+INTERPRETED = ("tests/backends/test_triton.py", "tests/backends/test_triton_explain.py")  # the files that run under the interpreter, in one subprocess
 
 
-@pytest.mark.skipif(not NO_GPU, reason="the GPU runs tests/test_triton.py directly")
+@pytest.mark.skipif(not NO_GPU, reason="the GPU runs tests/backends/test_triton.py directly")
 def test_triton_kernels_pass_under_the_interpreter():
     pytest.importorskip("triton")
     result = subprocess.run(
@@ -49,7 +49,7 @@ def _signature(kernel, dtype: str, ints: tuple = (), int64_pointers: tuple = (),
     return {name: kind(name) for name in kernel.arg_names}
 
 
-@pytest.mark.skipif(not NO_GPU, reason="the GPU compiles and runs the kernels in tests/test_triton.py")
+@pytest.mark.skipif(not NO_GPU, reason="the GPU compiles and runs the kernels in tests/backends/test_triton.py")
 def test_kernels_compile_for_a_cuda_gpu():
     """The interpreter runs kernels as Python and skips the compiler's checks (types of loop-carried
     values and of returns, which globals a kernel may read): compile for sm_90, which needs no GPU."""

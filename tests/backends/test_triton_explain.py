@@ -1,6 +1,6 @@
 """explain(backend="triton") equals backend="torch": the fused loop and the generic tail's Hadamard.
 
-Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (tests/test_triton_interpreted.py)."""
+Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (tests/backends/test_triton_interpreted.py)."""
 
 import os
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import caffast
-from test_heads import build
+from fused_models import build
 
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from caffast.backends import cpp
+from caffast.core.constraints import as_constraint
 from caffast.core.heads import FusedHead
 from caffast.core.loop import LoopSettings
 
@@ -120,7 +121,7 @@ def run_cpp(data: dict, params: torch.Tensor, s: dict) -> tuple[torch.Tensor, to
     head = FusedHead(data["gram"], data["linear"], data["constant"], data["image"], s["mode"], s["classes"], s["grid"])
     settings = LoopSettings(max_iter=s["max_iter"], lr=s["lr"], min_error=s["min_error"],
                             check_every=s["check_every"], optimizer=s["optimizer"])  # fmt: skip
-    return cpp.solve_fused(head, s["constraint"], params, settings)
+    return cpp.solve_fused(head, as_constraint(s["constraint"]), params, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def test_fused_step_matches_autograd_through_head(relu: bool, mode: str, constra
     constant = (vector @ vector if mode == "oblivious" else sign @ bias).reshape(1)
     head = FusedHead(gram, linear, constant, torch.zeros(1, dtype=torch.long), mode, classes, grid)
     settings = LoopSettings(max_iter=1, lr=lr, min_error=1e-6, check_every=50, optimizer="sgd")
-    got_params, iterations, got_loss = cpp.solve_fused(head, constraint, params, settings)
+    got_params, iterations, got_loss = cpp.solve_fused(head, as_constraint(constraint), params, settings)
 
     assert iterations.tolist() == [1]
     torch.testing.assert_close(got_loss, loss.detach().reshape(1), rtol=1e-12, atol=1e-14)
@@ -402,7 +403,7 @@ def test_ctrl_c_stops_the_compiled_loop_at_once(images, tmp_path):
     fraction of a second, not when the compiled call returns."""
     script = tmp_path / "explain.py"
     script.write_text(INTERRUPTED_EXPLAIN)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "2"}  # fmt: skip
     process = subprocess.Popen([sys.executable, str(script), str(images)], env=env, stdout=subprocess.PIPE,

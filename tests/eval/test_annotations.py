@@ -74,7 +74,7 @@ def test_the_shipped_validation_file_reads_as_etree_reads_it(tmp_path):
 
 
 def test_package_data_ships_the_validation_file():
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["caffast.eval"]
     assert any(fnmatch.fnmatch(f"assets/imagenet/{ASSET}", pattern) for pattern in patterns)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import caffast
 from caffast.core import exact
-from caffast.core.constraints import normalize_filter
+from caffast.core.constraints import CONSTRAINTS, normalize_filter
 
 
 def sphere_descent(gradient, start: torch.Tensor, rate: float, steps: int = 30000) -> torch.Tensor:
@@ -123,8 +123,8 @@ def test_descend_reaches_the_closed_form_and_never_rises():
     problem = QuadraticProblem(grams)
     start = torch.randn(2, 9, generator=generator, dtype=torch.float64)
     start_loss, _ = problem.loss_and_grad(F.normalize(start, dim=1), torch.arange(2))
-    params, steps, _ = exact.descend(problem, start, "l2norm", tolerance=1e-9, max_steps=20000)
-    loss, gradient_norm = exact.stationarity(problem, params, "l2norm")
+    params, steps, _ = exact.descend(problem, start, CONSTRAINTS["l2norm"], tolerance=1e-9, max_steps=20000)
+    loss, gradient_norm = exact.stationarity(problem, params, CONSTRAINTS["l2norm"])
     closed = exact._sphere_quadratic_minimizer(grams)
     closed_loss, _ = problem.loss_and_grad(closed, torch.arange(2))
     assert (loss <= start_loss).all() and (steps > 0).all()

@@ -1,12 +1,12 @@
 """The Triton kernels of caffast, and the groups of device functions the fused solver shares (run on
-their own by the probe kernels of tests/triton_probes.py), against their plain PyTorch twins, written
+their own by the probe kernels of tests/backends/triton_probes.py), against their plain PyTorch twins, written
 in this file.
 
 Runs on a CUDA GPU, or on the CPU under the Triton interpreter: TRITON_INTERPRET=1 must be set
-before triton is imported, so set it in the environment (tests/test_triton_interpreted.py does that
+before triton is imported, so set it in the environment (tests/backends/test_triton_interpreted.py does that
 for the normal test run):
 
-    TRITON_INTERPRET=1 python -m pytest tests/test_triton.py
+    TRITON_INTERPRET=1 python -m pytest tests/backends/test_triton.py
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def splitting_min_error(losses: list[torch.Tensor], check_every: int) -> float:
 
 def run(solver, head: FusedHead, params: torch.Tensor, constraint: str, optimizer: str, **loop) -> tuple:
     """solve_fused (either backend's, or the twin) on a FusedHead with the loop settings `loop`."""
-    return solver(head, constraint, params, LoopSettings(optimizer=optimizer, **loop))
+    return solver(head, as_constraint(constraint), params, LoopSettings(optimizer=optimizer, **loop))
 
 
 def check_solver(mode: str, constraint: str, optimizer: str, signs: int, grid: tuple[int, int], seed: int) -> None:
@@ -262,10 +262,10 @@ def check_solver(mode: str, constraint: str, optimizer: str, signs: int, grid: t
     params = random_params(constraint, len(head.image), grid[0] * grid[1], gen)
     loop = dict(max_iter=35, lr=0.5, check_every=5)
 
-    recorder = Recorder(FusedProblem(head, constraint))
+    recorder = Recorder(FusedProblem(head, as_constraint(constraint)))
     solve(recorder, params, LoopSettings(min_error=0.0, optimizer=optimizer, **loop))
     loop["min_error"] = splitting_min_error(recorder.losses, loop["check_every"])
-    expected = solve(FusedProblem(head, constraint), params, LoopSettings(optimizer=optimizer, **loop))
+    expected = solve(FusedProblem(head, as_constraint(constraint)), params, LoopSettings(optimizer=optimizer, **loop))
     stopped = expected.iterations < loop["max_iter"]
     assert stopped.any() and not stopped.all(), expected.iterations
 

@@ -1,5 +1,5 @@
 """Probe kernels: each runs one group of the fused solver's device functions on its own, so that
-tests/test_triton.py holds it equal to its plain PyTorch twin (the solver itself is tested whole).
+tests/backends/test_triton.py holds it equal to its plain PyTorch twin (the solver itself is tested whole).
 
 - projected_step: the gradient through g = f / ||f||, the learning-rate schedule, SGD or Adam
   (caffast.backends.triton.device), one step for some rows of a batch;

@@ -12,7 +12,7 @@ import caffast
 from caffast.backends import BACKENDS, Backend, resolve_backend
 from caffast.backends.cpp.backend import CppBackend
 from caffast.backends.torch.backend import TorchBackend
-from test_heads import FUSED_FAMILIES, build
+from fused_models import FUSED_FAMILIES, build
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -23,7 +23,7 @@ from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["--arch", "demo", "--max-iter", "100"]
 IMAGES = 12  # plus one broken file
 
@@ -269,6 +269,10 @@ def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{IMAGES} images done, 1 failed, 0 skipped" in result.stdout
     _assert_same_outputs(out, reference)
+    # each rank closes its own progress line: of the IMAGES + 1 one-image batches, rank 0 takes the 1st, 3rd, ...
+    first, second = (IMAGES + 2) // 2, (IMAGES + 1) // 2
+    closing = re.findall(r"^\[rank (\d)\] explaining: (\d+)/(\d+) images \(100%\)", result.stderr, re.MULTILINE)
+    assert sorted(closing) == [("0", str(first), str(first)), ("1", str(second), str(second))]
 
 
 def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
@@ -438,8 +442,8 @@ def test_missing_and_broken_outputs_are_redone(dataset, reference, tmp_path, cap
 
 @pytest.mark.parametrize(
     "option,value,message",
-    [("--max-iter", "0", "--max-iter must be at least 1, got 0"), ("--lr", "0", "--lr must be a positive"),
-     ("--lr", "nan", "--lr must be a positive"), ("--min-error", "-1", "--min-error must be zero or"),
+    [("--max-iter", "0", "--max-iter must be at least 1, got 0"), ("--lr", "0", "--lr must be a finite positive number"),
+     ("--lr", "nan", "--lr must be a finite positive number"), ("--min-error", "-1", "--min-error must be zero or"),
      ("--batch-size", "0", "--batch-size must be at least 1"), ("--classes", "2,2", "name 2 more than once"),
      ("--classes", "-1", "indices from 0 on"), ("--classes", "6", "targets must be class indices in [0, 6)"),
      ("--rank-timeout", "0", "--rank-timeout must be"), ("--device", "cuda:99", "--device cuda:99")],

@@ -113,18 +113,19 @@ def test_compiled_log_softmax_loop_equals_its_twin_and_the_restated_loss(relu, c
     assert head.linear is None and head.products is not None
     settings = LoopSettings(max_iter=120, lr=0.5, min_error=0.0, check_every=10, optimizer="sgd")
     start = torch.randn(3, grid[0] * grid[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got, iterations, loss = cpp.solve_fused(head, constraint, start, settings)
-    twin = solve(FusedProblem(head, constraint), start.view(3, *grid), settings)
+    kind = as_constraint(constraint)
+    got, iterations, loss = cpp.solve_fused(head, kind, start, settings)
+    twin = solve(FusedProblem(head, kind), start.view(3, *grid), settings)
     assert torch.equal(iterations, twin.iterations)
     torch.testing.assert_close(got, twin.params.flatten(1), rtol=0, atol=1e-9)
     torch.testing.assert_close(loss, twin.loss, rtol=0, atol=1e-9)
     # the restated loss: the real head on the filtered map, at the answer
-    g = as_constraint(constraint).multiplier(got.view(3, *grid), grid)
+    g = kind.multiplier(got.view(3, *grid), grid)
     with torch.no_grad():
         a = model.features(images).index_select(0, image_index) * g[:, None]
         logits = model.fc(F.adaptive_avg_pool2d(F.relu(a) if relu else a, 1).flatten(1))
     restated = -torch.log_softmax(logits, 1).gather(1, targets[:, None])[:, 0]
-    final, _ = FusedProblem(head, constraint).loss_and_grad(got.view(3, *grid), torch.arange(3))
+    final, _ = FusedProblem(head, kind).loss_and_grad(got.view(3, *grid), torch.arange(3))
     torch.testing.assert_close(final, restated, rtol=1e-10, atol=1e-12)
 
 

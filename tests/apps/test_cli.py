@@ -32,7 +32,8 @@ def test_explain_image_files(tmp_path, photo, capsys):
     assert "wrote 2 overlays" in capsys.readouterr().out  # the image given twice has its two files
     names = ModelSource("resnet18", "random").class_names(1000)
     expected = {f"photo_l2caf_{k}_{names[k].replace(' ', '_')}_resnet18.{ext}" for k in (3, 7) for ext in ("png", "gif")}
-    assert {p.name for p in (tmp_path / "out").iterdir()} == expected | {".caffast-explain"}
+    written = expected | {"photo_l2caf_specific_resnet18.npz", ".caffast-explain"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == written
     for name in expected:
         assert Image.open(tmp_path / "out" / name).size == (224, 224)
 

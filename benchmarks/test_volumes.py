@@ -20,7 +20,7 @@ from caffast.eval.volumes import VolumeNet
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-ROUNDS = dict(rounds=2, iterations=1, warmup_rounds=1)
+ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 LAST = {"r3d_18": "layer4", "volume_net": "block2"}
 INTERMEDIATE = {"r3d_18": "layer3", "volume_net": "block1"}
 INPUTS = {"r3d_18": (3, 16, 112, 112), "volume_net": (1, 16, 16, 16)}

@@ -5,7 +5,8 @@
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(281)], aug_smooth=False, eigen_smooth=False)
 
-returns float32 numpy maps (N, H, W) in [0, 1] at the input's size, averaged over the target layers.
+returns float32 numpy maps (N, H, W) in [0, 1] at the input's size, averaged over the target layers
+((N, D, H, W) for clips and volumes (N, C, D, H, W), resized trilinearly).
 `GradCAM` here is the baseline with the same interface.  Neither leaves a hook on the model.
 """
 
@@ -155,7 +156,8 @@ class _CAM:
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
     ) -> np.ndarray:
-        """(N, H, W) float32 maps in [0, 1]; `targets` one per image (ints, ClassifierOutputTarget or any
+        """(N, H, W) float32 maps in [0, 1] ((N, D, H, W) for clips and volumes); `targets` one per image
+        (ints, ClassifierOutputTarget or any
         callable of one image's output), None for each image's top class.  `aug_smooth` averages the maps
         of horizontally flipped and rescaled (x 0.9, 1, 1.1) inputs (or of `tta_transforms`);
         `eigen_smooth` maps the first principal component of the filtered activations."""
@@ -175,18 +177,18 @@ class _CAM:
             return
         for flip in _FLIPS:
             for factor in _FACTORS:
-                augmented = images.flip(3) if flip else images
+                augmented = images.flip(-1) if flip else images
                 maps = self._maps(augmented * factor if factor != 1.0 else augmented, rows, eigen_smooth)
-                yield maps[:, :, ::-1] if flip else maps
+                yield maps[..., ::-1] if flip else maps
 
     def _maps(self, images: torch.Tensor, rows: Optional[list], eigen_smooth: bool) -> np.ndarray:
-        size = tuple(images.shape[-2:])
+        size = tuple(images.shape[2:])
         per_layer = [upsample_maps(self.maps(images, layer, rows, eigen_smooth), size)[:, 0] for layer in self.target_layers]
         mean = torch.stack(per_layer).mean(dim=0)
         return upsample_maps(mean[:, None], size)[:, 0].detach().float().cpu().numpy()
 
     def maps(self, images: torch.Tensor, layer: Union[str, nn.Module], rows: Optional[list], eigen_smooth: bool) -> torch.Tensor:
-        """(N, 1, h, w) maps at the layer's resolution."""
+        """(N, 1, h, w) maps at the layer's resolution ((N, 1, d, h, w) for clips and volumes)."""
         raise NotImplementedError
 
 

@@ -41,8 +41,8 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
                          const py::handle& products_obj, const py::handle& bias_obj,
                          const py::handle& targets_obj, const py::handle& params_obj, const std::string& mode,
                          const std::string& constraint, const std::string& optimizer, int64_t height,
-                         int64_t width, int64_t classes, int64_t max_iter, double lr, double min_error,
-                         int64_t check_every, int threads) {
+                         int64_t width, int64_t depth, int64_t classes, int64_t max_iter, double lr,
+                         double min_error, int64_t check_every, int threads) {
   FusedSettings s{};
   s.mode = parse_choice<Mode>("mode", mode, {{"oblivious", Mode::Oblivious}, {"specific", Mode::Specific},
                                              {"log_softmax", Mode::LogSoftmax}});
@@ -50,11 +50,12 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
       "constraint", constraint,
       {{"l2norm", Constraint::L2Norm}, {"softmax", Constraint::Softmax}, {"gauss", Constraint::Gauss}});
   s.optimizer = parse_choice<Optimizer>("optimizer", optimizer, {{"sgd", Optimizer::Sgd}, {"adam", Optimizer::Adam}});
-  require(height >= 1 && width >= 1, "the grid must have at least one cell in each direction");
+  require(height >= 1 && width >= 1 && depth >= 0,
+          "the grid must have at least one cell in each direction (depth 0: a grid without depth)");
   require(classes >= 1, "classes must be at least 1");
   require(max_iter >= 0, "max_iter must be non-negative");
   require(check_every >= 1, "check_every must be at least 1");
-  s.grid = Grid{height, width};
+  s.grid = Grid{height, width, depth};
   s.classes = classes;
   s.max_iter = max_iter;
   s.lr = lr;
@@ -209,7 +210,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter and the bundle QP of solver=\"fast\".";
   m.def("solve_fused", &solve_fused_py, py::arg("gram"), py::arg("linear"), py::arg("constant"), py::arg("image"),
         py::arg("products"), py::arg("bias"), py::arg("targets"), py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
-        py::arg("height"), py::arg("width"), py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
+        py::arg("height"), py::arg("width"), py::arg("depth") = 0, py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
         py::arg("min_error"), py::arg("check_every"), py::arg("threads") = 0,
         "Optimize P fused-head problems; params (P, D) is updated in place. Returns (iterations, loss).");
   m.def("hadamard_forward", &hadamard_forward_py, py::arg("features"), py::arg("filter"), py::kw_only(),

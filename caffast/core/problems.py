@@ -7,6 +7,7 @@ feature map once (caffast.core.folds) and every evaluation starts after them.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -86,7 +87,7 @@ class FusedProblem:
 
     def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.head
-        cells = head.grid[0] * head.grid[1]
+        cells = math.prod(head.grid)
         with torch.enable_grad():
             params = params.detach().requires_grad_(True)
             # the filter joins the float64 Grams and linear terms in their precision, whatever the

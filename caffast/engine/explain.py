@@ -30,10 +30,12 @@ from .solvers import optimize
 
 @dataclass
 class Explanation:
-    """The result for N images and T targets each; every tensor is on the model's device.
+    """The result for N images and T targets each; every tensor is on the model's device.  On clips
+    and volumes whose breakpoint map has a (D, H, W) grid, every (H, W) below is (D, H, W).
 
     filters: (N, T, H, W) the raw filter (for "gauss", the Gaussian it stands for);
-    parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,));
+    parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,), (3,) on
+    a (D, H, W) grid);
     maps: (N, T, H, W) the attention maps, as normalize_filter gives them for `map`;
     iterations: (N, T) optimizer steps taken; evaluations: (N, T) evaluations of the loss and its
     gradient (a forward and backward pass of the tail on the generic path) the solver used;
@@ -70,19 +72,30 @@ class Explanation:
     class_loss: Optional[str] = None
     flat: Optional[torch.Tensor] = None
 
-    def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
-        """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
+    def upsample(self, size: Union[int, tuple[int, ...]]) -> torch.Tensor:
+        """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map.
+        Maps of clips and volumes resize trilinearly to a (D, H, W) `size` (an int: a cube)."""
         return upsample_maps(self.maps, size)
 
 
-def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torch.Tensor:
-    """(N, T, h, w) maps resized bilinearly to `size` and min-max scaled to [0, 1] per map."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    n, t, h, w = maps.shape
-    resized = F.interpolate(maps.reshape(n * t, 1, h, w), size=size, mode="bilinear", align_corners=False)
+_INTERPOLATIONS = {2: "bilinear", 3: "trilinear"}  # by the rank of the maps' grid
+
+
+def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, ...]]) -> torch.Tensor:
+    """(N, T, h, w) maps resized bilinearly to `size` and min-max scaled to [0, 1] per map; (N, T, d,
+    h, w) maps of clips and volumes trilinearly, to a (D, H, W) size."""
+    if maps.dim() - 2 not in _INTERPOLATIONS:
+        raise ValueError(f"maps must be (N, T, H, W) or (N, T, D, H, W); got {tuple(maps.shape)}")
+    n, t, *grid = maps.shape
+    size = (size,) * len(grid) if isinstance(size, int) else tuple(size)
+    if len(size) != len(grid):
+        raise ValueError(f"size {size} has {len(size)} axes; the maps' grid {tuple(grid)} has {len(grid)}")
+    mode = _INTERPOLATIONS[len(grid)]
+    resized = F.interpolate(maps.reshape(n * t, 1, *grid), size=size, mode=mode, align_corners=False)
     resized = resized.reshape(n, t, *size)
-    low = resized.amin(dim=(-2, -1), keepdim=True)
-    high = resized.amax(dim=(-2, -1), keepdim=True)
+    axes = tuple(range(-len(grid), 0))
+    low = resized.amin(dim=axes, keepdim=True)
+    high = resized.amax(dim=axes, keepdim=True)
     return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
@@ -210,8 +223,8 @@ def explain(
     `progress(share)` is told, at every check of the reference loop, the share of its work done (0 to
     1), for a progress bar; it changes no result.  The compiled fused loops (backends cpp and triton)
     run whole in one call and do not report, nor do solver="fast" and the descent of "exact".
-    `layout` ("nchw", "nhwc", "tokens") says where the grid lies in the layer's output where it cannot
-    be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
+    `layout` ("nchw", "nhwc", "tokens"; "ncdhw", "ndhwc" for clips and volumes) says where the grid
+    lies in the layer's output where it cannot be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
     defines it instead (caffast.core.layouts).
     """
     arguments = dict(locals())  # the parameters, before any other name is bound

@@ -28,11 +28,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_images(images: object) -> torch.Tensor:
+    """A batch of images (N, C, H, W), or of clips or volumes (N, C, D, H, W): any rank with at
+    least two spatial axes after the channels, as the model takes it."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), not {type(images).__name__}")
-    if images.dim() != 4:
+    if images.dim() < 4:
         hint = " (add the batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"images must have shape (N, C, H, W); got {tuple(images.shape)}{hint}")
+        raise ValueError(
+            f"images must have shape (N, C, H, W), or (N, C, D, H, W) for clips and volumes; got "
+            f"{tuple(images.shape)}{hint}"
+        )
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch; pass at least one image")
     if images.is_meta:

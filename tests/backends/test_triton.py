@@ -391,3 +391,45 @@ def test_solve_fused_refuses_bad_inputs():
     with pytest.raises(TypeError, match="gram must be float64"):
         bad = FusedHead(head.gram.float(), None, None, head.image, head.mode, head.classes, head.grid)
         run(tk.solve_fused, bad, params, "l2norm", "sgd", **loop)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Clips and volumes: the cells of a (D, H, W) grid reach the kernels flattened
+
+
+def test_hadamard_on_volumes_matches_twin():
+    gen = torch.Generator().manual_seed(10)
+    features = randn(2, 5, 2, 3, 4, gen=gen)
+    filter = randn(2, 2, 3, 4, gen=gen)
+    upstream = randn(2, 5, 2, 3, 4, gen=gen)
+    expected_filter = filter.clone().requires_grad_(True)
+    expected = hadamard_torch(features, expected_filter)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), expected_filter)
+    got_filter = filter.clone().requires_grad_(True)
+    got = tk.Hadamard.apply(features, got_filter)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), got_filter)
+    assert_close(got.detach(), expected.detach(), 1e-12)
+    assert_close(got_grad, expected_grad, 1e-12)
+
+
+@pytest.mark.parametrize("mode,constraint,optimizer", [("oblivious", "gauss", "adam"), ("specific", "gauss", "sgd"),
+                                                       ("oblivious", "l2norm", "sgd")])  # fmt: skip
+def test_solve_fused_on_a_volume_grid_matches_its_twins(mode: str, constraint: str, optimizer: str):
+    """A (2, 3, 2) grid: its 12 cells in row-major order, and a Gaussian whose mean has three coordinates."""
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(41)
+    head = replace(random_head(mode, 2, (6, 2), gen), grid=(2, 3, 2))
+    count = len(head.image)
+    params = 0.5 * randn(count, 3, gen=gen) if constraint == "gauss" else randn(count, 12, gen=gen)
+    loop = dict(max_iter=25, lr=0.5, min_error=0.0, check_every=5)
+    got = run(tk.solve_fused, head, params, constraint, optimizer, **loop)
+    references = [run(solve_fused_torch, head, params, constraint, optimizer, **loop)]
+    if cpp.available():
+        data = [None if t is None else t.cpu() for t in (head.gram, head.linear, head.constant, head.image)]
+        on_cpu = FusedHead(*data, head.mode, head.classes, head.grid)
+        references.append([t.to(DEVICE) for t in run(cpp.solve_fused, on_cpu, params.cpu(), constraint, optimizer, **loop)])
+    for wanted_params, wanted_iterations, wanted_loss in references:
+        assert torch.equal(got[1], wanted_iterations)
+        torch.testing.assert_close(got[0], wanted_params, rtol=0, atol=1e-9)
+        torch.testing.assert_close(got[2], wanted_loss, rtol=0, atol=1e-9)

@@ -98,3 +98,21 @@ def test_kernels_compile_for_a_cuda_gpu():
             DIM=2 if constraint == "gauss" else cells, SIGNS=signs, MODE=mode, CONSTRAINT=constraint,
             OPTIMIZER=optimizer, BLOCK_N=block_n, BLOCK_R=block_r,
         )  # fmt: skip
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the GPU compiles and runs the kernels in tests/test_triton.py")
+def test_solver_compiles_for_a_gaussian_on_a_volume_grid():
+    """A (D, H, W) grid reaches the solver flattened to (D * H) x W; the Gaussian's mean has three
+    coordinates (DIM 3)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from caffast.backends.triton import fused_solver
+
+    block_n, block_r = fused_solver.tiles(12)
+    constexprs = dict(HEIGHT=6, WIDTH=2, DIM=3, SIGNS=2, MODE="oblivious", CONSTRAINT="gauss", OPTIMIZER="adam",
+                      BLOCK_N=block_n, BLOCK_R=block_r)  # fmt: skip
+    signature = _signature(fused_solver.kernel, "fp64", ("class_count",), ("image", "targets", "iterations"), **constexprs)
+    source = ASTSource(fused_solver.kernel, signature, constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused_solver.warps(block_n)})

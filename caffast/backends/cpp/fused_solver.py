@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...core.constraints import Constraint
@@ -27,8 +29,9 @@ def solve_fused(
     """
     compiled = kernels()
     f64, i64 = (torch.float64,), (torch.int64,)
-    height, width = head.grid
-    cells = height * width
+    *depth, height, width = head.grid  # a (D, H, W) grid has a depth; an (H, W) one passes 0
+    depth = depth[0] if depth else 0
+    cells = math.prod(head.grid)
     problems = params.shape[0]
     gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
     mode = head.mode
@@ -70,6 +73,7 @@ def solve_fused(
         optimizer=settings.optimizer,
         height=height,
         width=width,
+        depth=depth,
         classes=head.classes,
         max_iter=settings.max_iter,
         lr=settings.lr,

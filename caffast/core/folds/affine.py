@@ -13,7 +13,8 @@ A value of the tail that is affine in the filter g (P, H, W) is one of two kinds
   offsets add), and terms with equal keys are summed, so two stacked 3 x 3 convolutions give the 25
   keys of a 5 x 5 window, not 81 terms.  Elementwise affine ops (BatchNorm, scaling, adding a constant)
   act on every basis and on the constant.  `flat` marks a value that was flattened to (P, O*H'*W')
-  (kept spatial until a Linear consumes it).
+  (kept spatial until a Linear consumes it).  On a (D, H, W) grid everything gains the depth axis: a
+  key is (oz, oy, ox, sz, sy, sx), and a k x k x k convolution gives k^3 terms.
 * `Dense`, a value of any per-problem shape S, F = prod(S) entries, reached by pooling or a Linear:
   V[p] = (M[n] @ g[p].flatten() + c[n]).view(S), M (N, F, HW).
 
@@ -25,11 +26,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 
-Key = tuple[int, int, int, int]  # (offset_y, offset_x, stride_y, stride_x) of a term's placement
-IDENTITY: Key = (0, 0, 1, 1)
+# a term's placement: one offset per grid axis, then one stride per axis ((oy, ox, sy, sx) on (H, W))
+Key = tuple[int, ...]
+_CONVOLUTIONS = {2: F.conv2d, 3: F.conv3d}  # by the rank of the grid
+
+
+def identity_key(rank: int) -> Key:
+    """The placement of the feature map itself on a grid of `rank` axes."""
+    return (0,) * rank + (1,) * rank
 
 
 class Unfoldable(Exception):
@@ -50,11 +60,11 @@ class Spatial:
     @property
     def shape(self) -> tuple[int, ...]:
         """The per-problem shape of the value."""
-        o, h, w = self.bases.shape[2:]
-        return (o * h * w,) if self.flat else (o, h, w)
+        return (math.prod(self.grid_shape),) if self.flat else self.grid_shape
 
     @property
-    def grid_shape(self) -> tuple[int, int, int]:
+    def grid_shape(self) -> tuple[int, ...]:
+        """(O, H', W'), or (O, D', H', W')."""
         return tuple(self.bases.shape[2:])
 
     def cost(self) -> int:
@@ -62,9 +72,9 @@ class Spatial:
         return self.bases[0].numel()
 
     def describe(self) -> str:
-        o, h, w = self.grid_shape
         terms = len(self.keys)
-        return f"{terms} term{'s' if terms > 1 else ''} x {o}x{h}x{w}" + (" flat" if self.flat else "")
+        return f"{terms} term{'s' if terms > 1 else ''} x {'x'.join(map(str, self.grid_shape))}" + (
+            " flat" if self.flat else "")  # fmt: skip
 
 
 @dataclass
@@ -97,22 +107,25 @@ class Static:
 # placements
 
 
-def placement_index(key: Key, out_hw: tuple[int, int], grid: tuple[int, int], device) -> torch.Tensor:
+def placement_index(key: Key, out_shape: tuple[int, ...], grid: tuple[int, ...], device) -> torch.Tensor:
     """Flat index into g (HW, with HW meaning 'outside the grid, zero') of each output cell."""
-    oy, ox, sy, sx = key
-    height, width = grid
-    ys = oy + sy * torch.arange(out_hw[0], device=device)
-    xs = ox + sx * torch.arange(out_hw[1], device=device)
-    inside = ((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :]
-    index = ys[:, None] * width + xs[None, :]
-    return torch.where(inside, index, torch.full_like(index, height * width)).flatten()
+    rank = len(grid)
+    index = torch.zeros((1,) * rank, dtype=torch.long, device=device)
+    inside = torch.ones((1,) * rank, dtype=torch.bool, device=device)
+    for axis, (size, cells) in enumerate(zip(out_shape, grid)):
+        along = [1] * rank
+        along[axis] = size
+        read = (key[axis] + key[rank + axis] * torch.arange(size, device=device)).view(along)
+        inside = inside & (read >= 0) & (read < cells)
+        index = index * cells + read
+    return torch.where(inside, index, torch.full_like(index, math.prod(grid))).flatten()
 
 
-def _touches_grid(key: Key, out_hw: tuple[int, int], grid: tuple[int, int]) -> bool:
-    oy, ox, sy, sx = key
-    rows = any(0 <= oy + sy * y < grid[0] for y in range(out_hw[0]))
-    cols = any(0 <= ox + sx * x < grid[1] for x in range(out_hw[1]))
-    return rows and cols
+def _touches_grid(key: Key, out_shape: tuple[int, ...], grid: tuple[int, ...]) -> bool:
+    rank = len(grid)
+    return all(
+        any(0 <= key[axis] + key[rank + axis] * i < grid[axis] for i in range(out_shape[axis])) for axis in range(rank)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,8 +257,8 @@ def concat(reps: list[Any], n_images: int, like_rep: Rep) -> Rep:
     spatial = [r for r in reps if isinstance(r, Spatial)]
     if any(r.flat for r in spatial):
         raise Unfoldable("concatenating flattened maps")
-    _, height, width = spatial[0].grid_shape
-    if any(r.grid_shape[1:] != (height, width) for r in spatial):
+    cells = spatial[0].grid_shape[1:]
+    if any(r.grid_shape[1:] != cells for r in spatial):
         raise Unfoldable("concatenating maps of different grids")
     keys = list(dict.fromkeys(k for r in spatial for k in r.keys))
     n_b = like.shape[0]
@@ -253,15 +266,15 @@ def concat(reps: list[Any], n_images: int, like_rep: Rep) -> Rep:
     for r in reps:
         if isinstance(r, Spatial):
             channels = r.grid_shape[0]
-            block = like.new_zeros(n_b, len(keys), channels, height, width)
+            block = like.new_zeros(n_b, len(keys), channels, *cells)
             for t, key in enumerate(r.keys):
                 block[:, keys.index(key)] = r.bases[:, t]
             const = r.const
         else:
             value = r.value if isinstance(r, Static) else r
-            channels = value.shape[-3]
-            block = like.new_zeros(1, len(keys), channels, height, width).expand(n_b, -1, -1, -1, -1)
-            const = as_const(r, (channels, height, width), n_images, like)
+            channels = value.shape[-1 - len(cells)]
+            block = like.new_zeros(1, len(keys), channels, *cells).expand(n_b, -1, -1, *cells)
+            const = as_const(r, (channels, *cells), n_images, like)
         has_const = has_const or const is not None
         bases.append(block)
         consts.append((const, channels))
@@ -270,7 +283,7 @@ def concat(reps: list[Any], n_images: int, like_rep: Rep) -> Rep:
         n = max(c.shape[0] for c, _ in consts if c is not None)
         const = torch.cat(
             [
-                (c if c is not None else like.new_zeros(1, ch, 1, 1)).expand(n, ch, height, width)
+                (c if c is not None else like.new_zeros(1, ch, *(1,) * len(cells))).expand(n, ch, *cells)
                 for c, ch in consts
             ],
             1,
@@ -278,82 +291,92 @@ def concat(reps: list[Any], n_images: int, like_rep: Rep) -> Rep:
     return Spatial(torch.cat(bases, 2), keys, const)
 
 
-def conv2d(
+def convolve(
     rep: Spatial,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
     groups: int,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     budget: int,
 ) -> tuple[Spatial, int]:
-    """A zero-padded convolution of a spatial value: every term becomes one term per kernel offset.
+    """A zero-padded convolution (2-D, or 3-D on a (D, H, W) grid) of a spatial value: every term
+    becomes one term per kernel offset.
 
     Returns the new value and its cost per problem.  Raises Unfoldable when it would not fit the budget.
     """
     if rep.flat:
         raise Unfoldable("convolving a flattened map")
-    n, _, channels, height, width = rep.bases.shape
-    out_c, _, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    targets: dict[Key, list[tuple[int, int, int]]] = {}
-    for t, (oy, ox, sy, sx) in enumerate(rep.keys):
-        for i in range(kh):
-            for j in range(kw):
-                key = (oy + sy * (dh * i - ph), ox + sx * (dw * j - pw), sy * sh, sx * sw)
-                if _touches_grid(key, (out_h, out_w), grid):
-                    targets.setdefault(key, []).append((t, i, j))
-    cost = max(len(targets), 1) * out_c * out_h * out_w
+    rank = len(grid)
+    n, _, channels, *cells = rep.bases.shape
+    out_c, _, *kernel = weight.shape
+    if len(kernel) != rank:
+        raise Unfoldable(f"a {len(kernel)}-D convolution of a map with {rank} grid axes")
+    out_shape = tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(cells, kernel, stride, padding, dilation)
+    )
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    targets: dict[Key, list[tuple[int, tuple[int, ...]]]] = {}
+    for t, key in enumerate(rep.keys):
+        offsets, strides = key[:rank], key[rank:]
+        for tap in taps:
+            moved = tuple(o + s * (d * i - p) for o, s, d, i, p in zip(offsets, strides, dilation, tap, padding))
+            placed = moved + tuple(s * step for s, step in zip(strides, stride))
+            if _touches_grid(placed, out_shape, grid):
+                targets.setdefault(placed, []).append((t, tap))
+    cost = max(len(targets), 1) * out_c * math.prod(out_shape)
     if cost > budget:
-        raise Unfoldable(f"{len(targets)} terms x {out_c}x{out_h}x{out_w} exceed the budget")
+        raise Unfoldable(f"{len(targets)} terms x {out_c}x{'x'.join(map(str, out_shape))} exceed the budget")
     # all k^2 one-offset products of a term at once: a 1 x 1 convolution with O * k^2 outputs
-    wide = weight.permute(0, 2, 3, 1).reshape(out_c * kh * kw, -1, 1, 1)
+    wide = weight.permute(0, *range(2, 2 + rank), 1).reshape(out_c * len(taps), -1, *(1,) * rank)
+    convolution = _CONVOLUTIONS[rank]
+    pad = [p for size in reversed(padding) for p in (size, size)]  # F.pad's order: the last axis first
     products = {}
-    for t in {t for parts in targets.values() for t, _, _ in parts}:
-        padded = F.pad(rep.bases[:, t], (pw, pw, ph, ph))
-        products[t] = F.conv2d(padded, wide, groups=groups).view(n, out_c, kh, kw, *padded.shape[2:])
+    for t in {t for parts in targets.values() for t, _ in parts}:
+        padded = F.pad(rep.bases[:, t], pad)
+        products[t] = convolution(padded, wide, groups=groups).view(n, out_c, *kernel, *padded.shape[2:])
     keys, bases = [], []
     for key, parts in targets.items():
         total = None
-        for t, i, j in parts:
-            y0, x0 = dh * i, dw * j
-            piece = products[t][:, :, i, j, y0 : y0 + sh * (out_h - 1) + 1 : sh, x0 : x0 + sw * (out_w - 1) + 1 : sw]
+        for t, tap in parts:
+            window = tuple(
+                slice(d * i, d * i + s * (size - 1) + 1, s) for d, i, s, size in zip(dilation, tap, stride, out_shape)
+            )
+            piece = products[t][(slice(None), slice(None), *tap, *window)]
             total = piece if total is None else total + piece
         keys.append(key)
         bases.append(total)
     if not bases:  # every term falls outside the grid: only the constant is left
-        keys, bases = [IDENTITY], [rep.bases.new_zeros(n, out_c, out_h, out_w)]
+        keys, bases = [identity_key(rank)], [rep.bases.new_zeros(n, out_c, *out_shape)]
     const = None
     if rep.const is not None:
-        full = rep.const.expand(rep.const.shape[0], channels, height, width)
-        const = F.conv2d(full, weight, bias, stride, padding, dilation, groups)
+        full = rep.const.expand(rep.const.shape[0], channels, *cells)
+        const = convolution(full, weight, bias, stride, padding, dilation, groups)
     elif bias is not None:
-        const = bias.view(1, -1, 1, 1)
+        const = bias.view(1, -1, *(1,) * rank)
     return Spatial(torch.stack(bases, 1), keys, const), cost
 
 
-def global_mean(rep: Spatial, grid: tuple[int, int], keepdim: bool) -> Dense:
+def global_mean(rep: Spatial, grid: tuple[int, ...], keepdim: bool) -> Dense:
     """Mean over the spatial dims of a spatial value: a (O, HW) matrix per image."""
-    n, _, channels, height, width = rep.bases.shape
-    cells = height * width
-    hw = grid[0] * grid[1]
+    n, _, channels, *spatial = rep.bases.shape
+    cells = math.prod(spatial)
+    hw = math.prod(grid)
     matrix = rep.bases.new_zeros(n, channels, hw + 1)
     for t, key in enumerate(rep.keys):
-        index = placement_index(key, (height, width), grid, rep.bases.device)
+        index = placement_index(key, spatial, grid, rep.bases.device)
         matrix.index_add_(2, index, rep.bases[:, t].reshape(n, channels, cells) / cells)
-    const = None if rep.const is None else rep.const.mean(dim=(2, 3))
-    shape = (channels, 1, 1) if keepdim else (channels,)
+    const = None if rep.const is None else rep.const.mean(dim=tuple(range(2, 2 + len(spatial))))
+    shape = (channels, *(1,) * len(spatial)) if keepdim else (channels,)
     return Dense(matrix[..., :hw], const, shape)
 
 
-def linear(rep: Rep, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: tuple[int, int], budget: int) -> Dense:
+def linear(rep: Rep, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: tuple[int, ...], budget: int) -> Dense:
     """y = x W^T + b for a flat value: a dense value, or a flattened map (the W1 contraction of VGG)."""
     out_f = weight.shape[0]
-    hw = grid[0] * grid[1]
+    hw = math.prod(grid)
     if out_f * hw > budget:
         raise Unfoldable(f"a {out_f} x {hw} matrix exceeds the budget")
     if isinstance(rep, Dense):
@@ -364,14 +387,14 @@ def linear(rep: Rep, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: t
     else:
         if not rep.flat:
             raise Unfoldable("Linear over the last dim of a spatial map")
-        n, _, channels, height, width = rep.bases.shape
-        cells = height * width
+        n, _, channels, *spatial = rep.bases.shape
+        cells = math.prod(spatial)
         reshaped = weight.view(out_f, channels, cells)
         matrix = rep.bases.new_zeros(n, out_f, hw + 1)
         # C_t[:, k, q] = sum_o W[k, o, q] B_t[:, o, q], by cell chunks (bounded temporary memory)
         chunk = max(1, (1 << 24) // max(1, out_f * channels))
         for t, key in enumerate(rep.keys):
-            index = placement_index(key, (height, width), grid, rep.bases.device)
+            index = placement_index(key, spatial, grid, rep.bases.device)
             basis = rep.bases[:, t].reshape(n, channels, cells)
             for q0 in range(0, cells, chunk):
                 q1 = min(cells, q0 + chunk)
@@ -382,7 +405,7 @@ def linear(rep: Rep, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: t
         matrix = matrix[..., :hw]
         const = None
         if rep.const is not None:
-            full = rep.const.expand(rep.const.shape[0], channels, height, width).reshape(rep.const.shape[0], -1)
+            full = rep.const.expand(rep.const.shape[0], channels, *spatial).reshape(rep.const.shape[0], -1)
             const = full @ weight.t()
     if bias is not None:
         const = _add_consts(const, bias.view(1, -1))

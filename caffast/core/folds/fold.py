@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..breakpoints import FxTail, Tail, hooks_of
-from .affine import IDENTITY, Rep, Spatial, Static, Unfoldable
+from .affine import Rep, Spatial, Static, Unfoldable, identity_key
 from .rules import FoldContext, Folding, is_folded, normalized_arguments, rule_of
 from .tail import FoldedTail, FoldStep, Materializer
 
@@ -66,8 +66,8 @@ class _Folder:
         self.modules = dict(graph_module.named_modules())
         self.features = features.detach()
         self.captured = [c.detach() for c in captured]
-        n_images, _, height, width = features.shape
-        self.grid = (height, width)
+        n_images = features.shape[0]
+        self.grid = tuple(features.shape[2:])
         self.context = FoldContext(self.features, n_images, self.grid, budget)
         self.placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.feature = self.placeholders[0]
@@ -159,7 +159,7 @@ class _Folder:
     def run(self) -> FoldedTail:
         graph = self.gm.graph
         steps: list[FoldStep] = []
-        self.reps[self.feature] = Spatial(self.features[:, None], [IDENTITY], None)
+        self.reps[self.feature] = Spatial(self.features[:, None], [identity_key(len(self.grid))], None)
         for node in graph.nodes:
             if node.op in ("placeholder", "output") or node not in self.depends:
                 continue
@@ -211,9 +211,9 @@ def fold_tail(
 ) -> FoldedTail:
     """Fold the affine prefix of `tail(feature, *captured) -> output` for the images of `features`.
 
-    `features` (N, C, H, W) and `captured` (each (N, ...)) are the per-image values the tail reads;
-    `budget` bounds the elements stored per image for any folded value.  The result is called as
-    folded(g, image_index) with g (P, H, W) the multiplier of P problems and returns what
+    `features` (N, C, H, W) (or (N, C, D, H, W)) and `captured` (each (N, ...)) are the per-image
+    values the tail reads; `budget` bounds the elements stored per image for any folded value.  The
+    result is called as folded(g, image_index) with g (P, *grid) the multiplier of P problems and returns what
     tail(features[image_index] * g[:, None], *captured[image_index]) returns, differentiable in g.
     """
     return _Folder(tail_graph_module, features, captured, budget).run()

@@ -28,7 +28,7 @@ from .affine import (
     as_const,
     combine,
     concat,
-    conv2d,
+    convolve,
     global_mean,
     linear,
     scale,
@@ -45,7 +45,7 @@ class FoldContext:
 
     like: torch.Tensor
     n: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     budget: int
 
 
@@ -78,19 +78,20 @@ def _static_tensor(value: Any, what: str) -> Optional[torch.Tensor]:
     return value
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+def _sizes(value: Any, rank: int) -> tuple[Any, ...]:
+    """A size, stride or padding as one entry per grid axis (an int stands for all of them)."""
+    return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def _conv_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+def _conv_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
     if padding == "valid":
-        return (0, 0)
+        return (0,) * len(kernel)
     if padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
         if any(t % 2 for t in totals):
             raise Unfoldable("asymmetric 'same' padding")
         return tuple(t // 2 for t in totals)
-    return _pair(padding)
+    return _sizes(padding, len(kernel))
 
 
 def _is_unit(size: Any) -> bool:
@@ -100,7 +101,8 @@ def _is_unit(size: Any) -> bool:
 
 
 def _spatial_dims(dims: Any, ndim: int) -> bool:
-    return isinstance(dims, (tuple, list)) and sorted(d % ndim for d in dims) == [ndim - 2, ndim - 1]
+    """Whether `dims` are the grid's axes (all after the channels) of an ndim-dimensional value."""
+    return isinstance(dims, (tuple, list)) and sorted(d % ndim for d in dims) == list(range(2, ndim))
 
 
 def _numel(rep: Rep) -> int:
@@ -111,17 +113,16 @@ def _numel(rep: Rep) -> int:
 # ops shared by a module's rule and a function's
 
 
-def _conv(context: FoldContext, x: Any, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: tuple[int, int],
-          padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> Folding:  # fmt: skip
+def _conv(context: FoldContext, x: Any, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: tuple[int, ...],
+          padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Folding:  # fmt: skip
     if not isinstance(x, Spatial):
         raise Unfoldable("convolution of a pooled value")
     weight = weight.detach().to(context.like.dtype)
     bias = None if bias is None else bias.detach().to(context.like.dtype)
-    rep, _ = conv2d(x, weight, bias, stride, padding, dilation, groups, context.grid, context.budget)
-    out_c, per_group, kh, kw = weight.shape
-    _, out_h, out_w = rep.grid_shape
-    op = f"conv {kh}x{kw} s{stride[0]} p{padding[0]} d{dilation[0]} g{groups}"
-    return Folding(rep, op, out_c * per_group * kh * kw * out_h * out_w)
+    rep, _ = convolve(x, weight, bias, stride, padding, dilation, groups, context.grid, context.budget)
+    out_c, per_group, *kernel = weight.shape
+    op = f"conv {'x'.join(map(str, kernel))} s{stride[0]} p{padding[0]} d{dilation[0]} g{groups}"
+    return Folding(rep, op, out_c * per_group * math.prod(kernel) * math.prod(rep.grid_shape[1:]))
 
 
 def _linear(context: FoldContext, x: Any, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Folding:
@@ -146,7 +147,7 @@ def _flatten(x: Any, start: int, end: int) -> Folding:
 
 def _global_pool(context: FoldContext, x: Rep, keepdim: bool, op: str) -> Folding:
     if isinstance(x, Dense):
-        if x.shape[1:] != (1, 1):
+        if x.shape[1:] != (1,) * len(context.grid):
             raise Unfoldable("pooling a pooled value of another shape")
         return Folding(Dense(x.matrix, x.const, x.shape if keepdim else x.shape[:1]), op, 0)
     if x.flat:
@@ -155,23 +156,24 @@ def _global_pool(context: FoldContext, x: Rep, keepdim: bool, op: str) -> Foldin
 
 
 def _adaptive_pool(context: FoldContext, x: Any, size: Any) -> Folding:
-    if not is_folded(x) or len(x.shape) != 3:
+    rank = len(context.grid)
+    if not is_folded(x) or len(x.shape) != 1 + rank:
         raise Unfoldable("adaptive pool form")
-    _, height, width = x.shape
-    size = _pair(size)
-    size = (height if size[0] is None else size[0], width if size[1] is None else size[1])
-    if size == (height, width):
+    cells = x.shape[1:]
+    size = tuple(have if want is None else want for have, want in zip(cells, _sizes(size, rank)))
+    if size == cells:
         return Folding(x, "adaptive pool (identity)", 0)
     if _is_unit(size):
-        return _global_pool(context, x, True, "adaptive pool 1x1")
-    raise Unfoldable(f"adaptive pool {height}x{width} -> {size[0]}x{size[1]}")
+        return _global_pool(context, x, True, f"adaptive pool {'x'.join('1' * rank)}")
+    raise Unfoldable(f"adaptive pool {'x'.join(map(str, cells))} -> {'x'.join(map(str, size))}")
 
 
 def _avg_pool(context: FoldContext, x: Any, kernel: Any, padding: Any, divisor: Optional[int]) -> Folding:
     """Only the pool over the whole grid folds (its stride does not matter then)."""
-    if not is_folded(x) or len(x.shape) != 3:
+    rank = len(context.grid)
+    if not is_folded(x) or len(x.shape) != 1 + rank:
         raise Unfoldable("avg pool form")
-    if divisor is not None or _pair(padding) != (0, 0) or _pair(kernel) != tuple(x.shape[1:]):
+    if divisor is not None or any(_sizes(padding, rank)) or _sizes(kernel, rank) != tuple(x.shape[1:]):
         raise Unfoldable("avg pool over less than the whole grid")
     return _global_pool(context, x, True, "avg pool (global)")
 
@@ -206,12 +208,15 @@ def _eval_identity(context: FoldContext, module: nn.Module, args: Arguments) -> 
     return Folding(args["input"], type(module).__name__.lower(), 0)
 
 
-def _conv_module(context: FoldContext, conv: nn.Conv2d, args: Arguments) -> Folding:
+def _conv_module(context: FoldContext, conv: nn.modules.conv._ConvNd, args: Arguments) -> Folding:
+    """nn.Conv2d, and nn.Conv3d on a (D, H, W) grid."""
     if conv.padding_mode != "zeros":
         raise Unfoldable(f"padding mode {conv.padding_mode}")
-    dilation = _pair(conv.dilation)
-    padding = _conv_padding(conv.padding, _pair(conv.kernel_size), dilation)
-    return _conv(context, args["input"], conv.weight, conv.bias, _pair(conv.stride), padding, dilation, conv.groups)
+    rank = len(conv.kernel_size)
+    dilation = _sizes(conv.dilation, rank)
+    padding = _conv_padding(conv.padding, _sizes(conv.kernel_size, rank), dilation)
+    stride = _sizes(conv.stride, rank)
+    return _conv(context, args["input"], conv.weight, conv.bias, stride, padding, dilation, conv.groups)
 
 
 def _batch_norm_module(context: FoldContext, norm: nn.modules.batchnorm._BatchNorm, args: Arguments) -> Folding:
@@ -299,7 +304,8 @@ def _flatten_function(context: FoldContext, _: None, args: Arguments) -> Folding
 
 def _mean(context: FoldContext, _: None, args: Arguments) -> Folding:
     x = args["input"]
-    if not is_folded(x) or len(x.shape) != 3 or not _spatial_dims(args["dim"], 4):
+    ndim = 2 + len(context.grid)
+    if not is_folded(x) or len(x.shape) != ndim - 1 or not _spatial_dims(args["dim"], ndim):
         raise Unfoldable("mean other than over the spatial dims")
     return _global_pool(context, x, bool(args["keepdim"]), "mean")
 
@@ -319,11 +325,14 @@ def _dropout_function(context: FoldContext, _: None, args: Arguments) -> Folding
 
 
 def _conv_function(context: FoldContext, _: None, args: Arguments) -> Folding:
+    """F.conv2d, and F.conv3d on a (D, H, W) grid."""
     weight = _static_tensor(args["weight"], "conv weight")
     bias = _static_tensor(args["bias"], "conv bias")
-    dilation = _pair(args["dilation"])
+    rank = weight.dim() - 2
+    dilation = _sizes(args["dilation"], rank)
     padding = _conv_padding(args["padding"], tuple(weight.shape[2:]), dilation)
-    return _conv(context, args["input"], weight, bias, _pair(args["stride"]), padding, dilation, args["groups"])
+    stride = _sizes(args["stride"], rank)
+    return _conv(context, args["input"], weight, bias, stride, padding, dilation, args["groups"])
 
 
 def _linear_function(context: FoldContext, _: None, args: Arguments) -> Folding:
@@ -360,7 +369,7 @@ def _division(input, other, *, rounding_mode=None): ...
 def _unary(input): ...
 def _flatten_signature(input, start_dim=0, end_dim=-1): ...
 def _mean_signature(input, dim=None, keepdim=False): ...
-def _conv2d_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
 def _contiguous_signature(input, memory_format=torch.contiguous_format): ...
 def _permute_signature(input, dims): ...
 
@@ -392,11 +401,15 @@ RULES: dict[Any, Rule] = {
     # modules
     nn.Dropout: Rule(_eval_identity),
     nn.Dropout2d: Rule(_eval_identity),
+    nn.Dropout3d: Rule(_eval_identity),
     nn.Identity: Rule(_eval_identity),
     nn.Conv2d: Rule(_conv_module),
+    nn.Conv3d: Rule(_conv_module),
     nn.modules.batchnorm._BatchNorm: Rule(_batch_norm_module),
     nn.AdaptiveAvgPool2d: Rule(_adaptive_pool_module),
+    nn.AdaptiveAvgPool3d: Rule(_adaptive_pool_module),
     nn.AvgPool2d: Rule(_avg_pool_module),
+    nn.AvgPool3d: Rule(_avg_pool_module),
     nn.Flatten: Rule(_flatten_module),
     nn.Linear: Rule(_linear_module),
     # functions and Tensor methods
@@ -408,10 +421,10 @@ RULES: dict[Any, Rule] = {
     **dict.fromkeys([torch.flatten, "flatten"], Rule(_flatten_function, _flatten_signature)),
     **dict.fromkeys([torch.mean, "mean"], Rule(_mean, _mean_signature)),
     torch.cat: Rule(_cat),
-    F.adaptive_avg_pool2d: Rule(_adaptive_pool_function),
-    F.avg_pool2d: Rule(_avg_pool_function),
+    **dict.fromkeys([F.adaptive_avg_pool2d, F.adaptive_avg_pool3d], Rule(_adaptive_pool_function)),
+    **dict.fromkeys([F.avg_pool2d, F.avg_pool3d], Rule(_avg_pool_function)),
     F.dropout: Rule(_dropout_function),
-    F.conv2d: Rule(_conv_function, _conv2d_signature),
+    **dict.fromkeys([F.conv2d, F.conv3d], Rule(_conv_function, _conv_signature)),
     F.linear: Rule(_linear_function),
     "contiguous": Rule(_contiguous, _contiguous_signature),
     "permute": Rule(_permute, _permute_signature, variadic=True),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .affine import IDENTITY, Rep, Spatial, placement_index
+from .affine import Rep, Spatial, identity_key, placement_index
 
 
 @dataclass
@@ -23,15 +23,13 @@ class FoldStep:
 class Materializer:
     """Evaluates one folded value for a batch of problems: (g_ext (P, HW + 1), image_index) -> value."""
 
-    def __init__(self, rep: Rep, grid: tuple[int, int]):
+    def __init__(self, rep: Rep, grid: tuple[int, ...]):
         self.rep = rep
         self.grid = grid
         if isinstance(rep, Spatial):
-            _, _, _, height, width = rep.bases.shape
-            self.direct = rep.keys == [IDENTITY] and (height, width) == grid
-            self.index = torch.stack(
-                [placement_index(k, (height, width), grid, rep.bases.device) for k in rep.keys]
-            )
+            cells = tuple(rep.bases.shape[3:])
+            self.direct = rep.keys == [identity_key(len(grid))] and cells == tuple(grid)
+            self.index = torch.stack([placement_index(k, cells, grid, rep.bases.device) for k in rep.keys])
         else:
             # (N, HW, F): g as a row vector times a (HW, F) matrix is a fast product on CPU, unlike
             # a batched matrix-vector product (3 to 6 times slower, forward and backward)
@@ -42,11 +40,11 @@ class Materializer:
         rep = self.rep
         if isinstance(rep, Spatial):
             bases = rep.bases.index_select(0, image_index)  # (P, T, O, H', W')
-            p, terms, _, height, width = bases.shape
+            p, terms, _, *spatial = bases.shape
             if self.direct:
                 value = bases[:, 0] * g[:, None]
             else:
-                cells = g_ext[:, self.index].view(p, terms, 1, height, width)
+                cells = g_ext[:, self.index].view(p, terms, 1, *spatial)
                 value = (bases[:, 0] * cells[:, 0]) if terms == 1 else (bases * cells).sum(1)
             if rep.const is not None:
                 const = rep.const if rep.const.shape[0] == 1 else rep.const.index_select(0, image_index)
@@ -60,7 +58,7 @@ class Materializer:
 
 
 class FoldedTail:
-    """The tail with its affine prefix folded: (g (P, H, W), image_index (P,)) -> output.
+    """The tail with its affine prefix folded: (g (P, *grid), image_index (P,)) -> output.
 
     `steps` lists every node that depends on the filter and whether it was folded (`report()` prints
     them); `frontier` names the folded values materialized per evaluation; `rest` is the fx graph of
@@ -72,7 +70,7 @@ class FoldedTail:
         frontier: list[tuple[str, Materializer]],
         rest: fx.GraphModule,
         captured: list[torch.Tensor],
-        grid: tuple[int, int],
+        grid: tuple[int, ...],
         dtype: torch.dtype,
         steps: list[FoldStep],
     ):

@@ -238,15 +238,15 @@ def test_an_image_that_never_fits_fails_and_is_retried_on_request(dataset, tmp_p
     out = tmp_path / "out"
     _failing_for_large_batches(monkeypatch, largest=0)
     monkeypatch.setattr(runner.Runner, "check_settings", lambda self: None)
-    assert main(_run_args(dataset, out, "--batch-size", "4")) == 0
+    assert main(_run_args(dataset, out, "--batch-size", "4", "--max-iter", "2")) == 0
     index, _ = _outputs(out)
     assert {row["status"] for row in index} == {"failed"}
     assert all("out of memory" in row["error"] for row in index if row["image"] != "sub/broken.png")
     assert f"0 images done, {IMAGES + 1} failed" in capsys.readouterr().out
     monkeypatch.undo()
-    assert main(_run_args(dataset, out, "--batch-size", "4")) == 0  # failed counts as finished
+    assert main(_run_args(dataset, out, "--batch-size", "4", "--max-iter", "2")) == 0  # failed counts as finished
     assert f"{IMAGES + 1} skipped" in capsys.readouterr().out
-    assert main(_run_args(dataset, out, "--batch-size", "4", "--retry-failed")) == 0
+    assert main(_run_args(dataset, out, "--batch-size", "4", "--max-iter", "2", "--retry-failed")) == 0
     assert f"{IMAGES} images done, 1 failed, 0 skipped" in capsys.readouterr().out
     index, _ = _outputs(out)
     assert [row["image"] for row in index if row["status"] == "failed"] == ["sub/broken.png"]

@@ -89,8 +89,9 @@ class TestThroughput:
     def test_caffast_run(self, benchmark, folders, tmp_path, arch, batch):
         benchmark.group = f"run-{arch}-{IMAGES}-images"
         benchmark.name = f"caffast run batch {batch}"
-        probe = explain(_build(arch), torch.zeros(1, 3, *(2 * [64 if arch == "demo" else 224])), MODELS[arch]["layer"],
-                        mode="specific", max_iter=1)  # fmt: skip
+        side = DEMO.size if arch == "demo" else IMAGENET.size
+        noise = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        probe = explain(_build(arch), noise, MODELS[arch]["layer"], mode="specific", max_iter=1)
         assert probe.path == "fused"
 
         def run(out: Path) -> None:

@@ -35,7 +35,7 @@ from .common import (
     CliError, Progress, add_setting_flags, check_arguments, check_output_folder, command_settings, flat_map_notes,
     load_image, model_errors, parse_classes, result_arrays, say, take_defaults,
 )  # fmt: skip
-from .atomic import fitting_name, write_npz, write_text
+from .atomic import PathTooLong, check_path_length, fitting_name, write_npz, write_text
 from .distributed import DEFAULT_RANK_TIMEOUT
 from .imagefiles import EXPLAIN_MARKER
 
@@ -209,6 +209,8 @@ def _explain_files(
 
         real = os.path.realpath(path)
         names = _free_names(stems[path], names_of, taken, claimed, real)
+        for name in names:  # the overlays are not written through write_atomically, which checks this
+            check_path_length(out / name)
         claimed.update({name.casefold(): real for name in names})
         ours.update(names)
         _mark_explained(out, ours)  # before the files: a killed run leaves them listed as ours
@@ -244,8 +246,12 @@ def _command_explain(args: argparse.Namespace) -> None:
         named = f"_{label.replace(' ', '_')}" if label is not None else ""
         return fitting_name(stem, f"_l2caf_{target}{named}_{args.arch}.png")
 
-    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, parse_classes(args.classes),
-                             command_settings(args), Path(args.out), args.gif, args.device, name_of, args.quiet)  # fmt: skip
+    try:
+        written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer,
+                                 parse_classes(args.classes), command_settings(args), Path(args.out), args.gif,
+                                 args.device, name_of, args.quiet)  # fmt: skip
+    except PathTooLong as error:
+        raise CliError(f"cannot write the outputs: {error.strerror}") from None
     print(f"wrote {written} to {args.out}")
 
 

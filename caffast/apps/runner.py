@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from .atomic import write_atomically
+from .atomic import PathTooLong, write_atomically
 from .common import (
     CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
 )  # fmt: skip
@@ -322,6 +322,8 @@ def _cannot_write(error: OSError, root: Path) -> CliError:
     full = _disk_full(error, root)
     if full is not None:
         return full
+    if isinstance(error, PathTooLong):
+        return CliError(f"cannot write the outputs of an image: {error.strerror}; nothing is recorded for it")
     blocked = error.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a folder goes
     fix = "move away the file that stands where a folder goes" if blocked else f"make {root} writable"
     return CliError(f"cannot write {error.filename or root} ({error.strerror or error}); nothing is recorded for "

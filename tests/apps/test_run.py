@@ -726,3 +726,17 @@ def test_named_weights_record_where_they_come_from(tmp_path):
     stored = {key: value for key, value in config.items() if key != "weights_source"}
     (tmp_path / "out" / "config.json").write_text(json.dumps(stored))
     folder.claim(older_library)
+
+
+def test_outputs_past_the_longest_path_the_system_opens_stop_the_run_with_the_fix(dataset, tmp_path, capsys):
+    """An image deep in the data folder whose outputs, under a longer --out, pass the system's
+    longest path: the run stops with the fix and records nothing, rather than an OSError."""
+    folder = tmp_path / "data" / "/".join("f" * 200 for _ in range(19))
+    folder.mkdir(parents=True)
+    shutil.copy(dataset / "a.png", folder / "a.png")
+    out = tmp_path / ("o" * 250) / ("o" * 250)
+    assert main(_run_args(tmp_path / "data", out, "--max-iter", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("caffast: error: cannot write the outputs of an image: the path ")
+    assert "the system opens paths of at most 4095 bytes: choose a shorter output folder (--out)" in error
+    assert not list(out.glob("records/**/*.json"))

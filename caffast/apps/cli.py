@@ -153,8 +153,8 @@ def _not_ours(out: Path, ours: set[str]) -> set[str]:
     files it did not write.  Casefolded, since Dog.png and dog.png are one file on the disks of macOS
     and Windows."""
     with os.scandir(out) as entries:
-        return {entry.name.casefold() for entry in entries
-                if entry.name != EXPLAIN_MARKER and not (entry.name in ours and entry.is_file(follow_symlinks=False))}  # fmt: skip
+        mine = {entry.name for entry in entries if entry.name in ours and entry.is_file(follow_symlinks=False)}
+    return {name.casefold() for name in os.listdir(out) if name != EXPLAIN_MARKER and name not in mine}
 
 
 def _free_names(stem: str, names_of: Callable[[str], list[str]], taken: set[str], claimed: dict[str, str],

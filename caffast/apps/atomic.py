@@ -4,12 +4,14 @@ Each file is written to a temporary file in its own directory, flushed and fsync
 the destination with os.replace (atomic on POSIX and Windows within one file system); the directory is
 fsynced too, so a rename that returned survives a power cut.  A killed writer leaves at most a hidden
 ``.caffast-*.tmp`` file (a short name, so any destination name that fits fits its temporary too),
-which `remove_temporaries` deletes and nothing ever reads.  Files get the permissions the umask gives
+which `remove_temporaries` deletes and nothing ever reads.  A path longer than the system opens is
+refused before anything is written (PathTooLong), with the fix in its message.  Files get the permissions the umask gives
 a new file (0644 under the usual 022), not the temporary's private 0600.  An OSError names the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +23,7 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 
 NAME_MAX = 255  # bytes in a file name, on Linux, macOS and Windows file systems alike
+PATH_MAX = 4096  # bytes in a path the system opens, its final NUL included (Linux); pathconf says where it can
 NAME_HASH_CHARACTERS = 16
 TEMPORARY_PREFIX = ".caffast-"
 TEMPORARY_SUFFIX = ".tmp"
@@ -65,10 +68,50 @@ def fitting_name(start: str, rest: str) -> str:
     return f"{beginning}~{digest}{rest}"
 
 
+class PathTooLong(OSError):
+    """A path longer than the system opens; the message names its length, the limit and the fix."""
+
+
+def path_limit(path: PathLike) -> int:
+    """The most bytes a path may have where `path` lies, its final NUL included: what the system's
+    pathconf says for the nearest folder that exists, else PATH_MAX."""
+    existing = os.path.abspath(path)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        return int(os.pathconf(existing, "PC_PATH_MAX"))
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return PATH_MAX
+
+
+def _shown(path: str, ends: int = 60) -> str:
+    """A path of thousands of bytes, as its beginning and its end."""
+    return path if len(path) <= 2 * ends + 3 else f"{path[:ends]}...{path[-ends:]}"
+
+
+def check_path_length(
+    path: PathLike, fix: str = "choose a shorter output folder (--out), or shorter names for the inputs and their folders"
+) -> None:
+    """Refuse a path the system would not open (a folder deep enough passes its limit with names
+    that each fit NAME_MAX), before anything is written, with `fix` in the message; the temporary
+    written beside the file must fit too."""
+    encoded = os.fsencode(path)
+    temporary = len(TEMPORARY_PREFIX) + 8 + len(TEMPORARY_SUFFIX)  # mkstemp's random part is 8 characters
+    longest = len(encoded) + max(temporary - len(os.fsencode(os.path.basename(path))), 0)
+    limit = path_limit(path)
+    if longest >= limit:
+        raise PathTooLong(
+            errno.ENAMETOOLONG,
+            f"the path {_shown(os.fspath(path))!r} is {longest} bytes long, and the system opens paths of at "
+            f"most {limit - 1} bytes: {fix}",
+        )
+
+
 def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any], durable: bool = True) -> None:
     """Create or replace `path` with what `write(file)` writes to a binary file object.  `durable`:
     on the disk before this returns (fsync), so that it outlives a crash of the machine too; a file
     whose loss in such a crash costs nothing can skip the two fsyncs (milliseconds each)."""
+    check_path_length(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)

@@ -35,7 +35,7 @@ from .common import (
     CliError, Progress, add_setting_flags, check_arguments, check_output_folder, command_settings, flat_map_notes,
     load_image, model_errors, parse_classes, result_arrays, say, take_defaults,
 )  # fmt: skip
-from .atomic import fitting_name, write_npz
+from .atomic import PathTooLong, check_path_length, fitting_name, write_npz, write_text
 from .distributed import DEFAULT_RANK_TIMEOUT
 from .imagefiles import EXPLAIN_MARKER
 
@@ -129,16 +129,64 @@ class ExplainOutputs:
         return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs and {len(self.results)} .npz files of maps"
 
 
+EXPLAIN_NOTE = "overlays written by caffast explain: caffast run leaves this folder out"
+
+
+def _explained_here(out: Path) -> set[str]:
+    """The names of the files earlier `caffast explain` runs wrote into `out`, as its marker lists them
+    (the marker's second line, a JSON list); an older or unreadable marker lists none."""
+    try:
+        lines = (out / EXPLAIN_MARKER).read_text(encoding="utf-8").splitlines()
+        names = json.loads(lines[1]) if len(lines) > 1 else []
+    except (OSError, ValueError):
+        return set()
+    return {name for name in names if isinstance(name, str)} if isinstance(names, list) else set()
+
+
+def _mark_explained(out: Path, names: set[str]) -> None:
+    """The marker, listing the files explain wrote here: a later run may write over these, and only these."""
+    write_text(out / EXPLAIN_MARKER, f"{EXPLAIN_NOTE}\n{json.dumps(sorted(names))}\n", durable=False)
+
+
+def _not_ours(out: Path, ours: set[str]) -> set[str]:
+    """The casefolded names in `out` that explain must neither write over nor into: folders, links and
+    files it did not write.  Casefolded, since Dog.png and dog.png are one file on the disks of macOS
+    and Windows."""
+    with os.scandir(out) as entries:
+        mine = {entry.name for entry in entries if entry.name in ours and entry.is_file(follow_symlinks=False)}
+    return {name.casefold() for name in os.listdir(out) if name != EXPLAIN_MARKER and name not in mine}
+
+
+def _free_names(stem: str, names_of: Callable[[str], list[str]], taken: set[str], claimed: dict[str, str],
+                image: str) -> list[str]:  # fmt: skip
+    """The output names of one image from `stem`, or from stem_2, stem_3, ... where one of them is
+    taken (`taken`: casefolded names in the folder that are not ours) or claimed by another image
+    (`claimed`: casefolded name -> the real path of the image it belongs to)."""
+    variant, number = stem, 2
+    while True:
+        names = names_of(variant)
+        folded = [name.casefold() for name in names]
+        if len(set(folded)) == len(folded) and all(
+            name not in taken and claimed.get(name, image) == image for name in folded
+        ):
+            return names
+        variant, number = f"{stem}_{number}", number + 1
+
+
 def _explain_files(
     images: Sequence[str], source: ModelSource, layer: Optional[str], targets: Targets, settings: Settings,
     out: Path, gif: bool, device: str, name_of: Callable[[str, int, Optional[str]], str], quiet: bool,
 ) -> ExplainOutputs:
     """Explain each image file with caffast.explain; write its maps (.npz), its overlays and, with
-    `gif`, the GIFs of their convergence (explain then records the history)."""
+    `gif`, the GIFs of their convergence (explain then records the history).  The names are unique
+    per image regardless of letter case, and never those of a folder or a file explain did not write."""
     with model_errors():
         loaded = source.explainable(layer, device)
     out.mkdir(parents=True, exist_ok=True)
-    (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
+    ours = _explained_here(out)
+    taken = _not_ours(out, ours)
+    _mark_explained(out, ours)
+    claimed: dict[str, str] = {}
     settings = replace(settings, history=gif)
     record = {"arch": source.arch, "weights": source.weights_identity(), "layer": loaded.layer,
               "input": loaded.preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
@@ -151,11 +199,25 @@ def _explain_files(
         exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, targets, settings,
                        lambda share: progress.update(done, share))  # fmt: skip
         classes = exp.output.shape[1] if exp.output.dim() == 2 else 0
-        paths = [out / name_of(stems[path], target, source.class_name(target, classes))
-                 for target in exp.targets[0].tolist()]  # fmt: skip
+        labels = [(target, source.class_name(target, classes)) for target in exp.targets[0].tolist()]
+
+        def names_of(stem: str) -> list[str]:
+            """The image's .npz, then its overlays, then (with `gif`) their GIFs."""
+            overlays = [name_of(stem, target, label) for target, label in labels]
+            gifs = [str(Path(name).with_suffix(".gif")) for name in overlays] if gif else []
+            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *overlays, *gifs]
+
+        real = os.path.realpath(path)
+        names = _free_names(stems[path], names_of, taken, claimed, real)
+        for name in names:  # the overlays are not written through write_atomically, which checks this
+            check_path_length(out / name)
+        claimed.update({name.casefold(): real for name in names})
+        ours.update(names)
+        _mark_explained(out, ours)  # before the files: a killed run leaves them listed as ours
+        paths = [out / name for name in names[1 : 1 + len(labels)]]
         for saved in _save_overlays(rgb, exp, 0, paths, gif):
             (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
-        result = out / fitting_name(stems[path], f"_l2caf_{settings.mode}_{source.arch}.npz")
+        result = out / names[0]
         write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
                            "settings": np.array(json.dumps({"image": path, **record}))})  # fmt: skip
         written.results.append(result)
@@ -184,8 +246,12 @@ def _command_explain(args: argparse.Namespace) -> None:
         named = f"_{label.replace(' ', '_')}" if label is not None else ""
         return fitting_name(stem, f"_l2caf_{target}{named}_{args.arch}.png")
 
-    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, parse_classes(args.classes),
-                             command_settings(args), Path(args.out), args.gif, args.device, name_of, args.quiet)  # fmt: skip
+    try:
+        written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer,
+                                 parse_classes(args.classes), command_settings(args), Path(args.out), args.gif,
+                                 args.device, name_of, args.quiet)  # fmt: skip
+    except PathTooLong as error:
+        raise CliError(f"cannot write the outputs: {error.strerror}") from None
     print(f"wrote {written} to {args.out}")
 
 

@@ -28,6 +28,7 @@ from ..engine.explain import Explanation
 from ..engine.flat import FlatMapWarning
 from ..models.preprocessing import IMAGENET, Preprocessing
 from ..models.source import ModelSourceError, WeightsError
+from .atomic import PathTooLong, check_path_length
 from .imagefiles import ImageReadError, read_image
 
 SETTING_FLAGS = "setting_flags"  # a command's arguments hold its settings' flags by setting under this name
@@ -330,6 +331,10 @@ def check_backend(backend: str, device: str) -> None:
 
 def check_output_folder(path: str, flag: str = "--out") -> None:
     """`path` is a folder, or can be made one, that this process may write to; nothing is created."""
+    try:
+        check_path_length(Path(path).absolute(), fix=f"pass a shorter {flag}")
+    except PathTooLong as error:
+        raise CliError(f"{flag}: {error.strerror}") from None
     existing = Path(path).absolute()
     while not existing.exists():
         existing = existing.parent

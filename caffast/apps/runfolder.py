@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import zipfile
 from pathlib import Path
@@ -89,6 +90,40 @@ def _output_name(image: str, suffix: str) -> str:
     return f"{folder}/{fitting}" if folder else fitting
 
 
+_OVERLAY_NAME = re.compile(r"(.*)\.(?:\d+|oblivious)\.png")
+
+
+def output_clash(images: list[str], fold_case: bool) -> Optional[tuple[str, str, str]]:
+    """Two images whose outputs would be one file, or a file where the other's folder goes: (image,
+    image, the output path), or None.  With `fold_case` (an output disk that ignores letter case, as
+    macOS's and Windows' do) names that differ only in case are one."""
+    fold: Callable[[str], str] = str.casefold if fold_case else str
+    files: dict[str, str] = {}  # output path -> its image
+    folders: dict[str, str] = {}  # a folder the outputs need -> an image that needs it
+    names = {fold(image): image for image in images}
+    for image in images:
+        kinds = (("results", ".npz"), ("records", ".json"), ("records", ".reading"))
+        outputs = [f"{kind}/{_output_name(image, suffix)}" for kind, suffix in kinds]
+        for output in outputs:
+            key = fold(output)
+            other = files.get(key, folders.get(key, image))
+            if other != image:
+                return other, image, output
+            files[key] = image
+        for folder in [f"{kind}/{image}" for kind in ("results", "records", "overlays")]:
+            parts = folder.split("/")
+            for end in range(2, len(parts)):
+                key = fold("/".join(parts[:end]))
+                other = files.get(key)
+                overlay = _OVERLAY_NAME.fullmatch(key) if key.startswith(fold("overlays/")) else None
+                if overlay is not None:  # the name of an overlay of another image
+                    other = names.get(overlay.group(1)[len("overlays/") :], other)
+                if other is not None and other != image:
+                    return other, image, "/".join(parts[:end])
+                folders.setdefault(key, image)
+    return None
+
+
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in settings.items():
@@ -127,6 +162,15 @@ class RunFolder:
 
     def record_path(self, image: str) -> Path:
         return self.root / "records" / _output_name(image, ".json")
+
+    def folds_case(self) -> bool:
+        """Whether the output folder's disk takes names that differ only in letter case for one."""
+        probe = self.root / ".caffast-case-probe"
+        write_text(probe, "", durable=False)
+        try:
+            return (self.root / ".CAFFAST-CASE-PROBE").exists()
+        finally:
+            probe.unlink(missing_ok=True)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()

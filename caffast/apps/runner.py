@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from .atomic import write_atomically
+from .atomic import PathTooLong, write_atomically
 from .common import (
     CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
 )  # fmt: skip
@@ -39,7 +39,7 @@ from ..engine.inputs import Targets
 from ..eval.gradcam import grad_cam
 from ..models.source import ExplainableModel, ModelSource
 from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image, upright_size
-from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
+from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder, output_clash
 from .runlocalization import (
     BASELINE_ARRAY, BASELINE_FIELD, MISSING_SHOWN, LocalizationError, RunLocalization, write_summary,
 )  # fmt: skip
@@ -322,6 +322,8 @@ def _cannot_write(error: OSError, root: Path) -> CliError:
     full = _disk_full(error, root)
     if full is not None:
         return full
+    if isinstance(error, PathTooLong):
+        return CliError(f"cannot write the outputs of an image: {error.strerror}; nothing is recorded for it")
     blocked = error.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a folder goes
     fix = "move away the file that stands where a folder goes" if blocked else f"make {root} writable"
     return CliError(f"cannot write {error.filename or root} ({error.strerror or error}); nothing is recorded for "
@@ -478,6 +480,14 @@ def _plan(
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
     holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
+    clash = output_clash(images, folder.folds_case())
+    if clash is not None:
+        first, second, output = clash
+        raise CliError(
+            f"images {first!r} and {second!r} would both write {str(folder.root / output)!r} (letter case aside, "
+            "where the disk ignores it, or as a file and as a folder): rename one of them, or move it to "
+            "another folder"
+        )
     checking = Progress(len(images), "checking earlier outputs", quiet=quiet, delay=CHECKS_SHOWN_AFTER)
     pending, broken = folder.pending(images, retry_failed, checking.update)
     checking.end()

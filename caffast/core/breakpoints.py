@@ -488,5 +488,5 @@ def split(
         split_at = capture_with_hook(model, name, module, images), HookTail(model, module, images)
     capture, tail = split_at
     image = tuple(images.shape[2:])
-    capture.layout = resolve_layout(name, capture.features, image, model, module, layout, reshape_transform)
+    capture.layout = resolve_layout(name, capture.features, image, model, module, layout, reshape_transform, images)
     return capture, tail

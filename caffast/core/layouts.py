@@ -8,11 +8,14 @@ patch cells where they lie, prefix tokens stay as they are, and the tail sees th
 pytorch-grad-cam's `reshape_transform` defines a layout too: any function that only selects and
 rearranges elements (slicing, reshape, permute) does.
 
-A 4-D shape is read as channels-first or channels-last where the layer's last module says so (a
-convolution, normalization or pooling: channels-first; a Linear or LayerNorm over the last axis:
-channels-last, where its forward is the class's own or is seen to take that arrangement) and that
-reading fits the image, or else where only one reading fits (a (N, 7, 7, 768)
-map of a 224 x 224 image cannot be a 7 x 768 grid); otherwise the layout must be given.  A 5-D map
+A 4-D shape is read as channels-first or channels-last where only one reading fits the image (a
+(N, 7, 7, 768) map of a 224 x 224 image cannot be a 7 x 768 grid).  Where both fit, the layer's last
+module suggests one (a convolution, normalization or pooling: channels-first; a Linear or LayerNorm
+over the last axis: channels-last, where its forward is the class's own or is seen to take that
+arrangement), and the suggestion counts only where the data bear it out: one image is run with one
+channel of that module's output raised, and the change must stay in one channel of the layer's
+output along the suggested axis (a forward that permutes after the module moves it elsewhere);
+otherwise the layout must be given.  A 5-D map
 is read the same way against the clip's (D, H, W), its depth axis with a stride of its own (video
 networks subsample time and space differently).  Tokens of a clip or a volume are not factored into
 a (D, H, W) grid: a reshape_transform says how they lie.
@@ -186,25 +189,97 @@ def _output_channels(leaf: nn.Module) -> Optional[int]:
 _PERMUTES = {(0, 2, 3, 1): "last", (0, 3, 1, 2): "first", (0, 2, 3, 4, 1): "last", (0, 4, 1, 2, 3): "first"}
 
 
-def _leaf_says(module: nn.Module, channels_last_size: int) -> Optional[str]:
-    """What the layer's last layout-bearing module implies: "first" (channels first), "last" or None
-    (undecided)."""
+def _leaf_says(module: nn.Module, channels_last_size: int) -> tuple[Optional[str], Optional[nn.Module]]:
+    """What the layer's last layout-bearing module implies, "first" (channels first), "last" or None
+    (undecided), and that module.  This only reads the module tree: a forward of the layer's own may
+    still move the axes after it (timm's ConvNeXt block permutes back around its Linear layers), so
+    the verdict is checked on the data by `_confirmed`."""
     for leaf in reversed([m for m in module.modules() if not list(m.children())]):
         if isinstance(leaf, _CHANNELS_FIRST):
-            return "first"
+            return "first", leaf
         channels = _output_channels(leaf)
         if channels is not None:
             on_last_axis = _last_axis_module(leaf)
             if on_last_axis is None:
-                return None
+                return None, None
             if not on_last_axis:
-                return "first"
+                return "first", leaf
             if channels == channels_last_size:
-                return "last"
+                return "last", leaf
         dims = getattr(leaf, "dims", None)
         if type(leaf).__name__ == "Permute" and dims is not None:
-            return _PERMUTES.get(tuple(dims))
-    return None
+            said = _PERMUTES.get(tuple(dims))
+            return (said, leaf) if said is not None else (None, None)
+    return None, None
+
+
+class _Reached(Exception):
+    """Ends a probing forward pass once the layer has output its map."""
+
+
+def _probe_forward(
+    model: nn.Module, module: nn.Module, leaf: nn.Module, image: torch.Tensor, axis: int, shift: bool
+) -> Optional[torch.Tensor]:
+    """The layer's output for one image, with channel 0 of `leaf`'s output (along `axis`) raised when
+    `shift`; None where the leaf does not run exactly once inside the layer or the pass fails."""
+    calls: list[int] = []
+    seen: list[torch.Tensor] = []
+
+    def raise_channel(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        calls.append(1)
+        if not shift or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        raised = output.clone()
+        raised.select(axis, 0).add_(1.0 + 2.0 * float(output.detach().abs().max()))
+        return raised
+
+    def stop(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        seen.append(output)
+        raise _Reached
+
+    handles = [leaf.register_forward_hook(raise_channel), module.register_forward_hook(stop)]
+    try:
+        with torch.no_grad():
+            model(image)
+    except _Reached:
+        pass
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != 1 or len(seen) != 1 or not isinstance(seen[0], torch.Tensor):
+        return None
+    return seen[0]
+
+
+def _confirmed(
+    model: nn.Module,
+    module: nn.Module,
+    leaf: nn.Module,
+    said: str,
+    features: torch.Tensor,
+    images: torch.Tensor,
+) -> Optional[str]:
+    """Where the channels of the layer's output lie, seen on the data: channel 0 of `leaf`'s output is
+    raised, and a reading holds where the change stays in one channel of the output along that
+    reading's channel axis (every other channel changes by under 1% as much).  "first", "last", or None where not exactly one reading holds (the change
+    vanished, spread over several channels, or the pass could not be probed)."""
+    axis = 1 if said == "first" else -1
+    image = images[:1]
+    base = _probe_forward(model, module, leaf, image, axis, shift=False)
+    raised = _probe_forward(model, module, leaf, image, axis, shift=True)
+    if base is None or raised is None or base.shape != raised.shape or base.shape[1:] != features.shape[1:]:
+        return None
+    difference = (raised.double() - base.double()).abs()
+    holds = []
+    for reading, channel_axis in (("first", 1), ("last", difference.dim() - 1)):
+        per_channel = difference.movedim(channel_axis, 0).flatten(1).amax(dim=1)
+        top = float(per_channel.max())
+        # scale-free: the raised channel may come out tiny (timm's ConvNeXt scales its blocks by 1e-6)
+        if top > 0 and int((per_channel > 0.01 * top).sum()) == 1:
+            holds.append(reading)
+    return holds[0] if len(holds) == 1 else None
 
 
 def _prefix_tokens(model: nn.Module) -> Optional[int]:
@@ -238,9 +313,11 @@ def resolve_layout(
     module: nn.Module,
     layout: Optional[str] = None,
     reshape_transform: Optional[ReshapeTransform] = None,
+    images: Optional[torch.Tensor] = None,
 ) -> Layout:
     """The layout of layer `name`'s output `features` for images of size `image` (H, W), or clips and
-    volumes of size (D, H, W)."""
+    volumes of size (D, H, W).  `images` (the model's input) lets a shape that fits both readings be
+    decided by probing one image; without it such a shape needs layout=."""
     shape = tuple(features.shape)
     if reshape_transform is not None:
         if layout is not None:
@@ -260,16 +337,25 @@ def resolve_layout(
         fits = _fits if features.dim() == 4 else _fits_clip
         seen = image[-2:] if features.dim() == 4 else image
         readings = [kind for kind, grid in ((first, shape[2:]), (last, shape[1:-1])) if fits(grid, seen)]
-        said = {"first": first, "last": last}.get(_leaf_says(module, shape[-1]))
-        if said in readings:  # the layer's last module decides where its reading fits the image
-            readings = [said]
+        unseen = ""
+        if len(readings) == 2:  # the layer's last module decides, where the data bear it out
+            said, leaf = _leaf_says(module, shape[-1])
+            if said is not None and leaf is not None:
+                seen = _confirmed(model, module, leaf, said, features, images) if images is not None else None
+                if seen is not None:
+                    readings = [first if seen == "first" else last]
+                else:
+                    unseen = (
+                        f" (its last {type(leaf).__name__} suggests channels {said}, but the layer's forward "
+                        "could not be seen to keep that arrangement up to its output)"
+                    )
         if len(readings) == 1:
             return _channels_first(features) if readings[0] == first else _channels_last(features)
         order = "C, H, W" if features.dim() == 4 else "C, D, H, W"
         raise ValueError(
             f"layer {name!r} outputs {shape} for {' x '.join(map(str, image))} inputs: it cannot be told "
-            f"whether channels come first (N, {order}) or last (N, {order[3:]}, C); pass layout={first!r} "
-            f"or layout={last!r}"
+            f"whether channels come first (N, {order}) or last (N, {order[3:]}, C){unseen}; pass "
+            f"layout={first!r} or layout={last!r}"
         )
     if features.dim() == 3 and len(image) > 2:
         raise ValueError(

@@ -50,6 +50,53 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return digest.hexdigest()
 
 
+def _verified_record(path: str) -> str:
+    """Where caffast keeps the sha256 it found for the file at `path`: in torch.hub's folder (the
+    folder that holds the file may be read-only, or, as huggingface_hub's, not be caffast's to fill)."""
+    key = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:32]
+    return os.path.join(torch.hub.get_dir(), "caffast-verified", f"{key}.json")
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """What changes when a file is written, truncated or replaced: its size, its times (the change
+    time cannot be set back by hand), its inode and its device."""
+    stat = os.stat(path)
+    return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino, "device": stat.st_dev}  # fmt: skip
+
+
+def verified_sha256(path: str) -> str:
+    """The file's sha256, hashed again only when its identity (`_file_identity`) changed since caffast
+    last hashed it: weights files of hundreds of MB are checked on every load at the cost of a stat.
+    Where the record cannot be written, every load hashes."""
+    identity = _file_identity(path)
+    record_path = _verified_record(path)
+    try:
+        with open(record_path, encoding="utf-8") as file:
+            record = json.load(file)
+        if isinstance(record, dict) and record.get("file") == identity and isinstance(record.get("sha256"), str):
+            return record["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = file_sha256(path)
+    if _file_identity(path) == identity:  # not written to while it was hashed
+        _remember(record_path, {"file": identity, "sha256": digest})
+    return digest
+
+
+def _remember(path: str, record: dict[str, Any]) -> None:
+    """Write `record` to `path` whole (a temporary renamed into place), or not at all."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(record, file)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
 def _check_cached(weights: WeightsEnum) -> None:
     """Refuse a cached weights file whose content is not what its name promises: torch.hub checks the
     hash only when it downloads, and would load any file found under the expected name."""
@@ -61,7 +108,7 @@ def _check_cached(weights: WeightsEnum) -> None:
 
 def _check_content(path: str, promised: str, what: str, source: str) -> None:
     """Raise when the sha256 of the file at `path` does not start with `promised` (its name's hash)."""
-    digest = file_sha256(path)
+    digest = verified_sha256(path)
     if not digest.startswith(promised):
         raise ValueError(
             f"the cached weights file {path} is not the file of {what}: its sha256 starts "

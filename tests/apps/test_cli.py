@@ -251,3 +251,44 @@ def test_a_long_picture_name_gives_outputs_that_fit(command, tmp_path, capsys):
     name = written[0]
     assert name.startswith("long" * 10) and "~" in name and name.endswith("_shufflenet_v2_x0_5.png")
     assert "_3_" in name or command == "class_oblivious"
+
+
+def test_explain_writes_neither_over_nor_into_what_is_not_its_own(tmp_path, capsys):
+    """A folder named like an output, and a file of another letter case (one file on the disks of
+    macOS and Windows), keep their place: the image's outputs take the next free name, and a second
+    run writes over its own files of the first."""
+    image = tmp_path / "dog.png"
+    Image.new("RGB", (48, 48), (120, 40, 200)).save(image)
+    out = tmp_path / "out"
+    (out / "dog_l2caf_oblivious_shufflenet_v2_x0_5.npz").mkdir(parents=True)
+    mine = out / "DOG_l2caf_oblivious_shufflenet_v2_x0_5.png"
+    mine.write_bytes(b"not an overlay")
+    argv = ["explain", str(image), "--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random",
+            "--mode", "oblivious", "--max-iter", "2", "--out", str(out)]
+    for _ in range(2):
+        assert main(argv) == 0
+        names = {path.name for path in out.iterdir()}
+        assert names == {".caffast-explain", "dog_l2caf_oblivious_shufflenet_v2_x0_5.npz", mine.name,
+                         "dog_2_l2caf_oblivious_shufflenet_v2_x0_5.npz", "dog_2_l2caf_oblivious_shufflenet_v2_x0_5.png"}
+        assert not any((out / "dog_l2caf_oblivious_shufflenet_v2_x0_5.npz").iterdir())
+        assert mine.read_bytes() == b"not an overlay"
+    assert "wrote 1 overlays" in capsys.readouterr().out
+
+
+def test_outputs_past_the_longest_path_the_system_opens_are_refused_by_name(tmp_path, capsys):
+    """Each name fits, but the folder is deep: a one-line error with the fix, not an OSError."""
+    image = tmp_path / "dog.png"
+    Image.new("RGB", (48, 48), (20, 140, 60)).save(image)
+    argv = ["explain", str(image), "--arch", "shufflenet_v2_x0_5", "--layer", "conv5", "--weights", "random",
+            "--mode", "oblivious", "--max-iter", "2", "--out"]
+    deep = str(tmp_path) + "/" + "/".join("d" * 200 for _ in range(30))
+    assert main(argv + [deep]) == 2
+    error = capsys.readouterr().err
+    assert "--out: the path" in error and "pass a shorter --out" in error and "Traceback" not in error
+    almost = tmp_path / "/".join("e" * 200 for _ in range(20))
+    almost = almost / ("f" * (4060 - len(os.fsencode(str(almost))) - 1))  # a folder of 4060 bytes
+    assert main(argv + [str(almost)]) == 2
+    error = capsys.readouterr().err
+    assert "cannot write the outputs: the path" in error and "the system opens paths of at most 4095 bytes" in error
+    assert "choose a shorter output folder (--out)" in error
+    assert not [path for path in almost.iterdir() if path.name != ".caffast-explain"]

@@ -726,3 +726,47 @@ def test_named_weights_record_where_they_come_from(tmp_path):
     stored = {key: value for key, value in config.items() if key != "weights_source"}
     (tmp_path / "out" / "config.json").write_text(json.dumps(stored))
     folder.claim(older_library)
+
+
+def test_outputs_past_the_longest_path_the_system_opens_stop_the_run_with_the_fix(dataset, tmp_path, capsys):
+    """An image deep in the data folder whose outputs, under a longer --out, pass the system's
+    longest path: the run stops with the fix and records nothing, rather than an OSError."""
+    folder = tmp_path / "data" / "/".join("f" * 200 for _ in range(19))
+    folder.mkdir(parents=True)
+    shutil.copy(dataset / "a.png", folder / "a.png")
+    out = tmp_path / ("o" * 250) / ("o" * 250)
+    assert main(_run_args(tmp_path / "data", out, "--max-iter", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("caffast: error: cannot write the outputs of an image: the path ")
+    assert "the system opens paths of at most 4095 bytes: choose a shorter output folder (--out)" in error
+    assert not list(out.glob("records/**/*.json"))
+
+
+def test_images_whose_outputs_would_be_one_file_are_refused_by_name(dataset, tmp_path, monkeypatch, capsys):
+    """x.png beside a folder x.png.npz/ (whose outputs need results/x.png.npz as a folder), and
+    Dog.png beside dog.png where the output disk ignores letter case: the run says which, before
+    any image is explained, instead of one image's outputs taking the other's place."""
+    data = tmp_path / "data"
+    (data / "x.png.npz").mkdir(parents=True)
+    shutil.copy(dataset / "a.png", data / "x.png")
+    shutil.copy(dataset / "a.png", data / "x.png.npz" / "y.png")
+    assert main(_run_args(data, tmp_path / "out", "--max-iter", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "images 'x.png' and 'x.png.npz/y.png' would both write" in error and "results/x.png.npz" in error
+    assert "rename one of them" in error and not list((tmp_path / "out").glob("results/**/*.npz"))
+
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    shutil.copy(dataset / "a.png", cased / "Dog.png")
+    shutil.copy(dataset / "c.bmp", cased / "dog.png")
+    monkeypatch.setattr(RunFolder, "folds_case", lambda self: True)
+    assert main(_run_args(cased, tmp_path / "folded", "--max-iter", "2")) == 2
+    assert "images 'Dog.png' and 'dog.png' would both write" in capsys.readouterr().err
+    monkeypatch.setattr(RunFolder, "folds_case", lambda self: False)  # a disk that tells them apart
+    assert main(_run_args(cased, tmp_path / "apart", "--max-iter", "2")) == 0
+    assert sorted(row["image"] for row in _outputs(tmp_path / "apart")[0]) == ["Dog.png", "dog.png"]
+
+
+def test_a_case_sensitive_output_folder_is_told_apart_from_one_that_is_not(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.folds_case() is False and not list(tmp_path.iterdir())

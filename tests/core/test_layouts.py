@@ -214,7 +214,7 @@ def test_convnext_stem_with_as_many_channels_as_cells_is_channels_first():
     with torch.no_grad():
         features = model.stem(image)
     assert features.shape == (1, 40, 40, 40)
-    assert resolve_layout("stem", features, (160, 160), model, model.stem).name == "nchw"
+    assert resolve_layout("stem", features, (160, 160), model, model.stem, images=image).name == "nchw"
 
 
 class ToTokens(nn.Module):
@@ -247,3 +247,100 @@ def test_every_constraint_on_tokens(constraint):
     tokens = caffast.explain(model, images, "tokens", **settings)
     grid = caffast.explain(model, images, "patches", **settings)
     torch.testing.assert_close(tokens.maps, grid.maps)
+
+
+class PermutedMlp(nn.Module):
+    """A convolution to 16 channels, then a block whose forward moves the channels last around its
+    Linear and back (as timm's ConvNeXt block does): the block's output is (N, 16, 16, 16) channels
+    first on 64 x 64 images, although its last module is a Linear over the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.block = PermutedBlock()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.conv(x)).mean(dim=(2, 3)))
+
+
+class PermutedBlock(nn.Module):
+    def __init__(self, back: bool = True):
+        super().__init__()
+        self.mlp = nn.Linear(16, 16)
+        self.back = back
+
+    def forward(self, x):
+        y = self.mlp(x.permute(0, 2, 3, 1))
+        return x + y.permute(0, 3, 1, 2) if self.back else y
+
+
+class ConvThenChannelsLast(nn.Module):
+    """A convolution whose output the parent's forward turns channels last: the last module is a
+    convolution, yet the map is (N, H, W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+
+    def forward(self, x):
+        return self.conv(x).permute(0, 2, 3, 1)
+
+
+class ChannelsLastStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvThenChannelsLast()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.stem(x).mean(dim=(1, 2)))
+
+
+def test_a_linear_between_permutes_in_a_forward_is_read_channels_first():
+    torch.manual_seed(0)
+    model = PermutedMlp().eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    settings = {"mode": "specific", "targets": [2], "solver": "fast", "max_iter": 10}
+    auto = caffast.explain(model, images, "block", **settings)
+    nchw = caffast.explain(model, images, "block", layout="nchw", **settings)
+    nhwc = caffast.explain(model, images, "block", layout="nhwc", **settings)
+    torch.testing.assert_close(auto.maps, nchw.maps)
+    assert (nchw.maps - nhwc.maps).abs().max() > 0.1  # the wrong reading would give another map
+
+
+def test_a_convolution_turned_channels_last_by_its_parent_is_read_channels_last():
+    torch.manual_seed(0)
+    model = ChannelsLastStem().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.stem(images)
+    assert features.shape == (1, 16, 16, 16)
+    assert resolve_layout("stem", features, (64, 64), model, model.stem, images=images).name == "nhwc"
+
+
+def test_a_suggestion_the_data_do_not_bear_out_is_refused():
+    """Without the input to probe, or where the forward mixes the raised channel into all the others,
+    a shape that fits both readings needs layout=."""
+    torch.manual_seed(0)
+    model = PermutedMlp().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.block(model.conv(images))
+    with pytest.raises(ValueError, match=r"Linear suggests channels last.*pass layout='nchw' or layout='nhwc'"):
+        resolve_layout("block", features, (64, 64), model, model.block)
+
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.mlp(x.permute(0, 2, 3, 1))
+            return torch.nn.functional.linear(y, torch.ones(16, 16))  # every channel gets every other
+
+    model.block = Mixing()
+    with torch.no_grad():
+        features = model.block(model.conv(images))
+    with pytest.raises(ValueError, match="could not be seen to keep that arrangement"):
+        resolve_layout("block", features, (64, 64), model, model.block, images=images)

@@ -254,3 +254,38 @@ def test_behind_a_proxy_timm_downloads_instead_of_probing_the_host(proxy, hub, m
         assert offline_modes == [True, False] and "the download failed" in str(error.value)
     else:
         assert offline_modes == [True] and "(offline?)" in str(error.value)
+
+
+def test_a_cached_file_is_hashed_once_until_it_changes(tmp_path, cache, monkeypatch):
+    """The check of the name's hash costs a stat on later loads; a file written in place (even with
+    its modification time set back) or replaced by another is hashed again and refused."""
+    name = serve_state(tmp_path, torch.nn.Linear(64, 8).state_dict(), "counted")
+    cache.mkdir(parents=True)
+    shutil.copy(tmp_path / name, cache / name)
+    weights = weights_at(f"http://127.0.0.1:{closed_port()}/{name}")
+    hashed = []
+    real_sha256 = zoo.file_sha256
+    monkeypatch.setattr(zoo, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    for _ in range(3):
+        zoo.load_state_dict("resnet18", weights)
+    assert len(hashed) == 1
+    right = (cache / name).read_bytes()
+    stat = os.stat(cache / name)
+    damaged = bytearray(right)
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, then the same modification time
+    (cache / name).write_bytes(bytes(damaged))
+    os.utime(cache / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match="is not the file of"):
+        zoo.load_state_dict("resnet18", weights)
+    (cache / name).write_bytes(right[:-10])  # truncated
+    with pytest.raises(ValueError, match="is not the file of"):
+        zoo.load_state_dict("resnet18", weights)
+    (tmp_path / "other.pth").write_bytes(bytes(damaged))  # another file renamed into place
+    os.replace(tmp_path / "other.pth", cache / name)
+    with pytest.raises(ValueError, match="is not the file of"):
+        zoo.load_state_dict("resnet18", weights)
+    (cache / name).write_bytes(right)
+    count = len(hashed)
+    zoo.load_state_dict("resnet18", weights)
+    zoo.load_state_dict("resnet18", weights)
+    assert len(hashed) == count + 1

@@ -559,15 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_quiet_flag(explain_command)
 
     run = commands.add_parser(
-        "run", help="explain every image of a folder tree; resumable, and split over processes under torchrun",
-        description="Explain every image under DATA_DIR into OUT: a .npz per image, optional overlays and "
+        "run", help="explain every image (or clip, or volume) of a folder tree; resumable, and split over processes "
+        "under torchrun",
+        description="Explain every image under DATA_DIR into OUT (with a model that takes clips, every video and .npy "
+        "volume, or with --input-kind frames every folder of frames): a .npz per input, optional overlays and "
         "OUT/index.jsonl. Rerun the same command after an interruption to finish the rest. --arch demo "
         "runs the shipped demo model (64 x 64 inputs, layer 'features').",
     )  # fmt: skip
-    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, videos, volumes or folders of frames "
+                                                         "(searched recursively)")
     run.add_argument("--out", required=True, help="output folder; rerunning into it finishes an interrupted run")
     model_options(run, reference=False)
     explain_settings(run)
+    add_input_flags(run)
     run.add_argument("--batch-size", type=int, default=16,
                      help="images per explain call, halved on out-of-memory (default: 16)")
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",

@@ -49,8 +49,9 @@ def input_kind(path: PathLike, given: Optional[str] = None) -> str:
     suffix, else an image.  A folder is a clip of frames only when `given` says "frames"."""
     if os.path.isdir(path):
         if given != "frames":
-            raise ImageReadError(f"{os.fspath(path)!r} is a folder: pass --input-kind frames to explain the images "
-                                 "in it as the frames of one clip")  # fmt: skip
+            raise ImageReadError(f"{os.fspath(path)!r} is a folder: caffast run explains the images in a folder; "
+                                 "with a model that takes clips, --input-kind frames explains them as the frames of "
+                                 "one clip")  # fmt: skip
         return "frames"
     if given == "frames":
         raise ImageReadError(f"--input-kind frames takes folders of frames; {os.fspath(path)!r} is not a folder")
@@ -154,8 +155,9 @@ def read_frames_folder(folder: PathLike, frames: Optional[int]) -> torch.Tensor:
     pictures = [TF.to_tensor(open_picture(os.path.join(folder, name))).expand(3, -1, -1) for name in chosen]
     sizes = {tuple(picture.shape[1:]) for picture in pictures}
     if len(sizes) > 1:
-        raise ImageReadError(f"the frames in {os.fspath(folder)!r} differ in size ({', '.join(f'{w} x {h}' for h, w in sorted(sizes))}): "
-                             "a clip's frames must all be of one size")  # fmt: skip
+        shown = ", ".join(f"{width} x {height}" for height, width in sorted(sizes))
+        raise ImageReadError(f"the frames in {os.fspath(folder)!r} differ in size ({shown}): a clip's frames must "
+                             "all be of one size")  # fmt: skip
     return torch.stack(pictures)
 
 

@@ -144,7 +144,8 @@ def test_without_a_video_decoder_the_error_says_what_to_install(tmp_path, capsys
 @pytest.mark.parametrize("argv, message", [
     (["x.npy", "--arch", "resnet18"], "'x.npy' is a volume, and --arch resnet18 takes images: pass a model that takes clips"),
     (["x.png", "--arch", "r3d_18"], "'x.png' is an image, and --arch r3d_18 takes clips: pass a video, a .npy volume"),
-    (["walk", "--arch", "r3d_18"], "'walk' is a folder: pass --input-kind frames"),
+    (["walk", "--arch", "r3d_18"], "'walk' is a folder: caffast run explains the images in a folder; with a model that takes clips, "
+                                   "--input-kind frames"),
     (["a.png", "--arch", "resnet18", "--frames", "8"], "--frames applies to clips and volumes, and --arch resnet18 takes images"),
     (["x.npy", "--arch", "r3d_18", "--gif"], "--gif draws an image's map converging"),
 ])  # fmt: skip

@@ -196,3 +196,23 @@ def test_a_folder_of_frame_folders(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / path)
     assert clipfiles.find_inputs(tmp_path, "frames") == ["a", "a/inner", "b"]
     assert clipfiles.frame_files(tmp_path / "a") == ["1.jpg"]
+
+
+def test_run_over_frame_folders_explains_a_changed_clip_again(tmp_path, capsys):
+    """With --input-kind frames each folder of frames is one clip; a rerun skips both, and explains
+    again the clip one of whose frames changed."""
+    data = tmp_path / "data"
+    for seed, clip in enumerate(("jump", "walk")):
+        (data / clip).mkdir(parents=True)
+        for number, frame in enumerate(random_frames(3, seed)):
+            Image.fromarray(frame).save(data / clip / f"{number}.png")
+    argv = ["run", str(data), "--out", str(tmp_path / "maps"), "--arch", "r3d_18", "--weights", "random",
+            "--input-kind", "frames", "--frames", "2", "--max-iter", "3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 inputs done, 0 failed, 2 skipped" in capsys.readouterr().out
+    Image.fromarray(random_frames(1, 7)[0]).save(data / "walk" / "1.png")
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "1 inputs done, 0 failed, 1 skipped" in printed.out and "walk (the image file changed" in printed.err

@@ -30,14 +30,15 @@ from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, sce
 from ..eval.summary import format_table, summarize
 from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
-from ..viz import apply_heatmap, save_gif, save_mask
+from ..viz import apply_heatmap, montage, save_clip_gif, save_gif, save_mask
+from .clipfiles import input_kind, model_input_problem
 from .common import (
-    CliError, Progress, add_setting_flags, check_arguments, check_output_folder, command_settings, flat_map_notes,
-    load_image, model_errors, parse_classes, result_arrays, say, take_defaults,
+    CliError, Progress, add_input_flags, add_setting_flags, check_arguments, check_output_folder, command_settings,
+    flat_map_notes, input_preprocessing, load_input, model_errors, parse_classes, result_arrays, say, take_defaults,
 )  # fmt: skip
 from .atomic import PathTooLong, check_path_length, fitting_name, write_npz, write_text
 from .distributed import DEFAULT_RANK_TIMEOUT
-from .imagefiles import EXPLAIN_MARKER
+from .imagefiles import EXPLAIN_MARKER, ImageReadError
 
 COMMAND_SETTINGS = Settings(mode="specific")  # the defaults of explain and run: class-specific maps
 RELEASE_COMMANDS = ("class_oblivious", "class_specific")
@@ -53,6 +54,7 @@ RELEASE_NO_ARGUMENTS = {
 RELEASE_IMAGES = Path("input_imgs")  # where the release reads --input_img
 RELEASE_LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 GIF_ALPHA, GIF_FRAME_MS = 0.7, 1000  # the TensorFlow release's GIF: a frame per check, 1 s each
+CLIP_FRAME_MS = 125  # a clip's GIF: 8 frames a second
 
 
 
@@ -68,6 +70,22 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
         if len(frames) > 1:
             save_gif([apply_heatmap(rgb, heat, alpha=0.6, cmap="bwr", symmetric=symmetric) for heat in frames],
                      str(path.with_suffix(".gif")), duration_ms=300)  # fmt: skip
+            written.append(path.with_suffix(".gif"))
+    return written
+
+
+def save_volume_pictures(picture: np.ndarray, exp: Explanation, index: int, paths: list[Path], clip: bool,
+                         axis: str = "axial") -> list[Path]:  # fmt: skip
+    """The pictures of a clip's or a volume's maps: per target a montage of its frames or slices
+    (along `axis` for a volume) and, for a clip, a GIF of the map over its frames; returns the files."""
+    symmetric = exp.map == "signed"
+    written = []
+    for column, path in enumerate(paths):
+        heat = exp.maps[index, column].float().cpu().numpy()
+        montage(picture, heat, axis="axial" if clip else axis, symmetric=symmetric, save=path)
+        written.append(path)
+        if clip:
+            save_clip_gif(picture, heat, path.with_suffix(".gif"), duration_ms=CLIP_FRAME_MS, symmetric=symmetric)
             written.append(path.with_suffix(".gif"))
     return written
 
@@ -176,12 +194,27 @@ def _free_names(stem: str, names_of: Callable[[str], list[str]], taken: set[str]
 def _explain_files(
     images: Sequence[str], source: ModelSource, layer: Optional[str], targets: Targets, settings: Settings,
     out: Path, gif: bool, device: str, name_of: Callable[[str, int, Optional[str]], str], quiet: bool,
+    inputs: argparse.Namespace,
 ) -> ExplainOutputs:
-    """Explain each image file with caffast.explain; write its maps (.npz), its overlays and, with
-    `gif`, the GIFs of their convergence (explain then records the history).  The names are unique
-    per image regardless of letter case, and never those of a folder or a file explain did not write."""
+    """Explain each input (image file, clip or volume; `inputs` holds the input flags) with
+    caffast.explain; write its maps (.npz) and its pictures: an overlay per target of an image (with
+    `gif` the GIFs of their convergence, explain then recording the history), a montage per target
+    of a clip or a volume and, for a clip, a GIF of the map over its frames.  The names are unique
+    per input regardless of letter case, and never those of a folder or a file explain did not write."""
+    try:
+        kinds = {path: input_kind(path, inputs.input_kind) for path in images}
+    except ImageReadError as error:
+        raise CliError(str(error)) from None
+    for path, kind in kinds.items():  # before the model is loaded
+        problem = model_input_problem(path, kind, source.takes_clips, f"--arch {source.arch}")
+        if problem is not None:
+            raise CliError(problem)
+    if gif and source.takes_clips:
+        raise CliError("--gif draws an image's map converging; a clip's GIF (its map over the frames) is written "
+                       "anyway: leave --gif out")  # fmt: skip
     with model_errors():
         loaded = source.explainable(layer, device)
+    preprocessing = input_preprocessing(inputs, loaded.preprocessing)
     out.mkdir(parents=True, exist_ok=True)
     ours = _explained_here(out)
     taken = _not_ours(out, ours)
@@ -189,37 +222,44 @@ def _explain_files(
     claimed: dict[str, str] = {}
     settings = replace(settings, history=gif)
     record = {"arch": source.arch, "weights": source.weights_identity(), "layer": loaded.layer,
-              "input": loaded.preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
+              "input": preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
     written = ExplainOutputs()
     flat, stills = 0, 0
     stems = output_stems(images)
-    progress = Progress(len(images), "explaining", quiet=quiet)
+    progress = Progress(len(images), "explaining", "inputs" if source.takes_clips else "images", quiet=quiet)
     for done, path in enumerate(images):
-        rgb, tensor = load_image(path, loaded.preprocessing)
+        picture, tensor = load_input(path, preprocessing, kinds[path], loaded.in_channels)
         exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, targets, settings,
                        lambda share: progress.update(done, share))  # fmt: skip
         classes = exp.output.shape[1] if exp.output.dim() == 2 else 0
         labels = [(target, source.class_name(target, classes)) for target in exp.targets[0].tolist()]
+        kind = kinds[path]
+        with_gifs = gif if kind == "image" else kind != "volume"
 
         def names_of(stem: str) -> list[str]:
-            """The image's .npz, then its overlays, then (with `gif`) their GIFs."""
-            overlays = [name_of(stem, target, label) for target, label in labels]
-            gifs = [str(Path(name).with_suffix(".gif")) for name in overlays] if gif else []
-            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *overlays, *gifs]
+            """The input's .npz, then its pictures (overlays or montages), then their GIFs."""
+            pictures = [name_of(stem, target, label) for target, label in labels]
+            gifs = [str(Path(name).with_suffix(".gif")) for name in pictures] if with_gifs else []
+            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *pictures, *gifs]
 
         real = os.path.realpath(path)
         names = _free_names(stems[path], names_of, taken, claimed, real)
-        for name in names:  # the overlays are not written through write_atomically, which checks this
+        for name in names:  # the pictures are not written through write_atomically, which checks this
             check_path_length(out / name)
         claimed.update({name.casefold(): real for name in names})
         ours.update(names)
         _mark_explained(out, ours)  # before the files: a killed run leaves them listed as ours
         paths = [out / name for name in names[1 : 1 + len(labels)]]
-        for saved in _save_overlays(rgb, exp, 0, paths, gif):
+        if kind == "image":
+            saved_files = _save_overlays(picture, exp, 0, paths, gif)
+        else:
+            saved_files = save_volume_pictures(picture, exp, 0, paths, kind != "volume", inputs.axis)
+        for saved in saved_files:
             (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
         result = out / names[0]
+        described = {"image": path} if kind == "image" else {"image": path, "kind": kind}
         write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
-                           "settings": np.array(json.dumps({"image": path, **record}))})  # fmt: skip
+                           "settings": np.array(json.dumps({**described, **record}))})  # fmt: skip
         written.results.append(result)
         flat += int(exp.flat.sum())
         stills += gif and any(len(convergence(exp, 0, column)) < 2 for column in range(len(paths)))
@@ -249,7 +289,7 @@ def _command_explain(args: argparse.Namespace) -> None:
     try:
         written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer,
                                  parse_classes(args.classes), command_settings(args), Path(args.out), args.gif,
-                                 args.device, name_of, args.quiet)  # fmt: skip
+                                 args.device, name_of, args.quiet, args)  # fmt: skip
     except PathTooLong as error:
         raise CliError(f"cannot write the outputs: {error.strerror}") from None
     print(f"wrote {written} to {args.out}")
@@ -287,7 +327,7 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
         image = _release_image(args.input_img)
         with model_errors():
             loaded = ModelSource(args.arch, args.weights).explainable(args.layer, args.device)
-        rgb, tensor = load_image(str(image), loaded.preprocessing)
+        rgb, tensor = load_input(str(image), loaded.preprocessing)
         exp = _explain(loaded.model, tensor[None].to(args.device), loaded.layer, targets, settings)
         targets = exp.targets[0].tolist()
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
@@ -397,7 +437,7 @@ def _command_layers(args: argparse.Namespace) -> None:
     if args.image:
         if source.is_demo:
             raise CliError("--image needs a model with its preprocessing: not the demo model")
-        images = load_image(args.image, replace(preprocessing, size=size))[1][None]
+        images = load_input(args.image, replace(preprocessing, size=size))[1][None]
     else:  # noise: a blank image gives every cell the same features, hence flat maps everywhere
         images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     spatial = [name for name, shapes in found if min(shapes[0][1:]) >= 2]
@@ -567,13 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                "top-1 class)")
 
     explain_command = commands.add_parser(
-        "explain", help="explain image files",
-        description="Explain each image file: a .npz of its maps (and targets, objectives, settings) and an "
-        "overlay PNG per class into --out.",
+        "explain", help="explain image files, clips and volumes",
+        description="Explain each input: a .npz of its maps (and targets, objectives, settings) and, per class, an "
+        "overlay PNG of an image, or a montage of a clip's frames (with a GIF of the map over the clip) or of a "
+        "volume's slices, into --out.",
     )  # fmt: skip
-    explain_command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    explain_command.add_argument("images", nargs="+", metavar="INPUT",
+                                 help="image files; with a model that takes clips (--arch r3d_18, ...) videos, .npy "
+                                      "volumes or folders of frames (with --input-kind frames)")  # fmt: skip
     model_options(explain_command, reference=False)
     explain_settings(explain_command)
+    add_input_flags(explain_command)
     explain_command.add_argument("--out", default="caffast-out", help="output folder (default: caffast-out)")
     explain_command.add_argument("--gif", action="store_true",
                                  help="also write a GIF of each map converging: the history is recorded, a frame per "
@@ -582,15 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_quiet_flag(explain_command)
 
     run = commands.add_parser(
-        "run", help="explain every image of a folder tree; resumable, and split over processes under torchrun",
-        description="Explain every image under DATA_DIR into OUT: a .npz per image, optional overlays and "
+        "run", help="explain every image (or clip, or volume) of a folder tree; resumable, and split over processes "
+        "under torchrun",
+        description="Explain every image under DATA_DIR into OUT (with a model that takes clips, every video and .npy "
+        "volume, or with --input-kind frames every folder of frames): a .npz per input, optional overlays and "
         "OUT/index.jsonl. Rerun the same command after an interruption to finish the rest. --arch demo "
         "runs the shipped demo model (64 x 64 inputs, layer 'features').",
     )  # fmt: skip
-    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+    run.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, videos, volumes or folders of frames "
+                                                         "(searched recursively)")
     run.add_argument("--out", required=True, help="output folder; rerunning into it finishes an interrupted run")
     model_options(run, reference=False)
     explain_settings(run)
+    add_input_flags(run)
     run.add_argument("--batch-size", type=int, default=16,
                      help="images per explain call, halved on out-of-memory (default: 16)")
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",

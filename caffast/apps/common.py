@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TextIO, get_args
 
@@ -26,10 +27,11 @@ import torch
 from ..core.settings import CHOICES, SETTINGS_FIELDS, TYPES, SettingError, Settings
 from ..engine.explain import Explanation
 from ..engine.flat import FlatMapWarning
-from ..models.preprocessing import IMAGENET, Preprocessing
+from ..models.preprocessing import CLIP_FRAMES, IMAGENET, VOLUME_SCALINGS, Preprocessing
 from ..models.source import ModelSourceError, WeightsError
 from .atomic import PathTooLong, check_path_length
-from .imagefiles import ImageReadError, read_image
+from .clipfiles import INPUT_KINDS, read_input
+from .imagefiles import ImageReadError
 
 SETTING_FLAGS = "setting_flags"  # a command's arguments hold its settings' flags by setting under this name
 
@@ -206,13 +208,45 @@ def result_arrays(explanation: Explanation, index: int) -> dict[str, np.ndarray]
     }
 
 
-def load_image(path: str, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
-    """The image file as the model sees it (the reference's ImageNet preprocessing by default).
-    Returns the picture as an (H, W, 3) float array in [0, 1] and the normalized (3, H, W) tensor."""
+def load_input(
+    path: str, preprocessing: Preprocessing = IMAGENET, kind: Optional[str] = None, channels: Optional[int] = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The input as the model sees it (the reference's ImageNet preprocessing by default): the
+    picture in [0, 1], (H, W, 3) for an image, (D, H, W, 3) for a clip or a volume, and the model's
+    input tensor (caffast.apps.clipfiles.read_input; `kind` and `channels` as it takes them)."""
     try:
-        return read_image(path, preprocessing)
+        return read_input(path, preprocessing, kind, channels)
     except ImageReadError as error:
         raise CliError(str(error)) from None
+
+
+def add_input_flags(command: argparse.ArgumentParser) -> None:
+    """The flags that say what the inputs are and how clips and volumes become a model's input."""
+    command.add_argument("--input-kind", choices=INPUT_KINDS,
+                         help="what the inputs are: image files, folders of frames (each folder one clip), video "
+                              "files or .npy volumes (default: by suffix, .npy a volume, .mp4 .avi ... a video, else an "
+                              "image; a folder is a clip only with --input-kind frames)")  # fmt: skip
+    command.add_argument("--frames", type=int,
+                         help=f"clips: frames sampled evenly from first to last (default: {CLIP_FRAMES})")
+    command.add_argument("--volume-norm", choices=VOLUME_SCALINGS,
+                         help=".npy volumes: scaled per channel to mean 0 and std 1 (zscore), to [0, 1] (minmax), or "
+                              "left as they are (default: zscore)")  # fmt: skip
+    command.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
+                         help="volumes: the axis of the slices in the montage: D, H or W (default: axial)")
+
+
+def input_preprocessing(args: argparse.Namespace, preprocessing: Preprocessing) -> Preprocessing:
+    """The model's preprocessing with --frames and --volume-norm; refused for a model that takes
+    images, which has no clip to sample nor volume to scale."""
+    given = {name: getattr(args, name, None) for name in ("frames", "volume_norm")}
+    if not preprocessing.takes_clips:
+        for name, value in given.items():
+            if value is not None:
+                raise CliError(f"--{name.replace('_', '-')} applies to clips and volumes, and --arch {args.arch} takes "
+                               "images: leave it out, or pass a model that takes clips (--arch r3d_18, ...)")  # fmt: skip
+        return preprocessing
+    return replace(preprocessing, frames=given["frames"] or preprocessing.frames,
+                   volume=given["volume_norm"] or preprocessing.volume)  # fmt: skip
 
 
 def weights_error(weights: str, arch: str, error: Exception) -> CliError:
@@ -289,6 +323,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     command_settings(args)
     _check(args, "batch_size", lambda v: v >= 1, "at least 1")
     _check(args, "scenes", lambda v: v >= 1, "at least 1")
+    _check(args, "frames", lambda v: v >= 1, "at least 1")
     _check(args, "rank_timeout", lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
     parse_classes(getattr(args, "classes", None) or getattr(args, "cls_logits", None))
     if getattr(args, "device", None) is not None:

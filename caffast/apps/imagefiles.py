@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -56,8 +56,17 @@ def find_images(
     any caffast run or explain command (an output folder inside `root` must not feed its pictures
     back in); the latter are appended to `run_folders`, relative to `root`.
     """
+    return sorted((Path(folder) / name).as_posix() for folder, names in walk_data(root, exclude, run_folders)
+                  for name in names if name.lower().endswith(IMAGE_SUFFIXES))  # fmt: skip
+
+
+def walk_data(
+    root: PathLike, exclude: Optional[PathLike] = None, run_folders: Optional[list[str]] = None
+) -> Iterator[tuple[str, list[str]]]:
+    """Each folder under `root` (relative, '/'-separated, "" for `root`) with the names of the files
+    it holds, leaving out what find_images leaves out: hidden files and folders, `exclude`, and the
+    output folders of caffast runs and explain commands (appended to `run_folders`)."""
     skipped = os.path.realpath(exclude) if exclude is not None else None
-    found = []
     for directory, folders, names in os.walk(root):
         relative = Path(directory).relative_to(root)
         kept = []
@@ -71,10 +80,7 @@ def find_images(
                 continue
             kept.append(folder)
         folders[:] = kept
-        for name in names:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                found.append((relative / name).as_posix())
-    return sorted(found)
+        yield ("" if relative == Path(".") else relative.as_posix()), [name for name in names if not name.startswith(".")]
 
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -142,22 +148,30 @@ def upright_size(path: PathLike) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
-    """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
-    normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
+def open_picture(path: PathLike) -> "Image.Image":
+    """The picture of an image file, upright, as 8-bit RGB or, for high-bit grayscale, one float
+    channel in [0, 1] (the module docstring says how).  Raises ImageReadError for a missing,
+    undecodable or oversized file."""
     from PIL import Image
-    from torchvision.transforms import functional as TF
 
     if not os.path.isfile(path):
         raise ImageReadError(f"image {os.fspath(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
             _check_size(path, *opened.size)
-            image = _decoded(opened)
+            return _decoded(opened)
     except ImageReadError:
         raise
     except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
+
+
+def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:
+    """The picture as the model sees it: (H, W, 3) float32 in [0, 1] after the resize, and the
+    normalized (3, H, W) float32 tensor.  Raises ImageReadError for a missing or undecodable file."""
+    from torchvision.transforms import functional as TF
+
+    image = open_picture(path)
     size = preprocessing.size
     interpolation = TF.InterpolationMode(preprocessing.interpolation)
     if preprocessing.crop:

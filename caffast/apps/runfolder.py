@@ -24,6 +24,7 @@ rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -75,8 +76,16 @@ class FolderBusy(Exception):
 
 
 def image_source(path: Path) -> Optional[dict[str, Any]]:
-    """What an image file is: its size, modification time and sha256; None when it cannot be read."""
+    """What an input file is: its size, modification time and sha256; None when it cannot be read.
+    A folder of frames: its files' total size, latest time, and the sha256 of their names and hashes."""
     try:
+        if os.path.isdir(path):
+            files = sorted((entry for entry in os.scandir(path) if entry.is_file() and not entry.name.startswith(".")),
+                           key=lambda entry: entry.name)
+            stats = [entry.stat() for entry in files]
+            listing = "".join(f"{entry.name}\t{file_sha256(entry.path)}\n" for entry in files)
+            return {"size": sum(stat.st_size for stat in stats), "mtime_ns": max((stat.st_mtime_ns for stat in stats),
+                    default=0), "sha256": hashlib.sha256(listing.encode()).hexdigest()}  # fmt: skip
         stat = os.stat(path)
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
     except OSError:

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from .atomic import PathTooLong, write_atomically
+from .clipfiles import NO_DECODER, VIDEO_SUFFIXES, VOLUME_SUFFIXES, find_inputs, input_kind, read_input, video_decoder
 from .common import (
-    CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
+    CliError, Progress, command_settings, flat_map_notes, input_preprocessing, model_errors, parse_classes,
+    result_arrays, say,
 )  # fmt: skip
 from .distributed import Processes, start_processes
 from ..core.loop import ProgressCallback
@@ -38,12 +40,12 @@ from ..engine.flat import unwarned
 from ..engine.inputs import Targets
 from ..eval.gradcam import grad_cam
 from ..models.source import ExplainableModel, ModelSource
-from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image, upright_size
+from .imagefiles import IMAGE_SUFFIXES, ImageReadError, upright_size
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder, output_clash
 from .runlocalization import (
     BASELINE_ARRAY, BASELINE_FIELD, MISSING_SHOWN, LocalizationError, RunLocalization, write_summary,
 )  # fmt: skip
-from ..viz import apply_heatmap
+from ..viz import apply_heatmap, montage
 
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -73,8 +75,8 @@ def _free_memory() -> None:
 @dataclass
 class LoadedImage:
     name: str  # the path relative to the data folder
-    rgb: np.ndarray  # (H, W, 3) in [0, 1], for overlays
-    tensor: torch.Tensor  # (3, H, W), the model input
+    rgb: np.ndarray  # (H, W, 3) in [0, 1], for overlays; (D, H, W, 3) for a clip or a volume
+    tensor: torch.Tensor  # (3, H, W), the model input; (C, D, H, W) for a clip or a volume
     save: bool  # False: finished before, in the batch only so that the batch is the same as ever
     source: Optional[dict[str, Any]] = None  # what the image file was when read (runfolder.image_source)
     size: Optional[tuple[int, int]] = None  # the picture's upright (width, height), read to score its maps
@@ -101,7 +103,7 @@ class Runner:
     def __init__(
         self, folder: RunFolder, data_dir: Path, model: ExplainableModel, targets: Targets, settings: Settings,
         batch_size: int, overlays: bool, tally: Tally, localization: Optional[RunLocalization] = None,
-        baseline: Optional[str] = None,
+        baseline: Optional[str] = None, kind: Optional[str] = "image", axis: str = "axial",
     ) -> None:  # fmt: skip
         self.folder = folder
         self.data_dir = data_dir
@@ -114,12 +116,16 @@ class Runner:
         self.localization = localization  # score each map against these annotations
         self.baseline = baseline  # "gradcam": its maps beside L2-CAF's, at the same layer and targets
         self.progress: Optional[Progress] = None  # images finished of this process's, once it has some
+        self.kind = kind  # the inputs' --input-kind (None: videos and volumes by suffix)
+        self.axis = axis  # the slices of a volume's overlay montage
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
         a mode the output does not allow) stop the run at once instead of failing every image."""
-        size = self.model.preprocessing.size
-        blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
+        preprocessing = self.model.preprocessing
+        size, depth = preprocessing.size, (preprocessing.frames,) if preprocessing.takes_clips else ()
+        channels = (self.model.in_channels or 3) if preprocessing.takes_clips else 3
+        blank = torch.zeros(1, channels, *depth, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
             with unwarned():  # a blank image gives a flat map: no warning, and no search for a better layer
                 explain(self.model.model, blank, self.model.layer, self.targets, settings=replace(self.settings, max_iter=1))
@@ -154,10 +160,10 @@ class Runner:
             start += len(part)
 
     def _read(self, name: str, unfinished: bool) -> tuple[np.ndarray, torch.Tensor]:
-        """Decode and resize an image.  One to save is marked meanwhile: an image that twice killed the
+        """Decode and resize an input.  One to save is marked meanwhile: an input that twice killed the
         process there (out of memory) fails at once instead of killing every rerun."""
         if not unfinished:
-            return read_image(self.data_dir / name, self.model.preprocessing)
+            return self._read_input(name)
         if self.folder.killed_reads(name) >= KILLED_READS:
             self.folder.reading_path(name).unlink(missing_ok=True)  # --retry-failed starts the count again
             raise ImageReadError(
@@ -166,9 +172,12 @@ class Runner:
             )
         try:
             with self.folder.reading(name):
-                return read_image(self.data_dir / name, self.model.preprocessing)
+                return self._read_input(name)
         except OSError as error:  # writing or removing the marker: the output folder's storage
             raise _cannot_write(error, self.folder.root) from None
+
+    def _read_input(self, name: str) -> tuple[np.ndarray, torch.Tensor]:
+        return read_input(self.data_dir / name, self.model.preprocessing, self.kind, self.model.in_channels)
 
     def _explain_part(self, batch: list[LoadedImage]) -> None:
         """Explain and save a batch.  Out of memory: halve it (and every later batch), down to one
@@ -264,7 +273,12 @@ class Runner:
                 specific = explanation.mode == "specific"
                 path = folder.overlay_path(item.name, target if specific else None)
                 heat = explanation.maps[index, column].float().cpu().numpy()
-                picture = apply_heatmap(item.rgb, heat, alpha=0.6, symmetric=explanation.map == "signed")
+                symmetric = explanation.map == "signed"
+                if item.rgb.ndim == 3:
+                    picture = apply_heatmap(item.rgb, heat, alpha=0.6, symmetric=symmetric)
+                else:  # a clip's frames, or a volume's slices along the run's axis
+                    volume = input_kind(self.data_dir / item.name, self.kind) == "volume"
+                    picture = montage(item.rgb, heat, self.axis if volume else "axial", symmetric=symmetric)
                 write_atomically(path, lambda file: picture.save(file, format="PNG"))
                 row["overlay"] = folder.relative(path)
             rows.append(row)
@@ -348,14 +362,15 @@ class RunSummary:
     rows: int
     flat: int = 0  # maps of this run that came back flat
     localization: Optional[str] = None  # with --annotations: the table of the whole folder's scores
+    unit: str = "images"  # "inputs" for clips and volumes
 
     def __str__(self) -> str:
         rate = (self.done + self.failed) / max(self.seconds, 1e-9)
         flat = f", {self.flat} of their maps flat (marked \"flat\" in the index)" if self.flat else ""
         table = f"\n{self.localization}" if self.localization else ""
         return (
-            f"{self.done} images done{flat}, {self.failed} failed, {self.skipped} skipped (finished before) "
-            f"in {self.seconds:.1f} s ({rate:.2f} images/s)\nindex: {self.index} ({self.rows} rows){table}"
+            f"{self.done} {self.unit} done{flat}, {self.failed} failed, {self.skipped} skipped (finished before) "
+            f"in {self.seconds:.1f} s ({rate:.2f} {self.unit}/s)\nindex: {self.index} ({self.rows} rows){table}"
         )
 
 
@@ -454,16 +469,26 @@ def run_dataset(args: argparse.Namespace) -> Optional[RunSummary]:
             ) from None
 
 
-def _images(data_dir: Path, folder: RunFolder) -> list[str]:
+def _images(data_dir: Path, folder: RunFolder, kind: Optional[str] = "image") -> list[str]:
+    """The inputs of `kind` under the data folder (clipfiles.find_inputs), sorted; none is an error,
+    and so are videos without a decoder to read them."""
     earlier_runs: list[str] = []
-    images = find_images(data_dir, exclude=folder.root, run_folders=earlier_runs)
+    images = find_inputs(data_dir, kind, exclude=folder.root, run_folders=earlier_runs)
     if earlier_runs:
         shown = ", ".join(earlier_runs[:RUN_FOLDERS_SHOWN]) + (" ..." if len(earlier_runs) > RUN_FOLDERS_SHOWN else "")
         say(f"left out {len(earlier_runs)} caffast output folders inside {data_dir}: {shown}")
     if not images:
-        raise CliError(
-            f"no images in {str(data_dir)!r} or its subfolders (looked for {' '.join(IMAGE_SUFFIXES)}, any case)"
-        )
+        sought = {
+            "image": f"looked for {' '.join(IMAGE_SUFFIXES)}, any case",
+            "frames": f"looked for subfolders holding {' '.join(IMAGE_SUFFIXES)} files, each one clip",
+            "video": f"looked for {' '.join(VIDEO_SUFFIXES)}, any case",
+            "volume": f"looked for {' '.join(VOLUME_SUFFIXES)}, any case",
+        }.get(kind or "", f"looked for videos ({' '.join(VIDEO_SUFFIXES)}) and volumes ({' '.join(VOLUME_SUFFIXES)}); "
+                           "a folder of frame folders needs --input-kind frames")  # fmt: skip
+        what = "images" if kind == "image" else "inputs"
+        raise CliError(f"no {what} in {str(data_dir)!r} or its subfolders ({sought})")
+    if kind != "frames" and video_decoder() is None and any(name.lower().endswith(VIDEO_SUFFIXES) for name in images):
+        raise CliError(f"{str(data_dir)!r} holds videos and {NO_DECODER}")
     return images
 
 
@@ -511,8 +536,10 @@ def _run(
 ) -> Optional[RunSummary]:
     settings, targets = command_settings(args), parse_classes(args.classes)
     source = ModelSource(args.arch, args.weights)
+    kind = _input_kind(args, source)
     with model_errors():
         model = source.explainable(args.layer, processes.device(args.device), getattr(torch, args.dtype))
+    model = replace(model, preprocessing=input_preprocessing(args, model.preprocessing))
     localization = RunLocalization.load(args.annotations, args.threshold) if args.annotations else None
     if args.threshold is not None and localization is None:
         raise CliError("--threshold sets where the CAM protocol cuts the maps of --annotations: pass --annotations "
@@ -520,7 +547,7 @@ def _run(
     baseline_arrays = (BASELINE_ARRAY[args.baseline],) if args.baseline else ()
     folder = RunFolder(Path(args.out), data_dir, baseline_arrays)
     runner = Runner(folder, data_dir, model, targets, settings, args.batch_size, args.overlays, tally, localization,
-                    args.baseline)  # fmt: skip
+                    args.baseline, kind, args.axis)  # fmt: skip
     runner.check_settings()
     config = {
         "data": str(data_dir.resolve()),
@@ -534,6 +561,9 @@ def _run(
         "overlays": args.overlays,
     }
     # written only when used, so that the folders of runs without them still resume
+    if source.takes_clips:
+        config["inputs"] = kind  # None: videos and volumes, each by its suffix
+        config["axis"] = args.axis
     if localization is not None:
         config["annotations"] = localization.record()
     if args.baseline:
@@ -543,7 +573,7 @@ def _run(
         verdict: Any = None
         if processes.first:
             try:
-                images = _images(data_dir, folder)
+                images = _images(data_dir, folder, kind)
                 if localization is not None:
                     _say_missing(localization.missing(images))
                 lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
@@ -571,10 +601,10 @@ def _explain_plan(
     tally.planned = sum(name in unfinished for batch in mine for name in batch)
     if processes.first and not args.quiet:
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
-        say(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}")
+        say(f"{len(images)} {_unit(runner.kind)}: {skipped} finished before, {len(pending)} to explain{on}")
     if tally.planned:
         rank = processes.rank if processes.world_size > 1 else None
-        runner.progress = Progress(tally.planned, "explaining", quiet=args.quiet, rank=rank)
+        runner.progress = Progress(tally.planned, "explaining", _unit(runner.kind), quiet=args.quiet, rank=rank)
 
     # every rank takes part in every round, so that each waits for the others one batch at most
     problem, stopped = "", 0
@@ -612,4 +642,27 @@ def _explain_plan(
         except OSError as error:
             raise _cannot_write(error, folder.root) from None
     seconds = time.perf_counter() - started
-    return RunSummary(done, failed, skipped, seconds, folder.root / INDEX, rows, flat, table)
+    return RunSummary(done, failed, skipped, seconds, folder.root / INDEX, rows, flat, table, _unit(runner.kind))
+
+
+def _unit(kind: Optional[str]) -> str:
+    return "images" if kind == "image" else "inputs"
+
+
+def _input_kind(args: argparse.Namespace, source: ModelSource) -> Optional[str]:
+    """What the run's inputs are: --input-kind, else images for a model that takes images and videos
+    and volumes (each by its suffix, None) for one that takes clips; refused where the model cannot
+    take them, and so are annotations (boxes on images) with clips."""
+    kind = getattr(args, "input_kind", None)
+    if kind is None:
+        kind = None if source.takes_clips else "image"
+    if source.takes_clips and kind == "image":
+        raise CliError(f"--input-kind image: --arch {args.arch} takes clips; pass videos, .npy volumes or folders "
+                       "of frames (--input-kind frames), or a model that takes images (--arch resnet50, ...)")  # fmt: skip
+    if not source.takes_clips and kind != "image":
+        raise CliError(f"--input-kind {kind}: --arch {args.arch} takes images; pass a model that takes clips "
+                       "(--arch r3d_18, mc3_18 or r2plus1d_18), or leave --input-kind out for images")  # fmt: skip
+    if source.takes_clips and getattr(args, "annotations", None):
+        raise CliError("--annotations scores maps against boxes on images; clips and volumes have none: leave "
+                       "--annotations out")  # fmt: skip
+    return kind

@@ -15,7 +15,7 @@ import torchvision
 
 from ..eval.demo_model import CLASS_NAMES as DEMO_CLASS_NAMES
 from ..eval.demo_model import DemoCNN, load_demo_model
-from .preprocessing import DEMO, IMAGENET, Preprocessing
+from .preprocessing import DEMO, IMAGENET, Preprocessing, video_preprocessing
 from .zoo import (
     UnknownArchitecture, build_model, file_sha256, load_state_dict, timm_default_layer, timm_name, timm_num_classes,
     timm_preprocessing, weights_source,
@@ -33,7 +33,10 @@ RANDOM_WEIGHTS_SEED = 0
 # the last block of torchvision's families, by the prefix of their names
 DEFAULT_LAYERS = {"resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4", "googlenet": "inception5b",
                   "inception_v3": "Mixed_7c", "densenet": "features", "mobilenet": "features", "efficientnet": "features",
-                  "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers"}
+                  "vgg": "features", "regnet": "trunk_output", "shufflenet": "conv5", "mnasnet": "layers",
+                  "r3d": "layer4", "mc3": "layer4", "r2plus1d": "layer4"}
+# torchvision's video classifiers: they take clips (N, 3, D, H, W) and are prepared by their weights' transform
+VIDEO_ARCHS = tuple(torchvision.models.list_models(module=torchvision.models.video))
 
 # how torch.load, torchvision and timm refuse weights: a missing or damaged file, a download that
 # fails, an unsafe pickle, the state dict of another architecture
@@ -74,6 +77,11 @@ class ModelSource:
     @property
     def is_demo(self) -> bool:
         return self.arch == DEMO_ARCH
+
+    @property
+    def takes_clips(self) -> bool:
+        """Whether the model takes clips or volumes (N, C, D, H, W): torchvision's video models."""
+        return self.arch in VIDEO_ARCHS
 
     def load(self, device: Device = "cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
         """The model in eval mode on `device` (and in `dtype` when given).  Named torchvision or timm
@@ -127,6 +135,8 @@ class ModelSource:
         the demo as its scenes."""
         if self.is_demo:
             return DEMO
+        if self.takes_clips:  # the transform of the weights' family: random weights are prepared alike
+            return video_preprocessing(torchvision.models.get_model_weights(self.arch).DEFAULT.transforms())
         config = timm_preprocessing(self.arch, None if self.weights == RANDOM_WEIGHTS else self.weights)
         if config is None:
             return IMAGENET
@@ -204,6 +214,13 @@ class ExplainableModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def in_channels(self) -> Optional[int]:
+        """The channels the model's first convolution takes (None without one): a one-channel volume
+        is repeated to fill them."""
+        first = next((m for m in self.model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        return None if first is None else first.in_channels
 
 
 # the demo CNN with its shipped weights: a model to explain with no downloads

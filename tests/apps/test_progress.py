@@ -20,7 +20,7 @@ from PIL import Image
 from caffast import explain
 from caffast.apps import common
 from caffast.apps.cli import main
-from caffast.apps.common import Progress, load_image
+from caffast.apps.common import Progress, load_input
 from caffast.core.loop import work_done
 from caffast.eval import localization
 from caffast.eval.localization import evaluate_scenes
@@ -230,7 +230,7 @@ def test_explain_writes_its_maps_as_npz_equal_to_the_explanation(scenes, tmp_pat
                  "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr()
     assert printed.err == "" and "wrote 2 overlays, 0 GIFs and 1 .npz files of maps" in printed.out
-    _, tensor = load_image(str(image), SHIPPED_DEMO.preprocessing())
+    _, tensor = load_input(str(image), SHIPPED_DEMO.preprocessing())
     expected = explain(SHIPPED_DEMO.load(), tensor[None], "features", [1, 3], mode="specific", max_iter=120)
     with np.load(out / "0_l2caf_specific_demo.npz", allow_pickle=False) as saved:
         np.testing.assert_array_equal(saved["maps"], expected.maps[0].numpy())

@@ -12,7 +12,7 @@ from PIL import Image
 
 import caffast
 from caffast.apps.cli import main
-from caffast.apps.common import load_image
+from caffast.apps.common import load_input
 from caffast.models.zoo import build_model, feature_map_layers, release_labels
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[INFO\] L2-CAF: (.*)$")
@@ -122,7 +122,7 @@ def test_tf_release_run(tmp_path, photo):
     messages = log_messages(out / "l2_caf_log.txt")
     assert "max_iter=120, lr=0.5" in messages[0]
     assert "optimizer='adam_tf1', init='normal', seed=3, end_lr=0.0" in messages[1]
-    rgb, tensor = load_image(str(photo))
+    rgb, tensor = load_input(str(photo))
     exp = caffast.explain(model, tensor[None], "layer4", mode="specific", targets=[207], max_iter=120,
                           lr=0.5, optimizer="adam_tf1", init="normal", seed=3, end_lr=0.0, history=True,
                           loss="release")

@@ -654,14 +654,14 @@ def test_an_image_that_killed_the_process_twice_while_it_was_read_fails(dataset,
         shutil.copy(dataset / "a.png", data / name)
     out = tmp_path / "out"
     folder = RunFolder(out)
-    marks, read = {}, runner.read_image
+    marks, read = {}, runner.read_input
 
-    def read_and_look(path, preprocessing):
+    def read_and_look(path, *options):
         name = Path(path).name
         marks[name] = folder.killed_reads(name)
-        return read(path, preprocessing)
+        return read(path, *options)
 
-    monkeypatch.setattr(runner, "read_image", read_and_look)
+    monkeypatch.setattr(runner, "read_input", read_and_look)
     assert main(_run_args(data, out, "--max-iter", "2")) == 0
     assert marks == {"a.png": 1, "b.png": 1} and not list(out.rglob("*.reading"))
     for kills, status in ((1, "done"), (2, "failed")):

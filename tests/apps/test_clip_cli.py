@@ -1,0 +1,218 @@
+"""The command line on clips and volumes: `caffast explain` on a folder of frames, a .npy volume
+and a video file, and `caffast run` over volumes.
+
+Each map the commands save is compared with caffast.explain's on the input prepared here, by a
+restatement of the documented preprocessing in plain PyTorch: frames sampled evenly, resized
+bilinearly (no antialiasing) to 128 x 171, centre-cropped to 112, normalized by Kinetics' mean and
+std; a volume z-scored (or min-max scaled) per channel, one channel repeated to r3d_18's three.
+The model is r3d_18 with its seeded random weights, on 4 frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import caffast
+from caffast.apps import clipfiles, runner
+from caffast.apps.cli import main
+from caffast.models.source import ModelSource
+
+KINETICS_MEAN = torch.tensor([0.43216, 0.394666, 0.37645])
+KINETICS_STD = torch.tensor([0.22803, 0.22145, 0.216989])
+MAX_ITER = 10
+
+
+@pytest.fixture(scope="module")
+def r3d():
+    return ModelSource("r3d_18", "random").load()
+
+
+def clip_input(frames: np.ndarray) -> torch.Tensor:
+    """(D, H, W, 3) uint8 frames as r3d_18 takes them: (1, 3, D, 112, 112)."""
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    clip = F.interpolate(clip, size=(128, 171), mode="bilinear", align_corners=False)
+    top, left = (128 - 112) // 2, round((171 - 112) / 2)
+    clip = clip[:, :, top : top + 112, left : left + 112]
+    clip = (clip - KINETICS_MEAN[:, None, None]) / KINETICS_STD[:, None, None]
+    return clip.permute(1, 0, 2, 3)[None]
+
+
+def expected_maps(model: torch.nn.Module, inputs: torch.Tensor) -> np.ndarray:
+    return caffast.explain(model, inputs, "layer4", mode="specific", max_iter=MAX_ITER).maps[0].numpy()
+
+
+def explain_args(path, out, *options: str) -> list[str]:
+    return ["explain", str(path), "--arch", "r3d_18", "--weights", "random", "--frames", "4", "--max-iter",
+            str(MAX_ITER), "--out", str(out), "--quiet", *options]  # fmt: skip
+
+
+def saved(out, stem: str) -> tuple[np.ndarray, dict]:
+    with np.load(out / f"{stem}_l2caf_specific_r3d_18.npz", allow_pickle=False) as arrays:
+        return arrays["maps"], json.loads(str(arrays["settings"]))
+
+
+def random_frames(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 40, 50, 3), dtype=np.uint8)
+
+
+def test_explain_a_folder_of_frames(r3d, tmp_path, capsys):
+    """Ten frames named f1 ... f10 (f10 last: natural order); four are sampled, 0, 3, 6 and 9."""
+    frames = random_frames(10, 0)
+    folder = tmp_path / "walk"
+    folder.mkdir()
+    for number, frame in enumerate(frames, 1):
+        Image.fromarray(frame).save(folder / f"f{number}.png")
+    out = tmp_path / "out"
+    assert main(explain_args(folder, out, "--input-kind", "frames")) == 0
+    assert "wrote 1 overlays, 1 GIFs and 1 .npz files of maps" in capsys.readouterr().out
+    maps, settings = saved(out, "walk")
+    np.testing.assert_allclose(maps, expected_maps(r3d, clip_input(frames[[0, 3, 6, 9]])), rtol=0, atol=1e-6)
+    assert settings["kind"] == "frames" and settings["input"]["frames"] == 4 and settings["input"]["resize"] == [128, 171]
+    (picture,) = out.glob("walk_l2caf_*.png")
+    gif = Image.open(picture.with_suffix(".gif"))
+    assert gif.n_frames == 4 and gif.size == (112, 112)
+    assert Image.open(picture).size == (2 * 112 + 1, 2 * 112 + 1)  # a montage of the four frames, 2 x 2
+
+
+@pytest.mark.parametrize("shape, scaling", [((4, 32, 32), None), ((3, 4, 32, 32), "minmax")])
+def test_explain_a_volume(r3d, tmp_path, shape, scaling):
+    volume = np.random.default_rng(1).normal(3.0, 2.0, shape)
+    np.save(tmp_path / "scan.npy", volume)
+    out = tmp_path / "out"
+    options = ["--axis", "coronal"] + (["--volume-norm", scaling] if scaling else [])
+    assert main(explain_args(tmp_path / "scan.npy", out, *options)) == 0
+    tensor = torch.from_numpy(volume).float().reshape(-1, *shape[-3:])
+    flat = tensor.flatten(1)
+    if scaling == "minmax":
+        low, high = flat.min(1).values, flat.max(1).values
+        tensor = (tensor - low[:, None, None, None]) / (high - low)[:, None, None, None]
+    else:
+        tensor = (tensor - flat.mean(1)[:, None, None, None]) / flat.std(1, unbiased=False)[:, None, None, None]
+    maps, settings = saved(out, "scan")
+    assert maps.shape == (1, 1, 2, 2)  # layer4's grid of a 4 x 32 x 32 volume
+    np.testing.assert_allclose(maps, expected_maps(r3d, tensor.expand(3, -1, -1, -1)[None]), rtol=0, atol=1e-5)
+    assert settings["kind"] == "volume" and settings["input"]["volume"] == (scaling or "zscore")
+    (picture,) = out.glob("scan_l2caf_*.png")
+    # coronal slices are D x W (4 x 32); 16 of the 32 picked, 4 to a row, a pixel between tiles
+    assert Image.open(picture).size == (4 * 33 - 1, 4 * 5 - 1)
+    assert not list(out.glob("*.gif"))
+
+
+def test_explain_a_video(r3d, tmp_path, capsys):
+    """A lossless video (FFV1) where OpenCV can write one; its nine frames sampled at 0, 3, 5 and 8."""
+    cv2 = pytest.importorskip("cv2")
+    frames = random_frames(9, 2)
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10, (50, 40))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV writes no FFV1 video")
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
+    writer.release()
+    out = tmp_path / "out"
+    assert main(explain_args(path, out)) == 0
+    assert clipfiles.sample_frames(9, 4) == [0, 3, 5, 8]
+    maps, settings = saved(out, "clip")
+    np.testing.assert_allclose(maps, expected_maps(r3d, clip_input(frames[[0, 3, 5, 8]])), rtol=0, atol=1e-6)
+    assert settings["kind"] == "video"
+    assert Image.open(next(out.glob("clip_l2caf_*.gif"))).n_frames == 4
+
+
+def test_without_a_video_decoder_the_error_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(clipfiles, "video_decoder", lambda: None)
+    monkeypatch.setattr(runner, "video_decoder", lambda: None)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clip.mp4").write_bytes(b"not decoded")
+    assert main(explain_args(tmp_path / "data" / "clip.mp4", tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("caffast: error: cannot read video") and error.count("\n") == 1
+    for advice in ("pip install av", "pip install torchcodec", "pip install opencv-python-headless", "--input-kind frames"):
+        assert advice in error
+    assert main(["run", str(tmp_path / "data"), "--out", str(tmp_path / "maps"), "--arch", "r3d_18", "--weights",
+                 "random", "--quiet"]) == 2  # fmt: skip
+    assert "holds videos and no video decoder is installed: pip install av" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["x.npy", "--arch", "resnet18"], "'x.npy' is a volume, and --arch resnet18 takes images: pass a model that takes clips"),
+    (["x.png", "--arch", "r3d_18"], "'x.png' is an image, and --arch r3d_18 takes clips: pass a video, a .npy volume"),
+    (["walk", "--arch", "r3d_18"], "'walk' is a folder: caffast run explains the images in a folder; with a model that takes clips, "
+                                   "--input-kind frames"),
+    (["a.png", "--arch", "resnet18", "--frames", "8"], "--frames applies to clips and volumes, and --arch resnet18 takes images"),
+    (["x.npy", "--arch", "r3d_18", "--gif"], "--gif draws an image's map converging"),
+])  # fmt: skip
+def test_inputs_of_the_other_kind_are_refused(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "walk").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8)))
+    assert main(["explain", *argv, "--weights", "random", "--out", "out"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_over_volumes_resumes(r3d, tmp_path, capsys):
+    """Two volumes explained, then the same command again explains nothing; the maps are explain's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    volumes = {name: np.random.default_rng(seed).normal(size=(4, 32, 32)) for seed, name in enumerate(("a", "b"))}
+    for name, volume in volumes.items():
+        np.save(data / f"{name}.npy", volume)
+    np.save(tmp_path / "outside.npy", volumes["a"])
+    out = tmp_path / "maps"
+    argv = ["run", str(data), "--out", str(out), "--arch", "r3d_18", "--weights", "random", "--max-iter",
+            str(MAX_ITER), "--quiet", "--overlays"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 inputs done, 0 failed, 2 skipped (finished before)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [(row["image"], row["status"]) for row in rows] == [("a.npy", "done"), ("b.npy", "done")]
+    config = json.loads((out / "config.json").read_text())
+    assert config["input"]["volume"] == "zscore" and config["inputs"] is None
+    for row in rows:
+        assert (out / row["overlay"]).is_file()
+        tensor = torch.from_numpy(volumes[row["image"][0]]).float()
+        tensor = (tensor - tensor.mean()) / tensor.flatten().std(unbiased=False)
+        with np.load(out / row["result"]) as arrays:
+            # explained in a batch of two, so the reduction order may differ from one alone
+            np.testing.assert_allclose(arrays["maps"], expected_maps(r3d, tensor.expand(3, -1, -1, -1)[None]),
+                                       rtol=0, atol=1e-5)  # fmt: skip
+    assert not math.isnan(rows[0]["loss"])
+
+
+def test_a_folder_of_frame_folders(tmp_path):
+    """Each folder that directly holds image files is a clip; images beside the clips belong to none."""
+    for folder in ("b", "a", "a/inner", "empty"):
+        (tmp_path / folder).mkdir()
+    for path in ("b/1.png", "a/1.jpg", "a/inner/1.png", "loose.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    assert clipfiles.find_inputs(tmp_path, "frames") == ["a", "a/inner", "b"]
+    assert clipfiles.frame_files(tmp_path / "a") == ["1.jpg"]
+
+
+def test_run_over_frame_folders_explains_a_changed_clip_again(tmp_path, capsys):
+    """With --input-kind frames each folder of frames is one clip; a rerun skips both, and explains
+    again the clip one of whose frames changed."""
+    data = tmp_path / "data"
+    for seed, clip in enumerate(("jump", "walk")):
+        (data / clip).mkdir(parents=True)
+        for number, frame in enumerate(random_frames(3, seed)):
+            Image.fromarray(frame).save(data / clip / f"{number}.png")
+    argv = ["run", str(data), "--out", str(tmp_path / "maps"), "--arch", "r3d_18", "--weights", "random",
+            "--input-kind", "frames", "--frames", "2", "--max-iter", "3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 inputs done, 0 failed, 2 skipped" in capsys.readouterr().out
+    Image.fromarray(random_frames(1, 7)[0]).save(data / "walk" / "1.png")
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "1 inputs done, 0 failed, 1 skipped" in printed.out and "walk (the image file changed" in printed.err

@@ -22,17 +22,10 @@ from caffast.apps.atomic import write_atomically, write_json
 from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
+from subprocesses import checkout_env, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["--arch", "demo", "--max-iter", "100"]
 IMAGES = 12  # plus one broken file
-
-
-def _env() -> dict:
-    """Subprocesses import this checkout's caffast and compute on one thread, as the reference run
-    does (thread counts may change the last bit of a convolution)."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def _run_args(data: Path, out: Path, *options: str) -> list[str]:
@@ -140,8 +133,8 @@ def test_a_killed_run_redoes_exactly_the_images_it_had_not_committed(dataset, re
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AT_A_COMMIT)
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, str(script), *_run_args(dataset, out, "--batch-size", "1")], env=_env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [str(script), *_run_args(dataset, out, "--batch-size", "1")]
+    killed = subprocess.run([sys.executable, *command], env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     finished = {path: path.stat().st_mtime_ns for path in out.glob("records/**/*.json")}
     assert len(finished) == 6
@@ -152,7 +145,7 @@ def test_a_killed_run_redoes_exactly_the_images_it_had_not_committed(dataset, re
     stale.write_bytes(b"half a file")
 
     rerun = subprocess.run([sys.executable, "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")],
-                           env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+                           env=checkout_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert f"{IMAGES - 6} images done, 1 failed, 6 skipped" in rerun.stdout
     assert {path: path.stat().st_mtime_ns for path in finished} == finished  # records untouched
@@ -301,9 +294,8 @@ def test_out_of_memory_errors_are_recognised():
 
 def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    command = torchrun("-m", "caffast", *_run_args(dataset, out, "--batch-size", "1"))
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{IMAGES} images done, 1 failed, 0 skipped" in result.stdout
     _assert_same_outputs(out, reference)
@@ -326,9 +318,8 @@ def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
         (data / name).parent.mkdir(exist_ok=True)
         (data / name).write_bytes(picture)
     (out / "results" / "z").write_text("in the way")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    command = torchrun("-m", "caffast", *_run_args(data, out, "--batch-size", "1"))
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"cannot write {out / 'results' / 'z'} (File exists)" in result.stderr
     assert "move away the file that stands where a folder goes" in result.stderr
@@ -423,7 +414,7 @@ def _holder(out: Path, seconds: float) -> subprocess.Popen:
     code = (f"import time; from pathlib import Path; from caffast.apps.runfolder import RunFolder\n"
             f"with RunFolder(Path({str(out)!r})).locked(False):\n    print('locked', flush=True); time.sleep({seconds})\n"
             "print('released', flush=True)")
-    process = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", code], env=checkout_env(), stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "locked"
     return process
 
@@ -614,7 +605,7 @@ def test_a_signal_stops_the_run_cleanly(number, code, dataset, tmp_path):
         shutil.copytree(dataset, data / str(copy))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list(out.glob("records/**/*.json"))) < 2:
         assert process.poll() is None and time.monotonic() < deadline
@@ -649,10 +640,9 @@ sys.exit(main(sys.argv[1:]))
 def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANGING_RANK)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               *_run_args(dataset, tmp_path / "out", "--batch-size", "1", "--rank-timeout", "3")]  # fmt: skip
+    command = torchrun(str(script), *_run_args(dataset, tmp_path / "out", "--batch-size", "1", "--rank-timeout", "3"))
     started = time.monotonic()
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=110)
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=110)
     assert result.returncode != 0 and time.monotonic() - started < 100
     named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
     assert named in result.stderr

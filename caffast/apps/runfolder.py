@@ -19,10 +19,11 @@ record exists and is whole: it parses, and the result and overlay files it names
 loads, with every array).  Records are written in groups (`commit`): the result and overlay files of
 the images since the last commit are made durable together (atomic.make_durable), then their records
 are written and made durable, so a record never names a file that a crash of the machine could lose,
-and a kill or a crash loses at most the images since the last commit, which a rerun explains again.  A rerun skips finished images and explains again those whose outputs were
-removed or damaged since, and images whose file changed since (its record keeps the file's size,
-time and sha256).  A failed image gets a record too (status "failed" and the error), so a
-rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
+and a kill or a crash loses at most the images since the last commit.  A rerun skips finished images
+and explains again the others, those whose outputs were removed or damaged since, and images whose
+file changed since (its record keeps the file's size, time and sha256).  A failed image gets a record
+too (status "failed" and the error), so a rerun does not loop on it; `pending(..., retry_failed=True)`
+hands it out again.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""`caffast run`: explain every image of a folder tree into an output folder that never loses work.
+"""`caffast run`: explain every image of a folder tree into an output folder that a kill or a crash
+never leaves wrong, and that the same command finishes.
 
 The output folder (caffast.apps.runfolder) records each image once its files are durable, committing
 the images of the last second or so at once (a batch at least), so a run killed at any moment, or a
 machine that crashed, loses at most those; started again with the same command, it finishes the rest
-and ends with the outputs of an uninterrupted run, bit for bit: batch k always holds images [k B, (k + 1) B) of the sorted list, and
-a batch with any image left to do is computed whole (only its unfinished images are written).  Under
-torchrun the ranks take those batches in turn (rank r the r-th, the (r + W)-th, ...), checking in with
-each other after every batch, and rank 0 writes the index once all are done and committed.  SIGINT
-and SIGTERM stop a run between two writes, committing what was written, with what was done and how
-to finish.
+and ends with the outputs of an uninterrupted run, bit for bit: batch k always holds images
+[k B, (k + 1) B) of the sorted list, and a batch with any image left to do is computed whole (only its
+unfinished images are written).  Under torchrun the ranks take those batches in turn (rank r the
+r-th, the (r + W)-th, ...), checking in with each other after every batch, and rank 0 writes the index
+once all are done and committed.  SIGINT and SIGTERM stop a run between two writes, committing what
+was written, with what was done and how to finish.
 """
 
 from __future__ import annotations

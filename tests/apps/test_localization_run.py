@@ -156,7 +156,8 @@ def test_two_ranks_record_what_one_process_does(data, tmp_path):
     field reaches the index as one process writes it: the objective, gradient norm and flat mark, the
     prediction, both methods' localization records; so do the result files and the summary."""
     images, csv = data
-    options = ["--arch", "demo", "--max-iter", "5", "--annotations", str(csv), "--baseline", "gradcam", "--batch-size", "2"]
+    options = ["--arch", "demo", "--max-iter", "5", "--annotations", str(csv), "--baseline", "gradcam",
+               "--batch-size", "2"]  # fmt: skip
     alone, ranks = tmp_path / "alone", tmp_path / "ranks"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (checkout_env): thread counts may change a convolution's last bit

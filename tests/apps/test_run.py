@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps import runfolder, runner
+from caffast.apps import atomic, runfolder, runner
 from caffast.apps.atomic import write_atomically, write_json
 from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
@@ -177,6 +177,20 @@ def test_records_are_written_only_once_the_files_they_name_are_durable(tmp_path,
     assert [row[0]["image"] for row in rows] == ["a.png", "sub/b.png"]
     assert records == [folder.record_path("a.png"), folder.record_path("sub/b.png")] and set(records) <= synced
     assert folder.commit() == [] and not folder.uncommitted and not folder.unsynced
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names open files through /proc")
+def test_without_syncfs_each_file_and_folder_is_fsynced_once(tmp_path, monkeypatch):
+    """Where Linux's syncfs is missing, make_durable fsyncs each file and each folder that holds one."""
+    files = [tmp_path / "a", tmp_path / "b", tmp_path / "sub" / "c"]
+    for path in files:
+        write_atomically(path, lambda file: file.write(b"x"), durable=False)
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(atomic, "SYNCFS", None)
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(os.readlink(f"/proc/self/fd/{descriptor}")),
+                                                         fsync(descriptor)))  # fmt: skip
+    atomic.make_durable(files)
+    assert sorted(synced) == sorted(map(str, [*files, tmp_path, tmp_path / "sub"]))
 
 
 def test_other_settings_are_refused(dataset, reference, capsys):

@@ -4,7 +4,8 @@
     OUT/results/REL.npz          per image: filters, maps (T, H, W) float32, iterations, loss, objective,
                                  gradient_norm, targets (T,); with --baseline gradcam also gradcam_maps
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
-    OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
+    OUT/records/REL.json         per image: its index rows; written once its files are durable, so it
+                                 marks the image finished
     OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
     OUT/summary.json             with --annotations: the localization scores (caffast.apps.runlocalization)
@@ -15,10 +16,14 @@ where a name with its suffix would be too long for the file system, its last par
 ends in a hash of it (`atomic.fitting_name`).
 Every file is written atomically, so a kill leaves whole files; an image is finished exactly when its
 record exists and is whole: it parses, and the result and overlay files it names exist (the result
-loads, with every array).  A rerun skips finished images and explains again those whose outputs were
-removed or damaged since, and images whose file changed since (its record keeps the file's size,
-time and sha256).  A failed image gets a record too (status "failed" and the error), so a
-rerun does not loop on it; `pending(..., retry_failed=True)` hands it out again.
+loads, with every array).  Records are written in groups (`commit`): the result and overlay files of
+the images since the last commit are made durable together (atomic.make_durable), then their records
+are written and made durable, so a record never names a file that a crash of the machine could lose,
+and a kill or a crash loses at most the images since the last commit.  A rerun skips finished images
+and explains again the others, those whose outputs were removed or damaged since, and images whose
+file changed since (its record keeps the file's size, time and sha256).  A failed image gets a record
+too (status "failed" and the error), so a rerun does not loop on it; `pending(..., retry_failed=True)`
+hands it out again.
 """
 
 from __future__ import annotations
@@ -31,13 +36,13 @@ import re
 import socket
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 
 from ..core.settings import complete_record
 from ..models.zoo import file_sha256
-from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
+from .atomic import fitting_name, make_durable, remove_temporaries, write_atomically, write_json, write_npz, write_text
 
 try:
     import fcntl
@@ -156,12 +161,15 @@ def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> 
 
 
 class RunFolder:
-    """Paths and files of one output folder; every write is atomic."""
+    """Paths and files of one output folder; every write is atomic.  The outputs and records of the
+    images since the last `commit` are held back: call it every so often, and before the process ends."""
 
     def __init__(self, root: Path, data: Optional[Path] = None, extra_arrays: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.data = None if data is None else Path(data)  # the images: records of changed ones do not count
         self.arrays = RESULT_ARRAYS + tuple(extra_arrays)  # a result file lacking one is broken (a baseline's maps)
+        self.unsynced: list[Path] = []  # outputs written since the last commit, not yet durable
+        self.uncommitted: dict[str, dict[str, Any]] = {}  # image: its record, written by the next commit
 
     def result_path(self, image: str) -> Path:
         return self.root / "results" / _output_name(image, ".npz")
@@ -339,17 +347,38 @@ class RunFolder:
                 pending.append(image)
         return pending, broken
 
-    # writing an image's outputs: results and overlays first, the record last
+    # writing an image's outputs: results and overlays first, the record once they are durable
+
+    def write_output(self, path: Path, write: Callable[[BinaryIO], Any]) -> None:
+        """A result or overlay file, made durable by the next commit."""
+        write_atomically(path, write, durable=False)
+        self.unsynced.append(path)
 
     def write_result(self, image: str, arrays: dict[str, np.ndarray]) -> Path:
         path = self.result_path(image)
-        write_npz(path, arrays)
+        write_npz(path, arrays, durable=False)
+        self.unsynced.append(path)
         return path
 
     def write_record(self, image: str, rows: list[dict[str, Any]], source: Optional[dict[str, Any]] = None) -> None:
-        """The image's record: its index rows, and what its file was (`image_source`) when read."""
-        record = {"image": image, "rows": rows, **({"source": source} if source is not None else {})}
-        write_json(self.record_path(image), record)
+        """The image's record, written by the next commit: its index rows, and what its file was
+        (`image_source`) when read."""
+        self.uncommitted[image] = {"image": image, "rows": rows, **({"source": source} if source is not None else {})}
+
+    def commit(self) -> list[list[dict[str, Any]]]:
+        """Make the outputs written since the last commit durable, then write the records held back and
+        make them durable too; returns their rows.  A few milliseconds however many images it commits.
+        What fails is held back still, for another try."""
+        if not self.uncommitted and not self.unsynced:
+            return []
+        make_durable(self.unsynced)
+        records = [self.record_path(image) for image in self.uncommitted]
+        for path, record in zip(records, self.uncommitted.values()):
+            write_json(path, record, durable=False)
+        make_durable(records)
+        rows = [record["rows"] for record in self.uncommitted.values()]
+        self.unsynced, self.uncommitted = [], {}
+        return rows
 
     def reading_path(self, image: str) -> Path:
         return self.root / "records" / _output_name(image, ".reading")

@@ -1,12 +1,15 @@
-"""`caffast run`: explain every image of a folder tree into an output folder that never loses work.
+"""`caffast run`: explain every image of a folder tree into an output folder that a kill or a crash
+never leaves wrong, and that the same command finishes.
 
-The output folder (caffast.apps.runfolder) records each image once it is fully written, so a run killed
-at any moment and started again with the same command finishes the rest and ends with the outputs of
-an uninterrupted run, bit for bit: batch k always holds images [k B, (k + 1) B) of the sorted list, and
-a batch with any image left to do is computed whole (only its unfinished images are written).  Under
-torchrun the ranks take those batches in turn (rank r the r-th, the (r + W)-th, ...), checking in with
-each other after every batch, and rank 0 writes the index once all are done.  SIGINT and SIGTERM stop
-a run between two writes, with what was done and how to finish.
+The output folder (caffast.apps.runfolder) records each image once its files are durable, committing
+the images of the last second or so at once (a batch at least), so a run killed at any moment, or a
+machine that crashed, loses at most those; started again with the same command, it finishes the rest
+and ends with the outputs of an uninterrupted run, bit for bit: batch k always holds images
+[k B, (k + 1) B) of the sorted list, and a batch with any image left to do is computed whole (only its
+unfinished images are written).  Under torchrun the ranks take those batches in turn (rank r the
+r-th, the (r + W)-th, ...), checking in with each other after every batch, and rank 0 writes the index
+once all are done and committed.  SIGINT and SIGTERM stop a run between two writes, committing what
+was written, with what was done and how to finish.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from .atomic import PathTooLong, write_atomically
+from .atomic import PathTooLong
 from .clipfiles import NO_DECODER, VIDEO_SUFFIXES, VOLUME_SUFFIXES, find_inputs, input_kind, read_input, video_decoder
 from .common import (
     CliError, Progress, command_settings, flat_map_notes, input_preprocessing, model_errors, parse_classes,
@@ -53,6 +56,11 @@ KILLED_READS = 2  # an image that killed the process this often while it was rea
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
 CHECKS_SHOWN_AFTER = 2.0  # seconds: checking the records of finished images shows progress when it takes longer
+# the records of finished images are written together, after a batch, once this long since the last
+# commit or this many images: a crash loses at most their work, and the durable writes cost once a
+# second instead of several milliseconds an image
+COMMIT_SECONDS = 1.0
+COMMIT_IMAGES = 256
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -89,12 +97,18 @@ class Tally:
     done: int = 0
     failed: int = 0
     planned: int = 0  # images this process was to explain
+    uncommitted: int = 0  # images written whose records wait for the next commit (not in done or failed)
     flat: int = 0  # maps that came back flat (each also marked in its index row)
     flat_note: Optional[str] = None  # the first flat-map warning, shown once
 
     @property
     def left(self) -> int:
         return self.planned - self.done - self.failed
+
+    @property
+    def finished(self) -> int:
+        """The images explained so far, committed or not: what the progress shows."""
+        return self.done + self.failed + self.uncommitted
 
 
 class Runner:
@@ -118,6 +132,7 @@ class Runner:
         self.progress: Optional[Progress] = None  # images finished of this process's, once it has some
         self.kind = kind  # the inputs' --input-kind (None: videos and volumes by suffix)
         self.axis = axis  # the slices of a volume's overlay montage
+        self.committed_at = time.monotonic()
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -222,7 +237,7 @@ class Runner:
         """What the solver's share of the batch's work moves: the progress of the images it will save."""
         if self.progress is None:
             return None
-        progress, finished, saved = self.progress, self.tally.done + self.tally.failed, sum(item.save for item in batch)
+        progress, finished, saved = self.progress, self.tally.finished, sum(item.save for item in batch)
         return lambda share: progress.update(finished, share * saved)
 
     def _note_flat(self, message: str) -> None:
@@ -239,7 +254,8 @@ class Runner:
             raise _cannot_write(error, self.folder.root) from None
 
     def _save(self, item: LoadedImage, explanation: Explanation, index: int, baseline: Optional[torch.Tensor]) -> None:
-        """The image's arrays, then its overlays, then its record: the record marks it finished."""
+        """The image's arrays, then its overlays, then its record (written by the next commit), which
+        marks it finished."""
         folder = self.folder
         arrays = result_arrays(explanation, index)
         targets = arrays["targets"]
@@ -279,13 +295,11 @@ class Runner:
                 else:  # a clip's frames, or a volume's slices along the run's axis
                     volume = input_kind(self.data_dir / item.name, self.kind) == "volume"
                     picture = montage(item.rgb, heat, self.axis if volume else "axial", symmetric=symmetric)
-                write_atomically(path, lambda file: picture.save(file, format="PNG"))
+                folder.write_output(path, lambda file: picture.save(file, format="PNG"))
                 row["overlay"] = folder.relative(path)
             rows.append(row)
-        with STOP_SIGNALS.held():  # a record written is an image counted
-            folder.write_record(item.name, rows, item.source)
-            self.tally.done += 1
-            self.tally.flat += sum(row["flat"] for row in rows)
+        folder.write_record(item.name, rows, item.source)
+        self.tally.uncommitted += 1
         self._report()
 
     def _score(
@@ -306,19 +320,47 @@ class Runner:
                 for column in range(len(targets))]  # fmt: skip
 
     def _fail(self, name: str, error: str, source: Optional[dict[str, Any]]) -> None:
-        """Record the image as failed; its `source` lets a rerun explain it again once the file is replaced."""
-        try:
-            with STOP_SIGNALS.held():
-                rows = [{"image": name, "target": None, "status": "failed", "error": error}]
-                self.folder.write_record(name, rows, source)
-                self.tally.failed += 1
-        except OSError as write_error:
-            raise _cannot_write(write_error, self.folder.root) from None
+        """Record the image as failed (by the next commit); its `source` lets a rerun explain it again
+        once the file is replaced."""
+        self.folder.write_record(name, [{"image": name, "target": None, "status": "failed", "error": error}], source)
+        self.tally.uncommitted += 1
         self._report()
+
+    def commit(self, due: bool = False) -> None:
+        """Write the records of the images explained since the last commit, once their files are
+        durable (RunFolder.commit), and count them; with `due`, only when COMMIT_SECONDS or
+        COMMIT_IMAGES have passed since the last one."""
+        waited = time.monotonic() - self.committed_at
+        if due and waited < COMMIT_SECONDS and self.tally.uncommitted < COMMIT_IMAGES:
+            return
+        try:
+            with STOP_SIGNALS.held():  # records written are images counted
+                for rows in self.folder.commit():
+                    if rows[0]["status"] == "done":
+                        self.tally.done += 1
+                    else:
+                        self.tally.failed += 1
+                    self.tally.flat += sum(row.get("flat", False) for row in rows)
+                    self.tally.uncommitted -= 1
+        except OSError as error:
+            raise _cannot_write(error, self.folder.root) from None
+        self.committed_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Commit when the block ends, also on an error or a signal: the files written so far are
+        whole and need not be redone.  A commit that fails then leaves the error that ended the block."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(CliError):
+                self.commit()
+            raise
+        self.commit()
 
     def _report(self) -> None:
         if self.progress is not None:
-            self.progress.update(self.tally.done + self.tally.failed)
+            self.progress.update(self.tally.finished)
 
 
 def _prediction(output: torch.Tensor, index: int) -> tuple[Optional[int], np.ndarray]:
@@ -588,6 +630,21 @@ def _run(
         return _explain_plan(args, runner, processes, *verdict, started)
 
 
+@contextlib.contextmanager
+def _collector_skips_the_start() -> Iterator[None]:
+    """Leave the objects made before the images are explained (torch's, the model, its fx plan) out of
+    the cyclic garbage collector's scans meanwhile: they live as long as the run, and rescanning them
+    took a third of each explain call on a small model.  Objects someone else froze stay frozen."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _explain_plan(
     args: argparse.Namespace, runner: Runner, processes: Processes, images: list[str], pending: list[str],
     started: float,
@@ -606,17 +663,21 @@ def _explain_plan(
         rank = processes.rank if processes.world_size > 1 else None
         runner.progress = Progress(tally.planned, "explaining", _unit(runner.kind), quiet=args.quiet, rank=rank)
 
-    # every rank takes part in every round, so that each waits for the others one batch at most
+    # every rank takes part in every round, so that each waits for the others one batch at most; each
+    # commits its last images before the last check-in, so that rank 0 indexes them
     problem, stopped = "", 0
-    for turn in range(-(-len(batches) // processes.world_size)):
-        if turn < len(mine):
+    turns = -(-len(batches) // processes.world_size)
+    with runner.committing(), _collector_skips_the_start():
+        for turn in range(turns):
             try:
-                runner.explain_batch(mine[turn], unfinished)
+                if turn < len(mine):
+                    runner.explain_batch(mine[turn], unfinished)
+                runner.commit(due=turn < turns - 1)
             except CliError as error:
                 problem = str(error)
-        stopped = processes.check_in(bool(problem))
-        if stopped:
-            break
+            stopped = processes.check_in(bool(problem))
+            if stopped:
+                break
     if runner.progress is not None:
         runner.progress.end()
     if problem:

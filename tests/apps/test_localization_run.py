@@ -3,7 +3,9 @@ the saved maps, Grad-CAM beside L2-CAF, a summary a resumed run reproduces, and 
 like the run's others."""
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,13 @@ from caffast.eval.gradcam import grad_cam
 from caffast.eval.protocol import evaluate_image
 from caffast.eval.scenes import MEAN, STD, make_scene
 from caffast.eval.summary import summarize
+from subprocesses import checkout_env, torchrun
 
 SCENES = 6
 SETTINGS = ["--arch", "demo", "--max-iter", "50"]
+# what each scored image's index rows hold beside the image, target and status
+SCORED_FIELDS = {"iterations", "loss", "objective", "gradient_norm", "flat", "result", "top1", "probability",
+                 "image_size", "objects", "localization", "gradcam_localization"}  # fmt: skip
 
 
 def _boxes_of(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -143,6 +149,35 @@ def test_a_resumed_run_gives_the_same_summary(data, run, tmp_path, capsys):
     assert main(argv) == 0  # nothing left: the same summary again
     assert f"{SCENES + 1} skipped" in capsys.readouterr().out
     assert (out / "summary.json").read_bytes() == (run / "summary.json").read_bytes()
+
+
+def test_two_ranks_record_what_one_process_does(data, tmp_path):
+    """Under torchrun (two ranks on the CPU, gloo, batches of two so both have images) every per-image
+    field reaches the index as one process writes it: the objective, gradient norm and flat mark, the
+    prediction, both methods' localization records; so do the result files and the summary."""
+    images, csv = data
+    options = ["--arch", "demo", "--max-iter", "5", "--annotations", str(csv), "--baseline", "gradcam",
+               "--batch-size", "2"]  # fmt: skip
+    alone, ranks = tmp_path / "alone", tmp_path / "ranks"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (checkout_env): thread counts may change a convolution's last bit
+    try:
+        assert main(["run", str(images), "--out", str(alone), *options, "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    command = torchrun("-m", "caffast", "run", str(images), "--out", str(ranks), *options)
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{SCENES + 1} images done" in result.stdout
+    assert sorted(re.findall(r"^\[rank (\d)\] explaining", result.stderr, re.MULTILINE)) == ["0", "1"]
+    rows = _index(ranks)
+    assert all(SCORED_FIELDS <= set(row) for row in rows if row["image"] != "unannotated.png")
+    assert rows == _index(alone)
+    assert (ranks / "summary.json").read_bytes() == (alone / "summary.json").read_bytes()
+    results = sorted(path.relative_to(alone) for path in alone.glob("results/**/*.npz"))
+    assert results == sorted(path.relative_to(ranks) for path in ranks.glob("results/**/*.npz")) and results
+    for name in results:
+        assert (ranks / name).read_bytes() == (alone / name).read_bytes(), name
 
 
 def test_other_annotations_or_threshold_are_refused(data, run, tmp_path, capsys):

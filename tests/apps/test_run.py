@@ -17,22 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps import runfolder, runner
+from caffast.apps import atomic, runfolder, runner
 from caffast.apps.atomic import write_atomically, write_json
 from caffast.apps.cli import main
 from caffast.apps.runfolder import RunFolder
 from caffast.eval.scenes import make_scene
+from subprocesses import checkout_env, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["--arch", "demo", "--max-iter", "100"]
 IMAGES = 12  # plus one broken file
-
-
-def _env() -> dict:
-    """Subprocesses import this checkout's caffast and compute on one thread, as the reference run
-    does (thread counts may change the last bit of a convolution)."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def _run_args(data: Path, out: Path, *options: str) -> list[str]:
@@ -117,35 +110,87 @@ def test_every_image_has_a_result_and_the_broken_one_is_recorded(reference):
     assert config["arch"] == "demo" and config["layer"] == "features" and config["explain"]["max_iter"] == 100
 
 
-def test_killed_run_resumes_without_redoing_anything(dataset, reference, tmp_path):
+KILLED_AT_A_COMMIT = """
+import os, signal, sys
+from caffast.apps import runfolder, runner
+from caffast.apps.cli import main
+runner.COMMIT_SECONDS, runner.COMMIT_IMAGES = float("inf"), 3
+commit, commits = runfolder.RunFolder.commit, []
+def commit_or_die(self):
+    commits.append(len(self.uncommitted))
+    if len(commits) == 3:  # the files of three more images are written, their records not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(self)
+runfolder.RunFolder.commit = commit_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_redoes_exactly_the_images_it_had_not_committed(dataset, reference, tmp_path):
+    """Killed (SIGKILL) as it commits its third group of three images, after their files are written:
+    the six committed images are skipped, untouched, by the rerun, the others are explained again, and
+    the outputs are those of an uninterrupted run."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_A_COMMIT)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("records/**/*.json"))) < 2:
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate()
+    command = [str(script), *_run_args(dataset, out, "--batch-size", "1")]
+    killed = subprocess.run([sys.executable, *command], env=checkout_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     finished = {path: path.stat().st_mtime_ns for path in out.glob("records/**/*.json")}
+    assert len(finished) == 6
     results = {path: path.stat().st_mtime_ns for path in out.glob("results/**/*.npz")}
-    assert 2 <= len(finished) < IMAGES + 1
+    recorded = {out / "results" / path.relative_to(out / "records").with_suffix(".npz") for path in finished}
+    assert len(set(results) - recorded) >= 2  # written, not committed (one of the nine may be the broken image)
     stale = out / "results" / ".caffast-x1y2z3.tmp"  # what a kill during a write leaves
     stale.write_bytes(b"half a file")
 
-    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")],
+                           env=checkout_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
-    skipped = int(re.search(r"(\d+) skipped", rerun.stdout).group(1))
-    assert skipped == len(finished)
+    assert f"{IMAGES - 6} images done, 1 failed, 6 skipped" in rerun.stdout
     assert {path: path.stat().st_mtime_ns for path in finished} == finished  # records untouched
-    for path, mtime in results.items():  # results of finished images untouched
-        if out / "records" / path.relative_to(out / "results").with_suffix(".json") in finished:
-            assert path.stat().st_mtime_ns == mtime
+    for path, mtime in results.items():  # the committed images' results untouched, the others written again
+        assert (path.stat().st_mtime_ns == mtime) == (path in recorded), path
     assert not stale.exists() and not list(out.rglob("*.tmp"))
-    index, _ = _outputs(out)
-    assert len({(row["image"], row["target"]) for row in index}) == len(index) == IMAGES + 1
     _assert_same_outputs(out, reference)
+
+
+def test_records_are_written_only_once_the_files_they_name_are_durable(tmp_path, monkeypatch):
+    """A record names files a crash of the machine cannot take away: its image's result and overlay
+    are made durable before it is written, and it is written only by a commit."""
+    folder = RunFolder(tmp_path / "out")
+    synced, records = set(), []
+    monkeypatch.setattr(runfolder, "make_durable", lambda paths: synced.update(paths))
+
+    def write_record(path, record, durable=True):
+        records.append(path)
+        image = record["image"]
+        assert {folder.result_path(image), folder.overlay_path(image, 1)} <= synced and path not in synced
+
+    monkeypatch.setattr(runfolder, "write_json", write_record)
+    for image in ("a.png", "sub/b.png"):
+        folder.write_result(image, {"maps": np.zeros((1, 2, 2), np.float32)})
+        folder.write_output(folder.overlay_path(image, 1), lambda file: file.write(b"png"))
+        folder.write_record(image, [{"image": image, "status": "done"}])
+    assert not records and not synced and len(folder.uncommitted) == 2
+    rows = folder.commit()
+    assert [row[0]["image"] for row in rows] == ["a.png", "sub/b.png"]
+    assert records == [folder.record_path("a.png"), folder.record_path("sub/b.png")] and set(records) <= synced
+    assert folder.commit() == [] and not folder.uncommitted and not folder.unsynced
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names open files through /proc")
+def test_without_syncfs_each_file_and_folder_is_fsynced_once(tmp_path, monkeypatch):
+    """Where Linux's syncfs is missing, make_durable fsyncs each file and each folder that holds one."""
+    files = [tmp_path / "a", tmp_path / "b", tmp_path / "sub" / "c"]
+    for path in files:
+        write_atomically(path, lambda file: file.write(b"x"), durable=False)
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(atomic, "SYNCFS", None)
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(os.readlink(f"/proc/self/fd/{descriptor}")),
+                                                         fsync(descriptor)))  # fmt: skip
+    atomic.make_durable(files)
+    assert sorted(synced) == sorted(map(str, [*files, tmp_path, tmp_path / "sub"]))
 
 
 def test_other_settings_are_refused(dataset, reference, capsys):
@@ -263,9 +308,8 @@ def test_out_of_memory_errors_are_recognised():
 
 def test_torchrun_on_two_processes_equals_one(dataset, reference, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(dataset, out, "--batch-size", "1")]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    command = torchrun("-m", "caffast", *_run_args(dataset, out, "--batch-size", "1"))
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{IMAGES} images done, 1 failed, 0 skipped" in result.stdout
     _assert_same_outputs(out, reference)
@@ -288,9 +332,8 @@ def test_a_rank_that_stops_stops_the_run_without_a_hang(dataset, tmp_path):
         (data / name).parent.mkdir(exist_ok=True)
         (data / name).write_bytes(picture)
     (out / "results" / "z").write_text("in the way")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    command = torchrun("-m", "caffast", *_run_args(data, out, "--batch-size", "1"))
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"cannot write {out / 'results' / 'z'} (File exists)" in result.stderr
     assert "move away the file that stands where a folder goes" in result.stderr
@@ -385,7 +428,7 @@ def _holder(out: Path, seconds: float) -> subprocess.Popen:
     code = (f"import time; from pathlib import Path; from caffast.apps.runfolder import RunFolder\n"
             f"with RunFolder(Path({str(out)!r})).locked(False):\n    print('locked', flush=True); time.sleep({seconds})\n"
             "print('released', flush=True)")
-    process = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", code], env=checkout_env(), stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "locked"
     return process
 
@@ -500,11 +543,11 @@ def test_outputs_get_the_permissions_of_the_umask(dataset, tmp_path):
 
 
 def test_a_full_disk_says_so_and_where(dataset, tmp_path, monkeypatch, capsys):
-    def no_space(path, arrays):
+    def no_space(path, arrays, durable=True):
         def write(file):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        write_atomically(path, write)
+        write_atomically(path, write, durable)
 
     monkeypatch.setattr(runfolder, "write_npz", no_space)
     out = tmp_path / "out"
@@ -524,7 +567,7 @@ def test_an_unwritable_output_folder_stops_the_run_and_blames_no_image(number, d
     for name in ("a.png", "c.bmp"):
         shutil.copy(dataset / name, data / name)
 
-    def refused(path, arrays):
+    def refused(path, arrays, durable=True):
         raise OSError(number, os.strerror(number), str(path))
 
     monkeypatch.setattr(runfolder, "write_npz", refused)
@@ -576,7 +619,7 @@ def test_a_signal_stops_the_run_cleanly(number, code, dataset, tmp_path):
         shutil.copytree(dataset, data / str(copy))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "caffast", *_run_args(data, out, "--batch-size", "1")]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list(out.glob("records/**/*.json"))) < 2:
         assert process.poll() is None and time.monotonic() < deadline
@@ -587,8 +630,9 @@ def test_a_signal_stops_the_run_cleanly(number, code, dataset, tmp_path):
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"caffast: interrupted by {signal.Signals(number).name} after ")
-    done = int(re.search(r"(\d+) images done", line).group(1))
-    assert done == len(list(out.glob("records/**/*.json"))) and "left" in line and "run the same command again" in line
+    done, failed = map(int, re.search(r"(\d+) images done, (\d+) failed", line).groups())
+    assert done + failed == len(list(out.glob("records/**/*.json")))  # committed on the way out, and counted
+    assert "left" in line and "run the same command again" in line
     assert not list(out.rglob("*.tmp"))
 
 
@@ -610,10 +654,9 @@ sys.exit(main(sys.argv[1:]))
 def test_a_rank_that_hangs_is_named_instead_of_waited_for(dataset, tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(HANGING_RANK)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               *_run_args(dataset, tmp_path / "out", "--batch-size", "1", "--rank-timeout", "3")]  # fmt: skip
+    command = torchrun(str(script), *_run_args(dataset, tmp_path / "out", "--batch-size", "1", "--rank-timeout", "3"))
     started = time.monotonic()
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=110)
+    result = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=110)
     assert result.returncode != 0 and time.monotonic() - started < 100
     named = "caffast: error: rank 0: rank 1 did not answer at the end of a batch within --rank-timeout 3 s"
     assert named in result.stderr

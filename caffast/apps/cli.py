@@ -30,7 +30,7 @@ from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, sce
 from ..eval.summary import format_table, summarize
 from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
-from ..viz import apply_heatmap, montage, save_clip_gif, save_gif, save_mask
+from ..viz import CLIP_FRAME_MS, VideoEncoderError, apply_heatmap, montage, save_clip_gif, save_clip_video, save_gif, save_mask, video_encoder
 from .clipfiles import input_kind, model_input_problem
 from .common import (
     CliError, Progress, add_input_flags, add_setting_flags, check_arguments, check_output_folder, command_settings,
@@ -54,7 +54,6 @@ RELEASE_NO_ARGUMENTS = {
 RELEASE_IMAGES = Path("input_imgs")  # where the release reads --input_img
 RELEASE_LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 GIF_ALPHA, GIF_FRAME_MS = 0.7, 1000  # the TensorFlow release's GIF: a frame per check, 1 s each
-CLIP_FRAME_MS = 125  # a clip's GIF: 8 frames a second
 
 
 
@@ -75,9 +74,11 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
 
 
 def save_volume_pictures(picture: np.ndarray, exp: Explanation, index: int, paths: list[Path], clip: bool,
-                         axis: str = "axial") -> list[Path]:  # fmt: skip
+                         axis: str = "axial", video: bool = False) -> list[Path]:  # fmt: skip
     """The pictures of a clip's or a volume's maps: per target a montage of its frames or slices
-    (along `axis` for a volume) and, for a clip, a GIF of the map over its frames; returns the files."""
+    (along `axis` for a volume) and, for a clip, a GIF of the map over its frames and with `video` the
+    same frames as an MP4 (an encoder that cannot write one is a warning: the GIF shows them too);
+    returns the files."""
     symmetric = exp.map == "signed"
     written = []
     for column, path in enumerate(paths):
@@ -87,6 +88,13 @@ def save_volume_pictures(picture: np.ndarray, exp: Explanation, index: int, path
         if clip:
             save_clip_gif(picture, heat, path.with_suffix(".gif"), duration_ms=CLIP_FRAME_MS, symmetric=symmetric)
             written.append(path.with_suffix(".gif"))
+        if clip and video:
+            try:
+                save_clip_video(picture, heat, path.with_suffix(".mp4"), duration_ms=CLIP_FRAME_MS, symmetric=symmetric)
+            except VideoEncoderError as error:
+                say(f"caffast: warning: {error}; the GIF beside it shows the same frames")
+            else:
+                written.append(path.with_suffix(".mp4"))
     return written
 
 
@@ -141,10 +149,12 @@ class ExplainOutputs:
 
     overlays: list[Path] = field(default_factory=list)
     gifs: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)  # a clip's MP4s, where an encoder is installed
     results: list[Path] = field(default_factory=list)  # one .npz per input image
 
     def __str__(self) -> str:
-        return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs and {len(self.results)} .npz files of maps"
+        videos = f", {len(self.videos)} MP4 videos" if self.videos else ""
+        return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs{videos} and {len(self.results)} .npz files of maps"
 
 
 EXPLAIN_NOTE = "overlays written by caffast explain: caffast run leaves this folder out"
@@ -199,7 +209,8 @@ def _explain_files(
     """Explain each input (image file, clip or volume; `inputs` holds the input flags) with
     caffast.explain; write its maps (.npz) and its pictures: an overlay per target of an image (with
     `gif` the GIFs of their convergence, explain then recording the history), a montage per target
-    of a clip or a volume and, for a clip, a GIF of the map over its frames.  The names are unique
+    of a clip or a volume and, for a clip, a GIF of the map over its frames (and an MP4 of them where
+    OpenCV or PyAV is installed).  The names are unique
     per input regardless of letter case, and never those of a folder or a file explain did not write."""
     try:
         kinds = {path: input_kind(path, inputs.input_kind) for path in images}
@@ -220,6 +231,7 @@ def _explain_files(
     taken = _not_ours(out, ours)
     _mark_explained(out, ours)
     claimed: dict[str, str] = {}
+    videos = source.takes_clips and video_encoder() is not None
     settings = replace(settings, history=gif)
     record = {"arch": source.arch, "weights": source.weights_identity(), "layer": loaded.layer,
               "input": preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
@@ -235,12 +247,14 @@ def _explain_files(
         labels = [(target, source.class_name(target, classes)) for target in exp.targets[0].tolist()]
         kind = kinds[path]
         with_gifs = gif if kind == "image" else kind != "volume"
+        with_videos = videos and kind not in ("image", "volume")
 
         def names_of(stem: str) -> list[str]:
-            """The input's .npz, then its pictures (overlays or montages), then their GIFs."""
+            """The input's .npz, then its pictures (overlays or montages), then their GIFs and MP4s."""
             pictures = [name_of(stem, target, label) for target, label in labels]
             gifs = [str(Path(name).with_suffix(".gif")) for name in pictures] if with_gifs else []
-            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *pictures, *gifs]
+            mp4s = [str(Path(name).with_suffix(".mp4")) for name in pictures] if with_videos else []
+            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *pictures, *gifs, *mp4s]
 
         real = os.path.realpath(path)
         names = _free_names(stems[path], names_of, taken, claimed, real)
@@ -253,9 +267,9 @@ def _explain_files(
         if kind == "image":
             saved_files = _save_overlays(picture, exp, 0, paths, gif)
         else:
-            saved_files = save_volume_pictures(picture, exp, 0, paths, kind != "volume", inputs.axis)
+            saved_files = save_volume_pictures(picture, exp, 0, paths, kind != "volume", inputs.axis, with_videos)
         for saved in saved_files:
-            (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
+            {".gif": written.gifs, ".mp4": written.videos}.get(saved.suffix, written.overlays).append(saved)
         result = out / names[0]
         described = {"image": path} if kind == "image" else {"image": path, "kind": kind}
         write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
@@ -271,7 +285,7 @@ def _explain_files(
         say(f"caffast: no GIF for the maps of {stills} images, which have one frame: {why}")
     if flat:
         say(f"caffast: {flat} of the maps are flat and show nothing (the warnings above say why and where to look instead)")
-    for kind in ("overlays", "gifs", "results"):  # an image given twice writes its files once
+    for kind in ("overlays", "gifs", "videos", "results"):  # an image given twice writes its files once
         setattr(written, kind, list(dict.fromkeys(getattr(written, kind))))
     return written
 

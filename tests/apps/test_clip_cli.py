@@ -10,8 +10,10 @@ The model is r3d_18 with its seeded random weights, on 4 frames.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import caffast
+from caffast import viz
 from caffast.apps import clipfiles, runner
 from caffast.apps.cli import main
 from caffast.models.source import ModelSource
@@ -71,7 +74,9 @@ def test_explain_a_folder_of_frames(r3d, tmp_path, capsys):
         Image.fromarray(frame).save(folder / f"f{number}.png")
     out = tmp_path / "out"
     assert main(explain_args(folder, out, "--input-kind", "frames")) == 0
-    assert "wrote 1 overlays, 1 GIFs and 1 .npz files of maps" in capsys.readouterr().out
+    encoder = viz.video_encoder()
+    videos = ", 1 MP4 videos" if encoder else ""
+    assert f"wrote 1 overlays, 1 GIFs{videos} and 1 .npz files of maps" in capsys.readouterr().out
     maps, settings = saved(out, "walk")
     np.testing.assert_allclose(maps, expected_maps(r3d, clip_input(frames[[0, 3, 6, 9]])), rtol=0, atol=1e-6)
     assert settings["kind"] == "frames" and settings["input"]["frames"] == 4 and settings["input"]["resize"] == [128, 171]
@@ -79,6 +84,27 @@ def test_explain_a_folder_of_frames(r3d, tmp_path, capsys):
     gif = Image.open(picture.with_suffix(".gif"))
     assert gif.n_frames == 4 and gif.size == (112, 112)
     assert Image.open(picture).size == (2 * 112 + 1, 2 * 112 + 1)  # a montage of the four frames, 2 x 2
+    assert picture.with_suffix(".mp4").is_file() == (encoder is not None)
+    if encoder is not None and importlib.util.find_spec("cv2") is not None:
+        import cv2
+
+        video = cv2.VideoCapture(str(picture.with_suffix(".mp4")))
+        assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 4
+        assert (video.get(cv2.CAP_PROP_FRAME_WIDTH), video.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (112, 112)
+        video.release()
+
+
+def test_explain_a_clip_without_an_mp4_encoder_writes_its_gif(tmp_path, capsys, monkeypatch):
+    """No encoder importable: the GIF and montage only, and no error."""
+    for module in ("cv2", "av"):
+        monkeypatch.setitem(sys.modules, module, None)
+    folder = tmp_path / "walk"
+    folder.mkdir()
+    for number, frame in enumerate(random_frames(2, 5)):
+        Image.fromarray(frame).save(folder / f"{number}.png")
+    assert main(explain_args(folder, tmp_path / "out", "--input-kind", "frames")) == 0
+    assert "wrote 1 overlays, 1 GIFs and 1 .npz files of maps" in capsys.readouterr().out
+    assert not list((tmp_path / "out").glob("*.mp4"))
 
 
 @pytest.mark.parametrize("shape, scaling", [((4, 32, 32), None), ((3, 4, 32, 32), "minmax")])
@@ -216,3 +242,38 @@ def test_run_over_frame_folders_explains_a_changed_clip_again(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "1 inputs done, 0 failed, 1 skipped" in printed.out and "walk (the image file changed" in printed.err
+
+
+def test_run_overlays_of_a_clip_include_its_gif(tmp_path, capsys):
+    """--overlays writes a clip's montage and the GIF of its map over the frames, the frames that
+    viz.overlay_frames draws from the saved map; a rerun finds both and skips the clip, and a GIF
+    removed since makes it explained again."""
+    data = tmp_path / "data"
+    (data / "jump").mkdir(parents=True)
+    frames = random_frames(3, 4)
+    for number, frame in enumerate(frames):
+        Image.fromarray(frame).save(data / "jump" / f"{number}.png")
+    out = tmp_path / "maps"
+    argv = ["run", str(data), "--out", str(out), "--arch", "r3d_18", "--weights", "random", "--input-kind", "frames",
+            "--frames", "2", "--max-iter", "3", "--quiet", "--overlays"]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert row["overlay"].endswith(".png") and row["overlay_gif"] == row["overlay"][: -len(".png")] + ".gif"
+    gif = Image.open(out / row["overlay_gif"])
+    with np.load(out / row["result"]) as arrays:
+        heat = arrays["maps"][0]
+    clip = clip_input(frames[[0, 2]])[0] * KINETICS_STD[:, None, None, None] + KINETICS_MEAN[:, None, None, None]
+    expected = viz.overlay_frames(clip.clamp(0, 1), heat)
+    assert gif.n_frames == 2 and gif.size == (112, 112)
+    for index, picture in enumerate(expected):
+        gif.seek(index)
+        difference = np.abs(np.asarray(gif.convert("RGB"), dtype=float) - np.asarray(picture, dtype=float))
+        assert difference.mean() < 8  # out of 255: the GIF keeps 256 colours of these noise frames
+        assert np.median(difference) <= 5
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0 inputs done, 0 failed, 1 skipped" in capsys.readouterr().out
+    (out / row["overlay_gif"]).unlink()
+    assert main(argv) == 0
+    assert "1 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
+    assert (out / row["overlay_gif"]).is_file()

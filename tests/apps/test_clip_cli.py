@@ -277,3 +277,62 @@ def test_run_overlays_of_a_clip_include_its_gif(tmp_path, capsys):
     assert main(argv) == 0
     assert "1 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
     assert (out / row["overlay_gif"]).is_file()
+
+
+def _five_d_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Every named module's first 5-D output shape (C, D, H, W), by forward hooks of this test's own."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(_module, _inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 5:
+                shapes.setdefault(name, tuple(output.shape[1:]))
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def test_layers_of_a_clip_model(r3d, capsys):
+    """`caffast layers --arch r3d_18 --size 4,32,32`: every module with a 5-D output, its (C, D, H, W)
+    as hooks on the plain model see it, and the last layers tried: layer4's 1 x 2 x 2 grid, fused,
+    as caffast.explain says on the same noise clip."""
+    assert main(["layers", "--arch", "r3d_18", "--size", "4,32,32", "--check", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("r3d_18 at 4 x 32 x 32: 90 modules output a 5-D map, shown as (C, D, H, W)")
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    expected = _five_d_outputs(r3d, torch.zeros(1, 3, 4, 32, 32))
+    assert list(rows) == list(expected)
+    for name, shape in expected.items():
+        assert rows[name].startswith(str(shape))
+    noise = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    trial = caffast.explain(r3d, noise, "layer4", mode="specific", max_iter=1, check_every=1)
+    assert trial.path == "fused" and tuple(trial.maps.shape) == (1, 1, 1, 2, 2)
+    assert rows["layer4"] == "(512, 1, 2, 2)  1x2x2 fused  <- default"
+    assert rows["layer4.1"] == "(512, 1, 2, 2)  1x2x2 fused" and rows["layer3"] == "(256, 1, 4, 4)"
+
+
+def test_layers_of_a_clip_model_on_a_volume_and_its_sizes(tmp_path, capsys):
+    """--image takes a volume (its own shape is the grid); --size forms: one side takes the
+    preprocessing's 16 frames, D,H,W for clips only."""
+    from caffast.apps.cli import layers_grid
+
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).normal(size=(2, 32, 48)))
+    assert main(["layers", "--arch", "r3d_18", "--image", str(tmp_path / "scan.npy"), "--check", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("r3d_18 at 2 x 32 x 48: ") and f"tried on {tmp_path / 'scan.npy'}" in lines[0]
+    assert any(line.split()[0] == "layer4" and "(512, 1, 2, 3)  1x2x3 fused" in line for line in lines[1:])
+    assert layers_grid(None, "r3d_18", True, 112, 16) == (16, 112, 112)
+    assert layers_grid("64", "r3d_18", True, 112, 16) == (16, 64, 64)
+    assert layers_grid("8x48x64", "r3d_18", True, 112, 16) == (8, 48, 64)
+    assert layers_grid("96", "resnet18", False, 224, 1) == (96, 96)
+    for argv, message in ((["--arch", "resnet18", "--size", "4,32,32"], "D,H,W is for models that take clips"),
+                          (["--arch", "r3d_18", "--size", "4,32"], "--size takes one side, or D,H,W"),
+                          (["--arch", "r3d_18", "--size", "0,32,32"], "--size must be positive")):  # fmt: skip
+        assert main(["layers", "--weights", "random", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -229,7 +229,8 @@ class LayerL2CAF(LayerAttribution):
         (N, 1, d, h, w) for clips and volumes.
 
         `inputs`: a tensor or a tuple of tensors, one row per example; the images are the first
-        floating-point (N, C, H, W) one, or (N, C, D, H, W) for clips and volumes.  `target`: Captum's (None for the class-oblivious map).
+        floating-point (N, C, H, W) one, or (N, C, D, H, W) for clips and volumes.  `target`: Captum's
+        (None for the class-oblivious map).
         `settings`: caffast.explain's keywords (solver, max_iter, loss, map, ...).
         """
         if attribute_to_layer_input:

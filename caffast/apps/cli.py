@@ -30,7 +30,10 @@ from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, sce
 from ..eval.summary import format_table, summarize
 from ..models.source import SHIPPED_DEMO, ModelSource, first_conv_channels
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
-from ..viz import CLIP_FRAME_MS, VideoEncoderError, apply_heatmap, montage, save_clip_gif, save_clip_video, save_gif, save_mask, video_encoder
+from ..viz import (
+    CLIP_FRAME_MS, VideoEncoderError, apply_heatmap, montage, save_clip_gif, save_clip_video, save_gif, save_mask,
+    video_encoder,
+)  # fmt: skip
 from .clipfiles import input_kind, model_input_problem
 from .common import (
     CliError, Progress, add_input_flags, add_setting_flags, check_arguments, check_output_folder, command_settings,
@@ -451,7 +454,8 @@ def layers_grid(size: Optional[str], arch: str, takes_clips: bool, default_side:
     return sides
 
 
-def _layers_input(path: Optional[str], source: ModelSource, model: torch.nn.Module, grid: tuple[int, ...]) -> torch.Tensor:
+def _layers_input(path: Optional[str], source: ModelSource, model: torch.nn.Module,
+                  grid: tuple[int, ...]) -> torch.Tensor:  # fmt: skip
     """What `caffast layers` tries the layers on: the input at `path` prepared as explain prepares it
     (an image at the grid's side; a clip with the grid's frames and side; a volume as it is), or seeded
     noise of the grid's shape: a blank input gives every cell the same features, hence flat maps."""

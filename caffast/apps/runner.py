@@ -284,7 +284,8 @@ class Runner:
                 row["overlay"] = folder.relative(path)
                 if clip:  # and the map over the clip, as caffast explain animates it
                     gif = path.with_suffix(".gif")
-                    write_atomically(gif, lambda file: save_clip_gif(item.rgb, heat, file, CLIP_FRAME_MS, symmetric=symmetric))
+                    draw = lambda file: save_clip_gif(item.rgb, heat, file, CLIP_FRAME_MS, symmetric=symmetric)  # noqa: E731
+                    write_atomically(gif, draw)
                     row["overlay_gif"] = folder.relative(gif)
             rows.append(row)
         with STOP_SIGNALS.held():  # a record written is an image counted

@@ -6,6 +6,10 @@
     maps = l2caf.attribute(images, target=labels, solver="fast")        # (N, 1, h, w), layer-shaped
     heat = LayerL2CAF.interpolate(maps, images.shape[-2:], "bilinear")  # at the input's size
 
+Clips and volumes, (N, C, D, H, W), give (N, 1, d, h, w) maps at the layer, brought to the input's
+size as Captum brings any 5-D layer attribution: `LayerL2CAF.interpolate(maps, clips.shape[-3:],
+"trilinear")`.
+
 `target` means what it means to Captum (one output index per input, or one for all of them): the
 filter raises that output (`loss="logit"`, as Captum's attributions differentiate it; pass `loss=`
 for another); `target=None` gives the class-oblivious map.  Every other keyword is caffast.explain's,
@@ -137,7 +141,7 @@ class CaptumForward(nn.Module):
     def forward(self, images: torch.Tensor) -> Any:
         others, arguments = list(self.others), list(self.arguments)
         if self.carries_rows:
-            rows = images[:, -1, 0, 0].round().long()
+            rows = images[:, -1].flatten(1)[:, 0].round().long()
             images = images[:, :-1]
             others = [value.index_select(0, rows) if _per_row(value, self.batch) else value for value in others]
             arguments = [value.index_select(0, rows) if _per_row(value, self.batch) else value for value in arguments]
@@ -161,20 +165,22 @@ def _as_inputs(inputs: Inputs) -> tuple:
 
 
 def _image_position(inputs: tuple) -> int:
-    """The input that holds the images: the first floating-point (N, C, H, W) tensor."""
+    """The input that holds the images: the first floating-point (N, C, H, W) tensor, or (N, C, D, H, W)
+    for clips and volumes."""
     for position, tensor in enumerate(inputs):
-        if tensor.dim() == 4 and tensor.is_floating_point():
+        if tensor.dim() in (4, 5) and tensor.is_floating_point():
             return position
     shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in inputs)
     raise ValueError(
-        f"L2-CAF explains images, and no input is a floating-point (N, C, H, W) tensor ({shapes}): pass the "
-        "images as one of the inputs (e.g. images.unsqueeze(0) for a single image, images.float() for integers)"
+        f"L2-CAF explains images, clips and volumes, and no input is a floating-point (N, C, H, W) or (N, C, D, H, W) "
+        f"tensor ({shapes}): pass them as one of the inputs (e.g. images.unsqueeze(0) for a single image, "
+        "images.float() for integers)"
     )
 
 
 def _with_rows(images: torch.Tensor) -> torch.Tensor:
-    """The images with one more channel holding each row's index."""
-    batch, _, height, width = images.shape
+    """The images (or clips) with one more channel holding each row's index."""
+    batch, grid = images.shape[0], images.shape[2:]
     exact = round(2 / torch.finfo(images.dtype).eps)  # integers up to 2**(mantissa bits + 1) are exact
     if batch > exact:
         raise ValueError(
@@ -182,7 +188,7 @@ def _with_rows(images: torch.Tensor) -> torch.Tensor:
             f"{images.dtype}; pass at most {exact} at a time, or the inputs in float32"
         )
     rows = torch.arange(batch, device=images.device, dtype=images.dtype)
-    return torch.cat([images, rows.view(batch, 1, 1, 1).expand(batch, 1, height, width)], dim=1)
+    return torch.cat([images, rows.view(batch, 1, *(1,) * len(grid)).expand(batch, 1, *grid)], dim=1)
 
 
 class LayerL2CAF(LayerAttribution):
@@ -219,10 +225,12 @@ class LayerL2CAF(LayerAttribution):
         attribute_to_layer_input: bool = False,
         **settings: Any,
     ) -> torch.Tensor:
-        """(N, 1, h, w) maps at the layer, on the inputs' device: one caffast.explain call for the batch.
+        """(N, 1, h, w) maps at the layer, on the inputs' device: one caffast.explain call for the batch;
+        (N, 1, d, h, w) for clips and volumes.
 
         `inputs`: a tensor or a tuple of tensors, one row per example; the images are the first
-        floating-point (N, C, H, W) one.  `target`: Captum's (None for the class-oblivious map).
+        floating-point (N, C, H, W) one, or (N, C, D, H, W) for clips and volumes.  `target`: Captum's
+        (None for the class-oblivious map).
         `settings`: caffast.explain's keywords (solver, max_iter, loss, map, ...).
         """
         if attribute_to_layer_input:

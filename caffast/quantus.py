@@ -7,8 +7,11 @@
                                     explain_func=explain, explain_func_kwargs={"layer": "layer4"})
 
 `explain(model, inputs, targets, layer=..., **settings)` returns the class-specific maps of each
-input's target at the input's size, (N, 1, H, W) float32 numpy.  `settings` are caffast.explain's
-keywords, with its defaults.
+input's target at the input's size, (N, 1, H, W) float32 numpy; for clips and volumes (N, C, D, H, W)
+it returns (N, 1, D, H, W), the maps resized trilinearly.  `settings` are caffast.explain's keywords,
+with its defaults.  Quantus's metrics themselves (0.6) refuse such batches before any explain_func
+runs ("Only batched 1D and 2D multi-channel input dimensions supported"): on clips, call this
+function directly.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ def _model(model: Any) -> nn.Module:
 
 
 def _images(inputs: Array, model: nn.Module) -> torch.Tensor:
-    """Quantus's channel-first batch as a tensor in the model's floating-point dtype."""
+    """Quantus's channel-first batch (of images, or of clips and volumes) as a tensor in the model's
+    floating-point dtype."""
     images = torch.as_tensor(np.asarray(inputs)) if not isinstance(inputs, torch.Tensor) else inputs
-    if images.dim() != 4:
+    if images.dim() not in (4, 5):
         raise ValueError(
             f"inputs have shape {tuple(images.shape)}; caffast.quantus.explain takes a channel-first batch of "
-            "images (N, C, H, W)"
+            "images (N, C, H, W), or of clips or volumes (N, C, D, H, W)"
         )
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     return images.detach().to(weight.dtype if weight is not None else torch.float32)
@@ -60,7 +64,8 @@ def explain(
     device: Optional[Union[str, torch.device]] = None,
     **settings: Any,
 ) -> np.ndarray:
-    """(N, 1, H, W) float32 maps in [0, 1] at the inputs' size: one caffast.explain call for the batch.
+    """(N, 1, H, W) float32 maps in [0, 1] at the inputs' size, (N, 1, D, H, W) for clips and volumes
+    (resized trilinearly): one caffast.explain call for the batch.
 
     `targets`: one class per input (Quantus's y_batch), or None for the class-oblivious map.
     `layer`: the breakpoint, by dotted name or module (pass it in explain_func_kwargs).  `device`,
@@ -85,4 +90,4 @@ def explain(
                 raise ValueError(f"targets have shape {labels.shape}; pass one class per input, shape ({len(images)},)")
             rows = [[label] for label in labels]
         explained = explain_maps(model, images, layer, rows, settings=chosen, **others)
-    return explained.upsample(tuple(images.shape[-2:])).float().cpu().numpy()
+    return explained.upsample(tuple(images.shape[2:])).float().cpu().numpy()  # (H, W), or (D, H, W)

@@ -13,14 +13,17 @@ Hanning filter matplotlib uses there), RGBA with a 100 dpi tag.
 
 Clips and volumes: a (d, h, w) map is resized trilinearly to the clip's (D, H, W) and min-max scaled
 over the whole clip (Explanation.upsample's scaling), then drawn over every frame or slice as above:
-`overlay_frames` gives one picture per frame, `save_clip_gif` animates them, and `montage` tiles the
-slices of a volume along one axis (axial by default).
+`overlay_frames` gives one picture per frame, `save_clip_gif` animates them, `save_clip_video` writes
+them as an MP4 (with OpenCV or PyAV, whichever is installed), and `montage` tiles the slices of a
+volume along one axis (axial by default).
 """
 
 from __future__ import annotations
 
+import importlib
+from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -233,20 +236,22 @@ def save_mask(heatmap: ArrayLike, path: Union[str, Path]) -> None:
     Image.fromarray((values * 255 + 0.499999999).astype(np.uint8), "L").save(path)
 
 
-def save_gif(frames: Sequence[Image.Image], path: Union[str, Path], duration_ms: int = 100) -> None:
-    """Write frames (for instance a filter converging) as a looping GIF, duration_ms per frame.
+def save_gif(frames: Sequence[Image.Image], path: Union[str, Path, BinaryIO], duration_ms: int = 100) -> None:
+    """Write frames (for instance a filter converging) as a looping GIF, duration_ms per frame, to a
+    path or a binary file.
 
     Pillow merges identical consecutive frames into one that lasts as long as they did together.
     """
     if not frames:
         raise ValueError("save_gif needs at least one frame")
     first, *rest = [frame.convert("RGB") for frame in frames]
-    first.save(path, save_all=True, append_images=rest, duration=duration_ms, loop=0)
+    first.save(path, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
 
 
 # ------------------------------------------------------------------------------------------------
 # clips and volumes
 
+CLIP_FRAME_MS = 125  # the command line's pictures of a clip: 8 frames a second
 SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}  # the (D, H, W) axis each view slices along
 
 
@@ -316,11 +321,92 @@ def overlay_frames(
 
 
 def save_clip_gif(
-    clip: ClipLike, heatmap: ArrayLike, path: Union[str, Path], duration_ms: int = 100, **options: object
+    clip: ClipLike, heatmap: ArrayLike, path: Union[str, Path, BinaryIO], duration_ms: int = 100, **options: object
 ) -> None:
     """The map over a clip as a looping GIF, one frame per frame of the clip (`options` as
     overlay_frames takes them: alpha, cmap, symmetric, axis)."""
     save_gif(overlay_frames(clip, heatmap, **options), path, duration_ms)
+
+
+# MP4 writers, in the order they are tried: (name, module to import)
+VIDEO_ENCODERS = (("opencv", "cv2"), ("pyav", "av"))
+VIDEO_ENCODER_ADVICE = "pip install opencv-python-headless (or pip install av)"
+
+
+class VideoEncoderError(RuntimeError):
+    """No MP4 encoder is installed, or the one installed cannot write MPEG-4."""
+
+
+def video_encoder() -> Optional[str]:
+    """The MP4 encoder save_video uses: "opencv" (cv2.VideoWriter, fourcc mp4v), "pyav", or None.
+
+    Imported, not only looked up, so that an install that fails to load counts as none."""
+    for name, module in VIDEO_ENCODERS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return name
+    return None
+
+
+def save_video(frames: Sequence[Image.Image], path: Union[str, Path], duration_ms: int = 100) -> str:
+    """Write frames as an MPEG-4 (.mp4) video, duration_ms per frame; returns the encoder used.
+
+    MPEG-4 keeps colour at half resolution (4:2:0), so it takes even sides only: an odd side is padded
+    with one repeated edge pixel rather than cropped.  Lossy: the frames come back close, not equal.
+    """
+    if not frames:
+        raise ValueError("save_video needs at least one frame")
+    if duration_ms <= 0:
+        raise ValueError(f"duration_ms must be positive; got {duration_ms}")
+    encoder = video_encoder()
+    if encoder is None:
+        raise VideoEncoderError(f"cannot write {str(path)!r}: no MP4 encoder is installed: {VIDEO_ENCODER_ADVICE}")
+    arrays = [np.asarray(frame.convert("RGB")) for frame in frames]
+    height, width = arrays[0].shape[:2]
+    if any(array.shape[:2] != (height, width) for array in arrays):
+        raise ValueError("save_video needs frames of one size")
+    padding = ((0, height % 2), (0, width % 2), (0, 0))
+    arrays = [np.pad(array, padding, mode="edge") for array in arrays]
+    rate = Fraction(1000, duration_ms)
+    (_write_opencv if encoder == "opencv" else _write_pyav)(arrays, str(path), rate)
+    return encoder
+
+
+def _write_opencv(arrays: list[np.ndarray], path: str, rate: Fraction) -> None:
+    import cv2
+
+    height, width = arrays[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(rate), (width, height))
+    if not writer.isOpened():
+        raise VideoEncoderError(f"cannot write {path!r}: this OpenCV has no MPEG-4 (mp4v) encoder: "
+                                "pip install opencv-python-headless, whose wheels have one, or pip install av")  # fmt: skip
+    try:
+        for array in arrays:
+            writer.write(np.ascontiguousarray(array[..., ::-1]))  # OpenCV takes BGR
+    finally:
+        writer.release()
+
+
+def _write_pyav(arrays: list[np.ndarray], path: str, rate: Fraction) -> None:
+    import av
+
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.height, stream.width = arrays[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for array in arrays:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())  # what the encoder still holds
+
+
+def save_clip_video(
+    clip: ClipLike, heatmap: ArrayLike, path: Union[str, Path], duration_ms: int = 100, **options: object
+) -> str:
+    """The map over a clip as an MP4 video, the frames save_clip_gif animates (`options` as
+    overlay_frames takes them); returns the encoder used (save_video)."""
+    return save_video(overlay_frames(clip, heatmap, **options), path, duration_ms)
 
 
 def montage(

@@ -266,7 +266,7 @@ def test_a_closed_over_model_in_training_mode_is_explained_in_eval_mode(images):
         (lambda m, x: LayerL2CAF(m, m[3]).attribute(x, attribute_to_layer_input=True), ValueError, "module whose output"),
         (lambda m, x: LayerL2CAF(m, m[3]).attribute(x, targets=[1, 2]), TypeError, "target="),
         (lambda m, x: LayerL2CAF(m, m[3]).attribute(x, device="cpu"), TypeError, "inputs' device"),
-        (lambda m, x: LayerL2CAF(m, m[3]).attribute(x.flatten(1), target=1), ValueError, r"\(N, C, H, W\)"),
+        (lambda m, x: LayerL2CAF(m, m[3]).attribute(x.flatten(1), target=1), ValueError, r"\(N, C, H, W\) or \(N, C, D, H, W\)"),
         (lambda m, x: LayerL2CAF(m, nn.Conv2d(3, 3, 1)), ValueError, "not a module of Sequential"),
         (lambda m, x: LayerL2CAF(m, [m[0], m[3]]), TypeError, "one layer"),
         (lambda m, x: LayerL2CAF(lambda x: m(x), "3"), TypeError, "pass the layer module"),
@@ -323,3 +323,38 @@ def test_a_data_parallel_model_is_explained_through_its_inner_module(images):
     maps = LayerL2CAF(wrapped, "module.3", device_ids=None).attribute(images, target=[0, 1, 2], **FAST)
     expected = LayerL2CAF(model, model[3]).attribute(images, target=[0, 1, 2], **FAST)
     assert torch.equal(maps, expected)
+
+
+@pytest.fixture(scope="module")
+def r3d():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.video.r3d_18().eval()
+
+
+def test_clips_give_explains_maps_and_interpolate_trilinearly_to_the_clip(r3d):
+    """(N, C, D, H, W) clips: the (N, 1, d, h, w) maps explain gives at layer4, which Captum's own
+    interpolate brings to the clip's size as a plain trilinear resize does; a per-clip argument rides
+    along in the row channel, which the model never sees."""
+    clips = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    settings = dict(max_iter=5)
+    maps = LayerL2CAF(r3d, r3d.layer4).attribute(clips, target=[3, 7], **settings)
+    expected = caffast.explain(r3d, clips, "layer4", mode="specific", loss="logit", targets=[[3], [7]], **settings)
+    assert maps.shape == (2, 1, 1, 2, 2)
+    torch.testing.assert_close(maps, expected.maps, rtol=0, atol=1e-6)
+    heat = LayerL2CAF.interpolate(maps, clips.shape[-3:], "trilinear")
+    assert heat.shape == (2, 1, 4, 32, 32)
+    # trilinear, half-pixel centres, by hand: a 1-deep map repeats over depth; each (2, 2) plane is
+    # interpolated along H and W, edge cells clamped
+    centres = ((torch.arange(32) + 0.5) * 2 / 32 - 0.5).clamp(0, 1)  # source coordinate of each output cell
+    weights = torch.stack([1 - centres, centres], dim=1)  # (32, 2)
+    plane = torch.einsum("hi,nij,wj->nhw", weights, maps[:, 0, 0], weights)
+    torch.testing.assert_close(heat[:, 0], plane[:, None].expand(2, 4, 32, 32), rtol=0, atol=1e-6)
+
+    def forward(inputs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return r3d(inputs) + offset[:, None]  # r3d_18's stem takes 3 channels: the row channel is gone
+
+    riding = LayerL2CAF(forward, r3d.layer4).attribute(clips, target=[3, 7], additional_forward_args=torch.randn(2),
+                                                       **settings)  # fmt: skip
+    torch.testing.assert_close(riding, expected.maps, rtol=0, atol=1e-6)

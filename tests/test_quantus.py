@@ -122,7 +122,7 @@ def test_the_model_comes_back_as_it_went_in(batch):
         (dict(), ValueError, "explain_func_kwargs"),
         (dict(layer="3", mode="oblivious"), TypeError, "y_batch"),
         (dict(layer="3", y=np.array([1, 2])), ValueError, r"one class per input, shape \(4,\)"),
-        (dict(layer="3", x=np.zeros((4, 12, 12), np.float32)), ValueError, r"\(N, C, H, W\)"),
+        (dict(layer="3", x=np.zeros((4, 12, 12), np.float32)), ValueError, r"\(N, C, H, W\), or of clips or volumes \(N, C, D, H, W\)"),
     ],
     ids=["no-layer", "targets", "wrong-labels", "not-images"],
 )
@@ -170,3 +170,20 @@ def test_pointing_game_on_the_trained_network_of_the_real_tier():
     ours = np.mean(metric(**common, explain_func=explain, explain_func_kwargs={"layer": "bn2", "solver": "fast"}))
     theirs = np.mean(metric(**common, explain_func=grad_cam_maps, explain_func_kwargs={"layer": "bn2"}))
     assert len(y) >= 15 and ours >= theirs - 1 / len(y) and ours >= 0.5
+
+
+def test_clips_give_maps_at_the_clip_size_resized_trilinearly():
+    """(N, C, D, H, W) clips give (N, 1, D, H, W): explain's layer4 maps of r3d_18 resized by a plain
+    trilinear interpolation and min-max scaled per map."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.video.r3d_18().eval()
+    x = np.random.default_rng(2).normal(size=(2, 3, 4, 32, 32)).astype(np.float32)
+    y = np.array([1, 6])
+    maps = explain(model, x, y, layer="layer4", max_iter=5)
+    assert maps.shape == (2, 1, 4, 32, 32) and maps.dtype == np.float32
+    grid = caffast.explain(model, torch.from_numpy(x), "layer4", mode="specific", targets=[[1], [6]], max_iter=5).maps
+    resized = torch.nn.functional.interpolate(grid, size=(4, 32, 32), mode="trilinear", align_corners=False)
+    low, high = resized.amin(dim=(2, 3, 4), keepdim=True), resized.amax(dim=(2, 3, 4), keepdim=True)
+    np.testing.assert_allclose(maps, ((resized - low) / (high - low)).numpy(), rtol=0, atol=1e-6)

@@ -526,6 +526,61 @@ def test_pictures_of_a_clip(tmp_path):
         viz.overlay_frames(clip, heatmap, axis=3)
 
 
+def _read_video(path) -> list[np.ndarray]:
+    """The frames of a video as (H, W, 3) RGB uint8, read back by OpenCV."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame[..., ::-1])
+    capture.release()
+    return frames
+
+
+@pytest.mark.parametrize("size", [(24, 32), (23, 31)])
+def test_a_clip_as_an_mp4_reads_back_close_to_its_gif(tmp_path, size):
+    """The MP4 holds the GIF's frames: as many, of the clip's size (an odd side padded by one edge
+    pixel), and close to them (MPEG-4 is lossy, the GIF keeps 256 colours)."""
+    from PIL import Image
+
+    pytest.importorskip("cv2")
+    if viz.video_encoder() is None:
+        pytest.skip("no MP4 encoder installed")
+    height, width = size
+    ramp = torch.linspace(0, 1, width)[None, None, :] * torch.linspace(0.2, 1, height)[None, :, None]
+    shade = torch.linspace(0.3, 0.9, 7)[:, None, None]  # every frame differs, so the GIF keeps all 7
+    clip = torch.stack([ramp * shade, 1 - ramp * shade, shade.expand(-1, height, width)])
+    heatmap = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(3))
+    viz.save_clip_gif(clip, heatmap, tmp_path / "clip.gif", duration_ms=125)
+    assert viz.save_clip_video(clip, heatmap, tmp_path / "clip.mp4", duration_ms=125) in ("opencv", "pyav")
+    gif = Image.open(tmp_path / "clip.gif")
+    gif_frames = []
+    for index in range(gif.n_frames):
+        gif.seek(index)
+        gif_frames.append(np.asarray(gif.convert("RGB"), dtype=np.float64))
+    video = _read_video(tmp_path / "clip.mp4")
+    assert len(video) == len(gif_frames) == 7
+    assert video[0].shape == (height + height % 2, width + width % 2, 3)
+    for frame, expected in zip(video, gif_frames):
+        difference = np.abs(frame[:height, :width].astype(np.float64) - expected)
+        assert difference.mean() < 10 and np.percentile(difference, 99) < 40  # out of 255
+
+
+def test_without_an_mp4_encoder_the_error_says_what_to_install(tmp_path, monkeypatch):
+    for module in ("cv2", "av"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import cv2` now raises ImportError
+    assert viz.video_encoder() is None
+    clip, heatmap = torch.rand(3, 2, 4, 4), torch.rand(1, 2, 2)
+    with pytest.raises(viz.VideoEncoderError, match=r"no MP4 encoder is installed: pip install opencv-python-headless "
+                                                    r"\(or pip install av\)"):  # fmt: skip
+        viz.save_clip_video(clip, heatmap, tmp_path / "clip.mp4")
+    assert not (tmp_path / "clip.mp4").exists()
+
+
 def test_every_map_kind_and_a_callable_target_on_clips(r3d):
     """map="positive" and "signed" renormalize over all D * H * W cells; a callable target takes the
     generic path and raises its own score, as the class it names does under loss="logit"."""

@@ -28,9 +28,12 @@ from ..engine.inputs import Targets
 from ..engine.solvers import SOLVERS
 from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, scene_records
 from ..eval.summary import format_table, summarize
-from ..models.source import SHIPPED_DEMO, ModelSource
+from ..models.source import SHIPPED_DEMO, ModelSource, first_conv_channels
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
-from ..viz import apply_heatmap, montage, save_clip_gif, save_gif, save_mask
+from ..viz import (
+    CLIP_FRAME_MS, VideoEncoderError, apply_heatmap, montage, save_clip_gif, save_clip_video, save_gif, save_mask,
+    video_encoder,
+)  # fmt: skip
 from .clipfiles import input_kind, model_input_problem
 from .common import (
     CliError, Progress, add_input_flags, add_setting_flags, check_arguments, check_output_folder, command_settings,
@@ -54,7 +57,6 @@ RELEASE_NO_ARGUMENTS = {
 RELEASE_IMAGES = Path("input_imgs")  # where the release reads --input_img
 RELEASE_LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 GIF_ALPHA, GIF_FRAME_MS = 0.7, 1000  # the TensorFlow release's GIF: a frame per check, 1 s each
-CLIP_FRAME_MS = 125  # a clip's GIF: 8 frames a second
 
 
 
@@ -75,9 +77,11 @@ def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Pa
 
 
 def save_volume_pictures(picture: np.ndarray, exp: Explanation, index: int, paths: list[Path], clip: bool,
-                         axis: str = "axial") -> list[Path]:  # fmt: skip
+                         axis: str = "axial", video: bool = False) -> list[Path]:  # fmt: skip
     """The pictures of a clip's or a volume's maps: per target a montage of its frames or slices
-    (along `axis` for a volume) and, for a clip, a GIF of the map over its frames; returns the files."""
+    (along `axis` for a volume) and, for a clip, a GIF of the map over its frames and with `video` the
+    same frames as an MP4 (an encoder that cannot write one is a warning: the GIF shows them too);
+    returns the files."""
     symmetric = exp.map == "signed"
     written = []
     for column, path in enumerate(paths):
@@ -87,6 +91,13 @@ def save_volume_pictures(picture: np.ndarray, exp: Explanation, index: int, path
         if clip:
             save_clip_gif(picture, heat, path.with_suffix(".gif"), duration_ms=CLIP_FRAME_MS, symmetric=symmetric)
             written.append(path.with_suffix(".gif"))
+        if clip and video:
+            try:
+                save_clip_video(picture, heat, path.with_suffix(".mp4"), duration_ms=CLIP_FRAME_MS, symmetric=symmetric)
+            except VideoEncoderError as error:
+                say(f"caffast: warning: {error}; the GIF beside it shows the same frames")
+            else:
+                written.append(path.with_suffix(".mp4"))
     return written
 
 
@@ -141,10 +152,12 @@ class ExplainOutputs:
 
     overlays: list[Path] = field(default_factory=list)
     gifs: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)  # a clip's MP4s, where an encoder is installed
     results: list[Path] = field(default_factory=list)  # one .npz per input image
 
     def __str__(self) -> str:
-        return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs and {len(self.results)} .npz files of maps"
+        videos = f", {len(self.videos)} MP4 videos" if self.videos else ""
+        return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs{videos} and {len(self.results)} .npz files of maps"
 
 
 EXPLAIN_NOTE = "overlays written by caffast explain: caffast run leaves this folder out"
@@ -199,7 +212,8 @@ def _explain_files(
     """Explain each input (image file, clip or volume; `inputs` holds the input flags) with
     caffast.explain; write its maps (.npz) and its pictures: an overlay per target of an image (with
     `gif` the GIFs of their convergence, explain then recording the history), a montage per target
-    of a clip or a volume and, for a clip, a GIF of the map over its frames.  The names are unique
+    of a clip or a volume and, for a clip, a GIF of the map over its frames (and an MP4 of them where
+    OpenCV or PyAV is installed).  The names are unique
     per input regardless of letter case, and never those of a folder or a file explain did not write."""
     try:
         kinds = {path: input_kind(path, inputs.input_kind) for path in images}
@@ -220,6 +234,7 @@ def _explain_files(
     taken = _not_ours(out, ours)
     _mark_explained(out, ours)
     claimed: dict[str, str] = {}
+    videos = source.takes_clips and video_encoder() is not None
     settings = replace(settings, history=gif)
     record = {"arch": source.arch, "weights": source.weights_identity(), "layer": loaded.layer,
               "input": preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
@@ -235,12 +250,14 @@ def _explain_files(
         labels = [(target, source.class_name(target, classes)) for target in exp.targets[0].tolist()]
         kind = kinds[path]
         with_gifs = gif if kind == "image" else kind != "volume"
+        with_videos = videos and kind not in ("image", "volume")
 
         def names_of(stem: str) -> list[str]:
-            """The input's .npz, then its pictures (overlays or montages), then their GIFs."""
+            """The input's .npz, then its pictures (overlays or montages), then their GIFs and MP4s."""
             pictures = [name_of(stem, target, label) for target, label in labels]
             gifs = [str(Path(name).with_suffix(".gif")) for name in pictures] if with_gifs else []
-            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *pictures, *gifs]
+            mp4s = [str(Path(name).with_suffix(".mp4")) for name in pictures] if with_videos else []
+            return [fitting_name(stem, f"_l2caf_{settings.mode}_{source.arch}.npz"), *pictures, *gifs, *mp4s]
 
         real = os.path.realpath(path)
         names = _free_names(stems[path], names_of, taken, claimed, real)
@@ -253,9 +270,9 @@ def _explain_files(
         if kind == "image":
             saved_files = _save_overlays(picture, exp, 0, paths, gif)
         else:
-            saved_files = save_volume_pictures(picture, exp, 0, paths, kind != "volume", inputs.axis)
+            saved_files = save_volume_pictures(picture, exp, 0, paths, kind != "volume", inputs.axis, with_videos)
         for saved in saved_files:
-            (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
+            {".gif": written.gifs, ".mp4": written.videos}.get(saved.suffix, written.overlays).append(saved)
         result = out / names[0]
         described = {"image": path} if kind == "image" else {"image": path, "kind": kind}
         write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
@@ -271,7 +288,7 @@ def _explain_files(
         say(f"caffast: no GIF for the maps of {stills} images, which have one frame: {why}")
     if flat:
         say(f"caffast: {flat} of the maps are flat and show nothing (the warnings above say why and where to look instead)")
-    for kind in ("overlays", "gifs", "results"):  # an image given twice writes its files once
+    for kind in ("overlays", "gifs", "videos", "results"):  # an image given twice writes its files once
         setattr(written, kind, list(dict.fromkeys(getattr(written, kind))))
     return written
 
@@ -417,9 +434,56 @@ def _release_count(steps: int, args: argparse.Namespace) -> int:
     return steps if steps >= args.max_iter or args.solver != "gd" else steps - 1
 
 
+def layers_grid(size: Optional[str], arch: str, takes_clips: bool, default_side: int, frames: int) -> tuple[int, ...]:
+    """The input grid `caffast layers` runs on, from --size: (side, side) for an image; for a clip or a
+    volume "D,H,W", or one side with the preprocessing's `frames` frames."""
+    if size is None:
+        return (frames, default_side, default_side) if takes_clips else (default_side, default_side)
+    form = "one side, or D,H,W (frames, height, width)" if takes_clips else "one side in pixels"
+    try:
+        sides = tuple(int(part) for part in size.replace("x", ",").split(","))
+    except ValueError:
+        raise CliError(f"--size takes {form}; got {size!r}") from None
+    if len(sides) not in ((1, 3) if takes_clips else (1,)):
+        why = "" if takes_clips else f" (--arch {arch} takes images; D,H,W is for models that take clips)"
+        raise CliError(f"--size takes {form}{why}; got {size!r}")
+    if min(sides) < 1:
+        raise CliError(f"--size must be positive numbers of pixels (and frames), got {size!r}")
+    if len(sides) == 1:
+        return (frames, sides[0], sides[0]) if takes_clips else (sides[0], sides[0])
+    return sides
+
+
+def _layers_input(path: Optional[str], source: ModelSource, model: torch.nn.Module,
+                  grid: tuple[int, ...]) -> torch.Tensor:  # fmt: skip
+    """What `caffast layers` tries the layers on: the input at `path` prepared as explain prepares it
+    (an image at the grid's side; a clip with the grid's frames and side; a volume as it is), or seeded
+    noise of the grid's shape: a blank input gives every cell the same features, hence flat maps."""
+    if path is None:
+        channels = (first_conv_channels(model) or 3) if source.takes_clips else 3
+        return torch.randn(1, channels, *grid, generator=torch.Generator().manual_seed(0))
+    if source.is_demo:
+        raise CliError("--image needs a model with its preprocessing: not the demo model")
+    preprocessing = replace(source.preprocessing(), size=grid[-1])
+    if not source.takes_clips:
+        return load_input(path, preprocessing)[1][None]
+    if grid[-1] != grid[-2]:
+        raise CliError(f"a clip is centre-cropped to a square: --size {grid[0]},{grid[1]},{grid[2]} with --image needs "
+                       "height = width")  # fmt: skip
+    try:
+        kind = input_kind(path, "frames" if os.path.isdir(path) else None)
+    except ImageReadError as error:
+        raise CliError(str(error)) from None
+    problem = model_input_problem(path, kind, True, f"--arch {source.arch}")
+    if problem is not None:
+        raise CliError(problem)
+    return load_input(path, replace(preprocessing, frames=grid[0]), kind, first_conv_channels(model))[1][None]
+
+
 def _command_layers(args: argparse.Namespace) -> None:
-    """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape,
-    the path explain takes there and whether the map comes back flat (on --image, or a noise image)."""
+    """The candidate breakpoints of a model: every module whose output is a map (4-D, or 5-D for a
+    model that takes clips), with its shape, the path explain takes there and whether the map comes
+    back flat (on --image, or a noise input)."""
     source = ModelSource(args.arch, args.weights)
     if source.is_demo:  # listed with its shipped weights, whatever --weights says
         source = SHIPPED_DEMO
@@ -427,23 +491,21 @@ def _command_layers(args: argparse.Namespace) -> None:
         model = source.load()
         preprocessing = source.preprocessing()
     default = source.default_layer()
-    size = args.size or (preprocessing.size if source.is_demo else 224)
-    if size < 1:
-        raise CliError(f"--size must be a positive number of pixels, got {size}")
+    side = preprocessing.size if source.is_demo or source.takes_clips else 224
+    grid = layers_grid(args.size, args.arch, source.takes_clips, side, preprocessing.frames or 1)
+    images = _layers_input(args.image, source, model, grid)
+    grid = tuple(images.shape[2:])  # a volume keeps its own shape
+    shown = " x ".join(map(str, grid))
     try:
-        found = feature_map_layers(model, size)
+        found = feature_map_layers(model, grid, images.shape[1])
     except RuntimeError as error:
-        raise CliError(f"{args.arch} does not run on a {size} x {size} input: {str(error).splitlines()[0]}") from None
-    if args.image:
-        if source.is_demo:
-            raise CliError("--image needs a model with its preprocessing: not the demo model")
-        images = load_input(args.image, replace(preprocessing, size=size))[1][None]
-    else:  # noise: a blank image gives every cell the same features, hence flat maps everywhere
-        images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    spatial = [name for name, shapes in found if min(shapes[0][1:]) >= 2]
+        raise CliError(f"{args.arch} does not run on a {shown} input: {str(error).splitlines()[0]}") from None
+    spatial = [name for name, shapes in found if min(shapes[0][-2:]) >= 2]
     tried = set(spatial[-args.check :] if args.check > 0 else [])
-    print(f"{args.arch} at {size} x {size}: {len(found)} modules output a 4-D map, shown as (C, H, W). The last "
-          f"{len(tried)} with a grid are tried on {args.image or 'a noise image'} (--check sets how many): the grid, "
+    axes, what = ("(C, D, H, W)", "5-D") if source.takes_clips else ("(C, H, W)", "4-D")
+    noise = "a noise clip" if source.takes_clips else "a noise image"
+    print(f"{args.arch} at {shown}: {len(found)} modules output a {what} map, shown as {axes}. The last "
+          f"{len(tried)} with a grid are tried on {args.image or noise} (--check sets how many): the grid, "
           "the path explain takes (fused: the head's closed form; generic: autograd through the tail), and FLAT "
           "where the map comes back flat. Pass a name as --layer")  # fmt: skip
     width = max((len(name) for name, _ in found), default=0)
@@ -459,7 +521,7 @@ def _layer_verdict(model: torch.nn.Module, images: torch.Tensor, layer: str) -> 
     trial = quiet_trial(lambda: explain(model, images, layer, mode="specific", max_iter=1, check_every=1))
     if trial is None:
         return "(cannot be explained)"
-    grid = "x".join(map(str, trial.maps.shape[-2:]))
+    grid = "x".join(map(str, trial.maps.shape[2:]))  # (h, w), or (d, h, w) on clips
     if not bool(trial.flat.any()):
         return f"{grid} {trial.path}"
     cause = "its gradient is 0: the tail is saturated" if bool((trial.gradient_norm == 0).all()) else "uniform"
@@ -683,14 +745,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--init normal, --end_lr 0, and its file names (a raw mask PNG per class too)")  # fmt: skip
         command.set_defaults(mode=mode)
 
-    layers = commands.add_parser("layers", help="list a model's candidate breakpoints (modules that output a 4-D map)")
+    layers = commands.add_parser("layers", help="list a model's candidate breakpoints (modules that output a 4-D map, "
+                                                "or 5-D for a model that takes clips)")  # fmt: skip
     layers.add_argument("--arch", default="resnet50", help=ARCH_HELP)
-    layers.add_argument("--size", type=int, help="input side in pixels (default: 224; 64 for demo)")
+    layers.add_argument("--size", help="input side in pixels (default: 224; 64 for demo); for a model that takes "
+                                       "clips D,H,W or one side (default: its preprocessing's, 16,112,112 for r3d_18)")
     layers.add_argument("--weights", default="random",
                         help="as for explain (demo: its shipped weights whatever this says); flat maps show on "
                              "trained weights (default: random)")  # fmt: skip
-    layers.add_argument("--image", help="an image to try the layers on (default: a noise image, seeded: a blank "
-                                        "one gives every cell the same features, so flat maps everywhere)")
+    layers.add_argument("--image", help="an image to try the layers on (for a model that takes clips: a video, a "
+                                        ".npy volume or a folder of frames; default: seeded noise: a blank input gives "
+                                        "every cell the same features, so flat maps everywhere)")
     layers.add_argument("--check", type=int, default=12,
                         help="how many of the last layers with a grid to try with one step of explain (default: 12)")
 

@@ -4,6 +4,7 @@
     OUT/results/REL.npz          per image: filters, maps (T, H, W) float32, iterations, loss, objective,
                                  gradient_norm, targets (T,); with --baseline gradcam also gradcam_maps
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
+    OUT/overlays/REL.TARGET.gif  beside it for a clip: the map over its frames
     OUT/records/REL.json         per image: its index rows; written once its files are durable, so it
                                  marks the image finished
     OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
@@ -104,7 +105,7 @@ def _output_name(image: str, suffix: str) -> str:
     return f"{folder}/{fitting}" if folder else fitting
 
 
-_OVERLAY_NAME = re.compile(r"(.*)\.(?:\d+|oblivious)\.png")
+_OVERLAY_NAME = re.compile(r"(.*)\.(?:\d+|oblivious)\.(?:png|gif)")
 
 
 def output_clash(images: list[str], fold_case: bool) -> Optional[tuple[str, str, str]]:
@@ -327,8 +328,9 @@ class RunFolder:
         if loaded["targets"].tolist() != [row.get("target") for row in rows]:
             return f"its result file {self.relative(result)} holds other targets than its record"
         for row in rows:
-            if "overlay" in row and not (self.root / str(row["overlay"])).is_file():
-                return f"its overlay {row['overlay']} is missing"
+            for kind in ("overlay", "overlay_gif"):
+                if kind in row and not (self.root / str(row[kind])).is_file():
+                    return f"its overlay {row[kind]} is missing"
         return None
 
     def pending(

@@ -48,7 +48,7 @@ from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_sourc
 from .runlocalization import (
     BASELINE_ARRAY, BASELINE_FIELD, MISSING_SHOWN, LocalizationError, RunLocalization, write_summary,
 )  # fmt: skip
-from ..viz import apply_heatmap, montage
+from ..viz import CLIP_FRAME_MS, apply_heatmap, montage, save_clip_gif
 
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -290,13 +290,19 @@ class Runner:
                 path = folder.overlay_path(item.name, target if specific else None)
                 heat = explanation.maps[index, column].float().cpu().numpy()
                 symmetric = explanation.map == "signed"
+                clip = False
                 if item.rgb.ndim == 3:
                     picture = apply_heatmap(item.rgb, heat, alpha=0.6, symmetric=symmetric)
                 else:  # a clip's frames, or a volume's slices along the run's axis
-                    volume = input_kind(self.data_dir / item.name, self.kind) == "volume"
-                    picture = montage(item.rgb, heat, self.axis if volume else "axial", symmetric=symmetric)
+                    clip = input_kind(self.data_dir / item.name, self.kind) != "volume"
+                    picture = montage(item.rgb, heat, "axial" if clip else self.axis, symmetric=symmetric)
                 folder.write_output(path, lambda file: picture.save(file, format="PNG"))
                 row["overlay"] = folder.relative(path)
+                if clip:  # and the map over the clip, as caffast explain animates it
+                    gif = path.with_suffix(".gif")
+                    draw = lambda file: save_clip_gif(item.rgb, heat, file, CLIP_FRAME_MS, symmetric=symmetric)  # noqa: E731
+                    folder.write_output(gif, draw)
+                    row["overlay_gif"] = folder.relative(gif)
             rows.append(row)
         folder.write_record(item.name, rows, item.source)
         self.tally.uncommitted += 1

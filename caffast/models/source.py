@@ -219,8 +219,13 @@ class ExplainableModel:
     def in_channels(self) -> Optional[int]:
         """The channels the model's first convolution takes (None without one): a one-channel volume
         is repeated to fill them."""
-        first = next((m for m in self.model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-        return None if first is None else first.in_channels
+        return first_conv_channels(self.model)
+
+
+def first_conv_channels(model: nn.Module) -> Optional[int]:
+    """The channels the first convolution of `model` takes, None without one."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return None if first is None else first.in_channels
 
 
 # the demo CNN with its shipped weights: a model to explain with no downloads

@@ -13,7 +13,7 @@ import socket
 import urllib.request
 from importlib import resources
 from http.client import HTTPException
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import torch
@@ -440,9 +440,14 @@ def release_labels() -> tuple[str, ...]:
     return tuple(json.loads(text))
 
 
-def feature_map_layers(model: nn.Module, size: int = 224) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """The candidate breakpoints (caffast.core.breakpoints.map_layers) on one (1, 3, size, size) input."""
+def feature_map_layers(
+    model: nn.Module, size: Union[int, Sequence[int]] = 224, channels: int = 3
+) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The candidate breakpoints (caffast.core.breakpoints.map_layers) on one blank input: (1, channels,
+    size, size) for a side, or (1, channels, *size) for a grid, (H, W) of an image or (D, H, W) of a
+    clip or a volume (whose candidates output 5-D maps)."""
+    grid = (size, size) if isinstance(size, int) else tuple(int(side) for side in size)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    return map_layers(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+    return map_layers(model, torch.zeros(1, channels, *grid, device=device, dtype=dtype))

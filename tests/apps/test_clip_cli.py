@@ -10,8 +10,10 @@ The model is r3d_18 with its seeded random weights, on 4 frames.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import caffast
+from caffast import viz
 from caffast.apps import clipfiles, runner
 from caffast.apps.cli import main
 from caffast.models.source import ModelSource
@@ -71,7 +74,9 @@ def test_explain_a_folder_of_frames(r3d, tmp_path, capsys):
         Image.fromarray(frame).save(folder / f"f{number}.png")
     out = tmp_path / "out"
     assert main(explain_args(folder, out, "--input-kind", "frames")) == 0
-    assert "wrote 1 overlays, 1 GIFs and 1 .npz files of maps" in capsys.readouterr().out
+    encoder = viz.video_encoder()
+    videos = ", 1 MP4 videos" if encoder else ""
+    assert f"wrote 1 overlays, 1 GIFs{videos} and 1 .npz files of maps" in capsys.readouterr().out
     maps, settings = saved(out, "walk")
     np.testing.assert_allclose(maps, expected_maps(r3d, clip_input(frames[[0, 3, 6, 9]])), rtol=0, atol=1e-6)
     assert settings["kind"] == "frames" and settings["input"]["frames"] == 4 and settings["input"]["resize"] == [128, 171]
@@ -79,6 +84,27 @@ def test_explain_a_folder_of_frames(r3d, tmp_path, capsys):
     gif = Image.open(picture.with_suffix(".gif"))
     assert gif.n_frames == 4 and gif.size == (112, 112)
     assert Image.open(picture).size == (2 * 112 + 1, 2 * 112 + 1)  # a montage of the four frames, 2 x 2
+    assert picture.with_suffix(".mp4").is_file() == (encoder is not None)
+    if encoder is not None and importlib.util.find_spec("cv2") is not None:
+        import cv2
+
+        video = cv2.VideoCapture(str(picture.with_suffix(".mp4")))
+        assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 4
+        assert (video.get(cv2.CAP_PROP_FRAME_WIDTH), video.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (112, 112)
+        video.release()
+
+
+def test_explain_a_clip_without_an_mp4_encoder_writes_its_gif(tmp_path, capsys, monkeypatch):
+    """No encoder importable: the GIF and montage only, and no error."""
+    for module in ("cv2", "av"):
+        monkeypatch.setitem(sys.modules, module, None)
+    folder = tmp_path / "walk"
+    folder.mkdir()
+    for number, frame in enumerate(random_frames(2, 5)):
+        Image.fromarray(frame).save(folder / f"{number}.png")
+    assert main(explain_args(folder, tmp_path / "out", "--input-kind", "frames")) == 0
+    assert "wrote 1 overlays, 1 GIFs and 1 .npz files of maps" in capsys.readouterr().out
+    assert not list((tmp_path / "out").glob("*.mp4"))
 
 
 @pytest.mark.parametrize("shape, scaling", [((4, 32, 32), None), ((3, 4, 32, 32), "minmax")])
@@ -216,3 +242,97 @@ def test_run_over_frame_folders_explains_a_changed_clip_again(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "1 inputs done, 0 failed, 1 skipped" in printed.out and "walk (the image file changed" in printed.err
+
+
+def test_run_overlays_of_a_clip_include_its_gif(tmp_path, capsys):
+    """--overlays writes a clip's montage and the GIF of its map over the frames, the frames that
+    viz.overlay_frames draws from the saved map; a rerun finds both and skips the clip, and a GIF
+    removed since makes it explained again."""
+    data = tmp_path / "data"
+    (data / "jump").mkdir(parents=True)
+    frames = random_frames(3, 4)
+    for number, frame in enumerate(frames):
+        Image.fromarray(frame).save(data / "jump" / f"{number}.png")
+    out = tmp_path / "maps"
+    argv = ["run", str(data), "--out", str(out), "--arch", "r3d_18", "--weights", "random", "--input-kind", "frames",
+            "--frames", "2", "--max-iter", "3", "--quiet", "--overlays"]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert row["overlay"].endswith(".png") and row["overlay_gif"] == row["overlay"][: -len(".png")] + ".gif"
+    gif = Image.open(out / row["overlay_gif"])
+    with np.load(out / row["result"]) as arrays:
+        heat = arrays["maps"][0]
+    clip = clip_input(frames[[0, 2]])[0] * KINETICS_STD[:, None, None, None] + KINETICS_MEAN[:, None, None, None]
+    expected = viz.overlay_frames(clip.clamp(0, 1), heat)
+    assert gif.n_frames == 2 and gif.size == (112, 112)
+    for index, picture in enumerate(expected):
+        gif.seek(index)
+        difference = np.abs(np.asarray(gif.convert("RGB"), dtype=float) - np.asarray(picture, dtype=float))
+        assert difference.mean() < 8  # out of 255: the GIF keeps 256 colours of these noise frames
+        assert np.median(difference) <= 5
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0 inputs done, 0 failed, 1 skipped" in capsys.readouterr().out
+    (out / row["overlay_gif"]).unlink()
+    assert main(argv) == 0
+    assert "1 inputs done, 0 failed, 0 skipped" in capsys.readouterr().out
+    assert (out / row["overlay_gif"]).is_file()
+
+
+def _five_d_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Every named module's first 5-D output shape (C, D, H, W), by forward hooks of this test's own."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(_module, _inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 5:
+                shapes.setdefault(name, tuple(output.shape[1:]))
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    with torch.no_grad():
+        model(inputs)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def test_layers_of_a_clip_model(r3d, capsys):
+    """`caffast layers --arch r3d_18 --size 4,32,32`: every module with a 5-D output, its (C, D, H, W)
+    as hooks on the plain model see it, and the last layers tried: layer4's 1 x 2 x 2 grid, fused,
+    as caffast.explain says on the same noise clip."""
+    assert main(["layers", "--arch", "r3d_18", "--size", "4,32,32", "--check", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("r3d_18 at 4 x 32 x 32: 90 modules output a 5-D map, shown as (C, D, H, W)")
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    expected = _five_d_outputs(r3d, torch.zeros(1, 3, 4, 32, 32))
+    assert list(rows) == list(expected)
+    for name, shape in expected.items():
+        assert rows[name].startswith(str(shape))
+    noise = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    trial = caffast.explain(r3d, noise, "layer4", mode="specific", max_iter=1, check_every=1)
+    assert trial.path == "fused" and tuple(trial.maps.shape) == (1, 1, 1, 2, 2)
+    assert rows["layer4"] == "(512, 1, 2, 2)  1x2x2 fused  <- default"
+    assert rows["layer4.1"] == "(512, 1, 2, 2)  1x2x2 fused" and rows["layer3"] == "(256, 1, 4, 4)"
+
+
+def test_layers_of_a_clip_model_on_a_volume_and_its_sizes(tmp_path, capsys):
+    """--image takes a volume (its own shape is the grid); --size forms: one side takes the
+    preprocessing's 16 frames, D,H,W for clips only."""
+    from caffast.apps.cli import layers_grid
+
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).normal(size=(2, 32, 48)))
+    assert main(["layers", "--arch", "r3d_18", "--image", str(tmp_path / "scan.npy"), "--check", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("r3d_18 at 2 x 32 x 48: ") and f"tried on {tmp_path / 'scan.npy'}" in lines[0]
+    assert any(line.split()[0] == "layer4" and "(512, 1, 2, 3)  1x2x3 fused" in line for line in lines[1:])
+    assert layers_grid(None, "r3d_18", True, 112, 16) == (16, 112, 112)
+    assert layers_grid("64", "r3d_18", True, 112, 16) == (16, 64, 64)
+    assert layers_grid("8x48x64", "r3d_18", True, 112, 16) == (8, 48, 64)
+    assert layers_grid("96", "resnet18", False, 224, 1) == (96, 96)
+    for argv, message in ((["--arch", "resnet18", "--size", "4,32,32"], "D,H,W is for models that take clips"),
+                          (["--arch", "r3d_18", "--size", "4,32"], "--size takes one side, or D,H,W"),
+                          (["--arch", "r3d_18", "--size", "0,32,32"], "--size must be positive")):  # fmt: skip
+        assert main(["layers", "--weights", "random", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -211,3 +211,46 @@ def test_the_compiled_bundle_qp_refuses_an_empty_bundle():
         pytest.skip(f"caffast._C is not built: {cpp.import_error()}")
     with pytest.raises(ValueError, match="at least one cut"):
         cpp.bundle_qp(np.zeros((2, 0, 0)), np.zeros((2, 0)), np.ones(2), np.zeros((2, 0), dtype=bool), 5)
+
+
+class Recorder:
+    """A Problem that keeps every loss it evaluated, problem by problem, in evaluation order."""
+
+    def __init__(self, problem, count: int):
+        self.problem = problem
+        self.losses = [[] for _ in range(count)]
+
+    def loss_and_grad(self, params, active):
+        loss, grad = self.problem.loss_and_grad(params, active)
+        for index, value in zip(active.tolist(), loss.tolist()):
+            self.losses[index].append(value)
+        return loss, grad
+
+
+def stalled(losses: list, window: int, tolerance: float) -> list:
+    """After each evaluation, whether the lowest loss so far fell by at most `tolerance` times its
+    fall since the start over the last `window` evaluations (the stall test, written afresh)."""
+    lowest = np.minimum.accumulate(losses)
+    return [k >= window and 0 < lowest[0] - lowest[k] and lowest[k - window] - lowest[k] <= tolerance * (lowest[0] - lowest[k])
+            for k in range(len(losses))]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["oblivious", "specific"])
+def test_fast_returns_the_lowest_point_it_evaluated_and_stops_when_it_stalls(mode):
+    model = make_model(7)
+    images = torch.randn(4, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    problem, start, kind = _problem(model, images, "block1", mode, "l2norm")
+    recorder = Recorder(problem, images.shape[0])
+    window, tolerance, budget = 3, 1e-2, 60
+    result = fast_minimize(recorder, start, kind, max_evaluations=budget, stall_window=window,
+                           stall_tolerance=tolerance)  # fmt: skip
+    loss, _ = problem.loss_and_grad(result.params, torch.arange(images.shape[0]))
+    torch.testing.assert_close(loss, result.loss, rtol=1e-12, atol=1e-12)
+    ended_on_a_stall = 0
+    for index, losses in enumerate(recorder.losses):
+        assert result.evaluations[index] == len(losses) <= budget
+        assert result.loss[index] == min(losses)
+        stall = stalled(losses, window, tolerance)
+        assert not any(stall[:-1]), f"problem {index} went on after it stalled"
+        ended_on_a_stall += stall[-1]
+    assert ended_on_a_stall > 0  # the rule was exercised

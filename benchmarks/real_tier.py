@@ -2,8 +2,8 @@
 boxes): how often each class-specific loss points at the named object, against Grad-CAM at the same
 layer, and how solver="fast" compares with the reference's runs.  Markdown tables on stdout.
 
-    python benchmarks/real_tier.py [--layers bn2,blocks.5,blocks.4] [--solvers | --solvers-only] [--max-iter 1000]
-                                   [--budgets 10,20,30,60]
+    python benchmarks/real_tier.py [--layers bn2,blocks.5,blocks.4] [--no-localization] [--solvers] [--max-iter 1000]
+                                   [--budgets 10,20,30,60] [--timing]
 
 Pointing game: the map's peak (bilinear to 224 x 224) lies in the object's box; box IoU: the map
 thresholded at 0.5 of its range against the box.  "top-5 correlation": the mean correlation between
@@ -130,6 +130,44 @@ def solvers(model: torch.nn.Module, data: list, layers: list[str], max_iter: int
         print("\n".join(budget_rows))
 
 
+def timing(model: torch.nn.Module, data: list, layers: list[str], rounds: int = 3) -> None:
+    """End to end at batch 1: explain(solver="fast"), class-specific with the default loss for the
+    top class, against pytorch-grad-cam's GradCAM at the same layer, picture by picture (each the
+    median of `rounds` interleaved rounds after a warm-up)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    print("| layer | median fast evaluations | median fast / GradCAM | worst fast / GradCAM | median GradCAM ms |")
+    print("|---|---|---|---|---|")
+    for layer in layers:
+        ratios, evaluations, cam_seconds = [], [], []
+        with GradCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+            for _, images, _, _ in data:
+                with torch.no_grad():
+                    top = model(images).argmax(1, keepdim=True)
+
+                def fast() -> caffast.Explanation:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", caffast.FlatMapWarning)
+                        return caffast.explain(model, images, layer, mode="specific", targets=top, solver="fast")
+
+                def gradcam() -> None:
+                    cam(input_tensor=images, targets=[ClassifierOutputTarget(int(top))])
+
+                fast(), gradcam()
+                seconds = {fast: [], gradcam: []}
+                for _ in range(rounds):
+                    for method in seconds:
+                        started = time.perf_counter()
+                        method()
+                        seconds[method].append(time.perf_counter() - started)
+                ratios.append(statistics.median(seconds[fast]) / statistics.median(seconds[gradcam]))
+                cam_seconds.append(statistics.median(seconds[gradcam]))
+                evaluations.append(int(fast().evaluations.flatten()[0]))
+        print(f"| {layer} | {statistics.median(evaluations):g} | {statistics.median(ratios):.2f} | {max(ratios):.2f} | "
+              f"{1000 * statistics.median(cam_seconds):.0f} |", flush=True)  # fmt: skip
+
+
 def at_or_below(fast: torch.Tensor, gd: torch.Tensor) -> torch.Tensor:
     """Where fast's objective is at or below gd's, within 1e-9 relative (float rounding of equal answers)."""
     return fast <= gd + 1e-9 * fast.abs().clamp_min(1)
@@ -150,20 +188,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="bn2,blocks.5,blocks.4")
     parser.add_argument("--solvers", action="store_true", help="also compare fast with gd (minutes on a CPU)")
-    parser.add_argument("--solvers-only", action="store_true", help="only compare fast with gd")
+    parser.add_argument("--no-localization", action="store_true", help="skip the pointing game and box IoU")
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--budgets", default="", help="fast's max_evaluations to compare too, e.g. 10,20,30,60")
+    parser.add_argument("--timing", action="store_true", help="fast against pytorch-grad-cam's GradCAM at batch 1")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = efficientnet_lite0()
     data = pictures()
     layers = args.layers.split(",")
     print(f"{len(data)} pictures, {sum(len(c) for _, _, c, _ in data)} objects\n")
-    if not args.solvers_only:
+    if not args.no_localization:
         localization(model, data, layers)
         print()
-    if args.solvers or args.solvers_only:
+    if args.solvers:
         solvers(model, data, layers, args.max_iter, [int(b) for b in args.budgets.split(",") if b])
+        print()
+    if args.timing:
+        timing(model, data, layers)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ and a t fitted to the loss along the previous step (both converge to higher mini
 Why fast stops on a stall.  Most of the decrease comes in the first 10 to 15 evaluations; after
 that the bundle creeps along a valley, gaining little per evaluation.  A problem stops when its
 last `stall_window` evaluations lowered the loss by at most `stall_tolerance` times its decrease
-since the start, as the reference loop stops when its loss changed little between two checks.
-This halves the evaluations on the real tier; the price is paid where the loop converges to a
+since the start, as the reference loop stops when its loss changed little between two checks, and
+its last trial was a null step (a walk of serious steps is converging to a smooth minimum, quickly,
+and goes on: stopping it there left fast a hair above the loop on a random convnext_tiny in
+benchmarks/quality.py).  This halves the evaluations on the real tier; the price is paid where the loop converges to a
 precise minimum that fast approaches slowly (benchmarks/RESULTS.md has the figures).
 
 Everything is batched: every problem has its own centre, bundle, step length and budget; one
@@ -116,8 +118,8 @@ def fast_minimize(
     at least `grow_decrease` of the predicted decrease, kept where it achieved at least
     `keep_decrease`, and multiplied by `shrink` otherwise.  A problem stalls, and stops, when its last
     `stall_window` evaluations lowered its loss by at most `stall_tolerance` times its decrease since
-    the start.  `qp` solves the bundle's dual QP (`bundle_qp`, or its compiled copy, which the engine
-    passes when it is built).
+    the start and its last trial was a null step.  `qp` solves the bundle's dual QP (`bundle_qp`, or
+    its compiled copy, which the engine passes when it is built).
     """
     qp = qp or bundle_qp
     if max_evaluations < 1:
@@ -215,7 +217,8 @@ def fast_minimize(
         lowest = best_loss[active]
         recent[active] = torch.cat([recent[active, 1:], lowest[:, None]], 1)
         decrease = start_loss[active] - lowest
-        stalled = (decrease > 0) & (recent[active, 0] - lowest <= stall_tolerance * decrease)
+        # only a null step ends a walk: after a serious one the model still predicts progress
+        stalled = ~serious & (decrease > 0) & (recent[active, 0] - lowest <= stall_tolerance * decrease)
         done = (cx[active].norm(dim=1) <= tolerance) | (evaluations[active] >= max_evaluations) | stalled
         active = active[~done]
 

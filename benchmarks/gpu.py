@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_TESTS = ["tests/test_triton.py", "tests/test_triton_explain.py", "tests/test_cuda_graphs.py", "tests/test_losses.py"]
+GPU_TESTS = ["tests/backends/test_triton.py", "tests/backends/test_triton_explain.py", "tests/backends/test_cuda_graphs.py", "tests/core/test_losses.py"]
 
 
 def install() -> str:
@@ -71,10 +71,11 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 def fused_solver_rows(repeats: int) -> list[str]:
     import torch
 
-    from caffast.backends.torch.fused_solver import solve_fused_torch
     from caffast.backends.triton import solve_fused
+    from caffast.core.constraints import CONSTRAINTS
     from caffast.core.heads import FusedHead
-    from caffast.core.loop import LoopSettings
+    from caffast.core.loop import LoopSettings, solve
+    from caffast.core.problems import FusedProblem
 
     rows = []
     generator = torch.Generator().manual_seed(0)
@@ -90,8 +91,8 @@ def fused_solver_rows(repeats: int) -> list[str]:
         image = torch.arange(problems, device="cuda")
         head = FusedHead(gram, linear, constant, image, mode, classes, (7, 7))
         params = torch.ones(problems, cells, dtype=torch.float64, device="cuda")
-        kernel, _ = timed(lambda: solve_fused(head, "l2norm", params, settings), repeats)
-        twin, _ = timed(lambda: solve_fused_torch(head, "l2norm", params, settings), 1)
+        kernel, _ = timed(lambda: solve_fused(head, CONSTRAINTS["l2norm"], params, settings), repeats)
+        twin, _ = timed(lambda: solve(FusedProblem(head, CONSTRAINTS["l2norm"]), params, settings), 1)
         rows.append(f"| fused solver, {problems} problems x 1000 iterations, {mode} | triton {kernel * 1e3:.2f} ms | "
                     f"torch twin {twin * 1e3:.1f} ms | {twin / kernel:.0f}x |")
     return rows

@@ -23,14 +23,18 @@ def tables(data: dict) -> None:
     for group, rows in sorted(_groups(data).items()):
         rows = sorted(rows, key=lambda b: b["stats"]["mean"])
         baseline = next((b for b in rows if "GradCAM" in b["name"] or "reference" in b["name"]), None)
+        # the extra column: images per second for whole runs (test_throughput.py), else iterations
+        rated = any("images_per_second" in b.get("extra_info", {}) for b in rows)
         print(f"### {group}\n")
-        print("| what | mean (s) | min (s) | rounds | iterations | speed-up over " + (baseline["name"] if baseline else "-") + " |")
+        print(f"| what | mean (s) | min (s) | rounds | {'images/s' if rated else 'iterations'} | speed-up over "
+              + (baseline["name"] if baseline else "-") + " |")
         print("|---|---|---|---|---|---|")
         for bench in rows:
             stats = bench["stats"]
             ratio = f"{baseline['stats']['mean'] / stats['mean']:.1f}x" if baseline else "-"
-            iterations = bench.get("extra_info", {}).get("iterations", "")
-            print(f"| {bench['name']} | {stats['mean']:.4f} | {stats['min']:.4f} | {stats['rounds']} | {iterations} | {ratio} |")
+            info = bench.get("extra_info", {})
+            extra = f"{info['images_per_second']:.2f}" if rated and "images_per_second" in info else info.get("iterations", "")
+            print(f"| {bench['name']} | {stats['mean']:.4f} | {stats['min']:.4f} | {stats['rounds']} | {extra} | {ratio} |")
         print()
 
 

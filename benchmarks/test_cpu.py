@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import caffast
-from caffast.backends import solve_fused
+from caffast.backends import resolve_backend
 from caffast.eval.gradcam import grad_cam
+from caffast.core.constraints import CONSTRAINTS
 from caffast.core.heads import detect_head, precompute
 from caffast.core.losses import CLASS_LOSSES
 from caffast.core.loop import LoopSettings
 from caffast.core.breakpoints import split
+from caffast.engine.solvers import fused_loop
 from caffast.models.zoo import reference_head
 from conftest import ARCHITECTURES, STOPPING
 from reference_fast import reference_fast_loop
@@ -109,5 +111,6 @@ class TestLoop:
         initial = torch.ones(1, *grid, dtype=torch.float64)
         benchmark.group = f"{arch}-{mode}-{stopping}-loop"
         benchmark.name = f"caffast {backend} loop"
-        solution = benchmark.pedantic(solve_fused, args=(backend, head, "l2norm", initial, settings), **ROUNDS)
+        chosen, constraint = resolve_backend(backend, torch.device("cpu")), CONSTRAINTS["l2norm"]
+        solution = benchmark.pedantic(fused_loop, args=(chosen, head, constraint, initial, settings), **ROUNDS)
         benchmark.extra_info["iterations"] = solution.iterations.item()

@@ -6,6 +6,7 @@ from .core.finite import NonFiniteError
 from .core.losses import CLASS_LOSSES, ClassLoss
 from .engine.flat import FlatMapWarning
 from .core.optimizers import polynomial_lr_decay
+from .core.settings import RELEASE_SETTINGS, TF_RELEASE_SETTINGS, Settings
 from .viz import apply_heatmap
 from .models.zoo import load_architecture
 
@@ -16,6 +17,9 @@ __all__ = [
     "FlatMapWarning",
     "L2_CAF",
     "NonFiniteError",
+    "RELEASE_SETTINGS",
+    "Settings",
+    "TF_RELEASE_SETTINGS",
     "apply_heatmap",
     "explain",
     "load_architecture",

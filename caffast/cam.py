@@ -5,7 +5,8 @@
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(281)], aug_smooth=False, eigen_smooth=False)
 
-returns float32 numpy maps (N, H, W) in [0, 1] at the input's size, averaged over the target layers.
+returns float32 numpy maps (N, H, W) in [0, 1] at the input's size, averaged over the target layers
+((N, D, H, W) for clips and volumes (N, C, D, H, W), resized trilinearly).
 `GradCAM` here is the baseline with the same interface.  Neither leaves a hook on the model.
 """
 
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .core.choices import Mode
 from .core.layouts import ReshapeTransform
+from .engine.embedded import settings_and_others
 from .engine.explain import explain, upsample_maps
 from .engine.inputs import check_images
 from .eval.gradcam import grad_cam
@@ -153,7 +156,8 @@ class _CAM:
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
     ) -> np.ndarray:
-        """(N, H, W) float32 maps in [0, 1]; `targets` one per image (ints, ClassifierOutputTarget or any
+        """(N, H, W) float32 maps in [0, 1] ((N, D, H, W) for clips and volumes); `targets` one per image
+        (ints, ClassifierOutputTarget or any
         callable of one image's output), None for each image's top class.  `aug_smooth` averages the maps
         of horizontally flipped and rescaled (x 0.9, 1, 1.1) inputs (or of `tta_transforms`);
         `eigen_smooth` maps the first principal component of the filtered activations."""
@@ -173,24 +177,24 @@ class _CAM:
             return
         for flip in _FLIPS:
             for factor in _FACTORS:
-                augmented = images.flip(3) if flip else images
+                augmented = images.flip(-1) if flip else images
                 maps = self._maps(augmented * factor if factor != 1.0 else augmented, rows, eigen_smooth)
-                yield maps[:, :, ::-1] if flip else maps
+                yield maps[..., ::-1] if flip else maps
 
     def _maps(self, images: torch.Tensor, rows: Optional[list], eigen_smooth: bool) -> np.ndarray:
-        size = tuple(images.shape[-2:])
+        size = tuple(images.shape[2:])
         per_layer = [upsample_maps(self.maps(images, layer, rows, eigen_smooth), size)[:, 0] for layer in self.target_layers]
         mean = torch.stack(per_layer).mean(dim=0)
         return upsample_maps(mean[:, None], size)[:, 0].detach().float().cpu().numpy()
 
     def maps(self, images: torch.Tensor, layer: Union[str, nn.Module], rows: Optional[list], eigen_smooth: bool) -> torch.Tensor:
-        """(N, 1, h, w) maps at the layer's resolution."""
+        """(N, 1, h, w) maps at the layer's resolution ((N, 1, d, h, w) for clips and volumes)."""
         raise NotImplementedError
 
 
 class L2CAF(_CAM):
-    """L2-CAF maps with pytorch-grad-cam's interface; `mode` and `explain_options` go to caffast.explain
-    (max_iter, lr, solver, map, layout, ...).
+    """L2-CAF maps with pytorch-grad-cam's interface; `mode` and `explain_options` are caffast.explain's
+    keywords (max_iter, lr, solver, map, layout, ...), its settings checked here into `settings`.
 
     The default is class-specific for the given targets (the top-1 class when None), as a
     class-discriminative CAM method would be.  A class target (an int, or ClassifierOutputTarget(c))
@@ -200,16 +204,15 @@ class L2CAF(_CAM):
     """
 
     def __init__(self, model: nn.Module, target_layers: TargetLayers, reshape_transform: Optional[ReshapeTransform] = None,
-                 *args: Any, mode: str = "specific", **explain_options: Any):  # fmt: skip
+                 *args: Any, mode: Mode = "specific", **explain_options: Any):  # fmt: skip
         accepted = ("compute_input_gradient", "uses_gradients", "tta_transforms", "detach", "use_cuda", "device")
         base = {key: explain_options.pop(key) for key in accepted if key in explain_options}
+        self.settings, self.explain_options = settings_and_others(explain_options, mode=mode, loss="logit")
         super().__init__(model, target_layers, reshape_transform, *args, **base)
-        self.mode = mode
-        self.explain_options = {"loss": "logit", **explain_options}
 
     def maps(self, images: torch.Tensor, layer: Union[str, nn.Module], rows: Optional[list], eigen_smooth: bool) -> torch.Tensor:
-        targets = rows if self.mode == "specific" else None
-        result = explain(self.model, images, layer, mode=self.mode, targets=targets,
+        targets = rows if self.settings.mode == "specific" else None
+        result = explain(self.model, images, layer, targets, settings=self.settings,
                          reshape_transform=self.reshape_transform, **self.explain_options)  # fmt: skip
         self.outputs = result.output
         if not eigen_smooth:

@@ -26,7 +26,7 @@ import torch.nn as nn  # noqa: E402
 from captum.attr import LayerAttribution  # noqa: E402
 
 from .core.breakpoints import resolve_layer, unwrap  # noqa: E402
-from .engine.embedded import autograd_on, outside_inference  # noqa: E402
+from .engine.embedded import autograd_on, outside_inference, settings_and_others  # noqa: E402
 from .engine.explain import explain  # noqa: E402
 
 Inputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
@@ -246,10 +246,9 @@ class LayerL2CAF(LayerAttribution):
         batch = inputs[position].shape[0]
         if any(t.shape[0] != batch for t in inputs):
             raise ValueError(f"the inputs have {[t.shape[0] for t in inputs]} rows; each must have one per example")
-        if target is not None:
-            settings.setdefault("mode", "specific")
-            settings.setdefault("loss", "logit")
-            settings["targets"] = per_image_targets(target, batch)
+        targets = None if target is None else per_image_targets(target, batch)
+        defaults = {} if target is None else {"mode": "specific", "loss": "logit"}
+        chosen, others = settings_and_others(settings, **defaults)
         with autograd_on():
             inputs = tuple(outside_inference(t) for t in inputs)
             arguments = tuple(outside_inference(a) if isinstance(a, torch.Tensor) else a for a in arguments)
@@ -257,6 +256,7 @@ class LayerL2CAF(LayerAttribution):
             carries_rows = any(_per_row(value, batch) for value in riders)
             images = inputs[position].detach()
             model = CaptumForward(self.forward_func, self.owner, self.layer, position, inputs, arguments, carries_rows)
-            explained = explain(model, _with_rows(images) if carries_rows else images, self.layer, **settings)
+            explained = explain(model, _with_rows(images) if carries_rows else images, self.layer, targets, settings=chosen,
+                                **others)  # fmt: skip
         return explained.maps.to(inputs[position].device)
 

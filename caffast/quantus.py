@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .core.breakpoints import Layer
-from .engine.embedded import autograd_on, outside_inference, require
+from .engine.embedded import autograd_on, outside_inference, require, settings_and_others
 from .engine.explain import explain as explain_maps
 
 require("quantus", "quantus")
@@ -73,14 +73,16 @@ def explain(
         )
     if "targets" in settings or "mode" in settings:
         raise TypeError("the targets are Quantus's y_batch, one class per input: do not pass targets= or mode=")
+    chosen, others = settings_and_others(settings, mode="oblivious" if targets is None else "specific")
     model = _model(model)
     with autograd_on():
         images = outside_inference(_images(inputs, model))
+        rows = None
         if targets is not None:
             labels = np.asarray(targets.detach().cpu() if isinstance(targets, torch.Tensor) else targets)
             labels = np.broadcast_to(labels, (len(images),)) if labels.ndim == 0 else labels
             if labels.shape != (len(images),):
                 raise ValueError(f"targets have shape {labels.shape}; pass one class per input, shape ({len(images)},)")
-            settings.update(mode="specific", targets=[[label] for label in labels])
-        explained = explain_maps(model, images, layer, **settings)
+            rows = [[label] for label in labels]
+        explained = explain_maps(model, images, layer, rows, settings=chosen, **others)
     return explained.upsample(tuple(images.shape[-2:])).float().cpu().numpy()

@@ -10,6 +10,11 @@ matplotlib indexes them (floor(v * 256), clipped), so colours match matplotlib's
 mirrored edges (as skimage's resize), a flat map leaving the plain image, on the release's 480 x 480
 figure (for a square image; others fit 640 x 480; resampled with a Hamming window, close to the
 Hanning filter matplotlib uses there), RGBA with a 100 dpi tag.
+
+Clips and volumes: a (d, h, w) map is resized trilinearly to the clip's (D, H, W) and min-max scaled
+over the whole clip (Explanation.upsample's scaling), then drawn over every frame or slice as above:
+`overlay_frames` gives one picture per frame, `save_clip_gif` animates them, and `montage` tiles the
+slices of a volume along one axis (axial by default).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .engine.explain import upsample_maps
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 ImageLike = Union[np.ndarray, torch.Tensor, Image.Image]
+ClipLike = Union[np.ndarray, torch.Tensor, Sequence[ImageLike]]  # a clip or a volume, or its frames
 Size = Union[int, tuple[int, int]]
 
 # (x, value) anchors per channel, piecewise linear in between (matplotlib's _bwr_data and _jet_data).
@@ -185,9 +191,9 @@ def apply_heatmap(
     if release and not symmetric and values.size and values.max() == values.min():
         blended = rgb  # 0 / 0 in the release's min-max scaling: matplotlib leaves NaN cells transparent
     else:
-        colours = apply_colormap(scale_map(values, rgb.shape[:2], symmetric, "mirror" if release else "clamp"), cmap)
-        blended = alpha * colours + (1.0 - alpha) * rgb
-    picture = Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
+        scaled = scale_map(values, rgb.shape[:2], symmetric, "mirror" if release else "clamp")
+        blended = _blend(rgb, scaled, alpha, cmap)
+    picture = _picture(blended)
     if release:
         picture = picture.resize(release_size(picture.height, picture.width)[::-1], Image.Resampling.HAMMING)
         picture = picture.convert("RGBA")
@@ -198,6 +204,16 @@ def apply_heatmap(
     if display:
         picture.show()
     return picture
+
+
+def _blend(rgb: np.ndarray, scaled: np.ndarray, alpha: float, cmap: str) -> np.ndarray:
+    """alpha * colour + (1 - alpha) * image, for a map already resized and scaled to [0, 1]."""
+    return alpha * apply_colormap(scaled, cmap) + (1.0 - alpha) * rgb
+
+
+def _picture(blended: np.ndarray) -> Image.Image:
+    """An (H, W, 3) array in [0, 1] as an RGB picture, rounded to uint8."""
+    return Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
 
 
 def release_size(height: int, width: int) -> tuple[int, int]:
@@ -226,3 +242,126 @@ def save_gif(frames: Sequence[Image.Image], path: Union[str, Path], duration_ms:
         raise ValueError("save_gif needs at least one frame")
     first, *rest = [frame.convert("RGB") for frame in frames]
     first.save(path, save_all=True, append_images=rest, duration=duration_ms, loop=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# clips and volumes
+
+SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}  # the (D, H, W) axis each view slices along
+
+
+def clip_to_rgb(clip: ClipLike) -> np.ndarray:
+    """A clip or a volume as (D, H, W, 3) float64 in [0, 1].
+
+    Accepts a channel-first (3, D, H, W) or (1, D, H, W) tensor or array (as a model takes one clip),
+    a (D, H, W, 3) one, a grey (D, H, W) one, or a sequence of frames (anything to_rgb takes).
+    """
+    if isinstance(clip, (list, tuple)):
+        return np.stack([to_rgb(frame) for frame in clip])
+    array = clip.detach().cpu().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip)
+    if array.ndim == 4 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.moveaxis(array, 0, -1)  # (C, D, H, W) -> (D, H, W, C)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (3, 4):
+        raise ValueError(
+            f"a clip or a volume must be (3, D, H, W), (1, D, H, W), (D, H, W, 3) or (D, H, W); got shape {array.shape}"
+        )
+    return np.stack([to_rgb(frame) for frame in array])
+
+
+def scale_volume_map(heatmap: ArrayLike, size: tuple[int, int, int], symmetric: bool = False) -> np.ndarray:
+    """A (d, h, w) map as it is drawn over a clip or a volume: resized trilinearly to size (D, H, W)
+    and min-max scaled to [0, 1] over the whole volume (as Explanation.upsample); `symmetric` scales by
+    the largest magnitude instead, so that zero lands on 0.5."""
+    tensor = torch.from_numpy(_as_array(heatmap))
+    if tensor.dim() != 3:
+        raise ValueError(f"heatmap must have shape (d, h, w); got {tuple(tensor.shape)}")
+    if not symmetric:
+        return upsample_maps(tensor[None, None], tuple(size))[0, 0].numpy()
+    resized = F.interpolate(tensor[None, None], size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy()
+    return 0.5 + 0.5 * resized / max(np.abs(resized).max(), np.finfo(resized.dtype).tiny)
+
+
+def _slice_axis(axis: Union[int, str]) -> int:
+    if isinstance(axis, str):
+        return SLICE_AXES[check_choice("axis", axis, tuple(SLICE_AXES))]
+    if isinstance(axis, bool) or axis not in (0, 1, 2):
+        names = ", ".join(map(repr, SLICE_AXES))
+        raise ValueError(f"axis must be 0, 1 or 2 (D, H or W) or one of {names}; got {axis!r}")
+    return axis
+
+
+def overlay_frames(
+    clip: ClipLike,
+    heatmap: ArrayLike,
+    alpha: float = 0.6,
+    cmap: str = "bwr",
+    *,
+    symmetric: bool = False,
+    axis: Union[int, str] = 0,
+) -> list[Image.Image]:
+    """The map over every frame of a clip (or slice of a volume), one picture each.
+
+    `heatmap` (d, h, w), a map of Explanation.maps for one problem, is resized trilinearly to the
+    clip's (D, H, W) and scaled once over the whole clip, so the colours compare across frames.
+    `axis` picks the slices: 0 or "axial" (the frames of a clip, the D axis), 1 or "coronal" (H),
+    2 or "sagittal" (W).
+    """
+    axis = _slice_axis(axis)
+    rgb = clip_to_rgb(clip)
+    scaled = scale_volume_map(heatmap, rgb.shape[:3], symmetric)
+    blended = _blend(rgb, scaled, alpha, cmap)
+    return [_picture(frame) for frame in np.moveaxis(blended, axis, 0)]
+
+
+def save_clip_gif(
+    clip: ClipLike, heatmap: ArrayLike, path: Union[str, Path], duration_ms: int = 100, **options: object
+) -> None:
+    """The map over a clip as a looping GIF, one frame per frame of the clip (`options` as
+    overlay_frames takes them: alpha, cmap, symmetric, axis)."""
+    save_gif(overlay_frames(clip, heatmap, **options), path, duration_ms)
+
+
+def montage(
+    volume: ClipLike,
+    heatmap: ArrayLike,
+    axis: Union[int, str] = "axial",
+    slices: Union[int, Sequence[int], None] = None,
+    columns: Optional[int] = None,
+    alpha: float = 0.6,
+    cmap: str = "bwr",
+    *,
+    symmetric: bool = False,
+    gap: int = 1,
+    save: Optional[Union[str, Path]] = None,
+) -> Image.Image:
+    """Slices of a volume (or frames of a clip) with the map over them, tiled row by row.
+
+    `axis` as in overlay_frames (axial by default); `slices`: the slice indices to show, or how many
+    to pick evenly from first to last (all of them when None, at most 16); `columns`: tiles per row
+    (about a square montage when None); `gap`: white pixels between tiles.  The picture is written to
+    `save` when given, and returned.
+    """
+    pictures = overlay_frames(volume, heatmap, alpha, cmap, symmetric=symmetric, axis=axis)
+    count = len(pictures)
+    if slices is None or isinstance(slices, int):
+        wanted = min(count, 16) if slices is None else slices
+        if isinstance(wanted, bool) or wanted < 1:
+            raise ValueError(f"slices must be a positive count or a list of slice indices; got {slices!r}")
+        chosen = np.unique(np.linspace(0, count - 1, min(wanted, count)).round().astype(int)).tolist()
+    else:
+        chosen = [int(index) for index in slices]
+        if not chosen or any(not 0 <= index < count for index in chosen):
+            raise ValueError(f"slices must be indices in [0, {count}) along axis {axis!r}; got {list(slices)}")
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ValueError(f"columns must be a positive integer (tiles per row) or None; got {columns!r}")
+    columns = columns or int(np.ceil(np.sqrt(len(chosen))))
+    rows = int(np.ceil(len(chosen) / columns))
+    width, height = pictures[0].size
+    sheet = Image.new("RGB", (columns * (width + gap) - gap, rows * (height + gap) - gap), "white")
+    for place, index in enumerate(chosen):
+        sheet.paste(pictures[index], ((place % columns) * (width + gap), (place // columns) * (height + gap)))
+    if save is not None:
+        sheet.save(save)
+    return sheet

@@ -22,14 +22,21 @@ void softmax_inplace(double* z, int64_t n) {
   for (int64_t j = 0; j < n; ++j) z[j] /= sum;
 }
 
-// Grid coordinates centred on the grid: x = col - (W - 1) / 2, y = row - (H - 1) / 2.
+// Grid coordinates centred on the grid: x = col - (W - 1) / 2, y = row - (H - 1) / 2, and on a
+// D x H x W grid z = slice - (D - 1) / 2 (0 on an H x W grid).
 double centred_x(Grid grid, int64_t cell) { return static_cast<double>(cell % grid.width) - (grid.width - 1) / 2.0; }
-double centred_y(Grid grid, int64_t cell) { return static_cast<double>(cell / grid.width) - (grid.height - 1) / 2.0; }
+double centred_y(Grid grid, int64_t cell) {
+  return static_cast<double>(cell / grid.width % grid.height) - (grid.height - 1) / 2.0;
+}
+double centred_z(Grid grid, int64_t cell) {
+  if (grid.depth == 0) return 0.0;
+  return static_cast<double>(cell / (grid.width * grid.height)) - (grid.depth - 1) / 2.0;
+}
 
 }  // namespace
 
 int64_t parameter_count(Constraint constraint, Grid grid) {
-  return constraint == Constraint::Gauss ? 2 : grid.cells();
+  return constraint == Constraint::Gauss ? grid.axes() : grid.cells();
 }
 
 void constrain(Constraint constraint, Grid grid, const double* f, double* g) {
@@ -48,7 +55,8 @@ void constrain(Constraint constraint, Grid grid, const double* f, double* g) {
       for (int64_t j = 0; j < n; ++j) {
         const double dx = centred_x(grid, j) - f[0];
         const double dy = centred_y(grid, j) - f[1];
-        g[j] = -(dx * dx + dy * dy) / 2.0;
+        const double dz = grid.depth > 0 ? centred_z(grid, j) - f[2] : 0.0;
+        g[j] = -(dx * dx + dy * dy + dz * dz) / 2.0;
       }
       softmax_inplace(g, n);
       return;
@@ -69,19 +77,22 @@ void constrain_backward(Constraint constraint, Grid grid, const double* f, const
     }
     case Constraint::Gauss: {
       // grad_mu = sum_cells grad_g * g * (coordinate - its g-weighted mean).
-      double x_bar = 0.0, y_bar = 0.0;
+      double x_bar = 0.0, y_bar = 0.0, z_bar = 0.0;
       for (int64_t j = 0; j < n; ++j) {
         x_bar += g[j] * centred_x(grid, j);
         y_bar += g[j] * centred_y(grid, j);
+        z_bar += g[j] * centred_z(grid, j);
       }
-      double grad_x = 0.0, grad_y = 0.0;
+      double grad_x = 0.0, grad_y = 0.0, grad_z = 0.0;
       for (int64_t j = 0; j < n; ++j) {
         const double weight = grad_g[j] * g[j];
         grad_x += weight * (centred_x(grid, j) - x_bar);
         grad_y += weight * (centred_y(grid, j) - y_bar);
+        grad_z += weight * (centred_z(grid, j) - z_bar);
       }
       grad_f[0] = grad_x;
       grad_f[1] = grad_y;
+      if (grid.depth > 0) grad_f[2] = grad_z;
       return;
     }
   }

@@ -8,13 +8,17 @@ namespace caffast {
 
 enum class Constraint { L2Norm, Softmax, Gauss };
 
+// The filter's grid: H x W, or D x H x W on clips and volumes (depth 0: the grid has no depth axis).
+// Cells are numbered row-major, the width fastest.
 struct Grid {
   int64_t height;
   int64_t width;
-  int64_t cells() const { return height * width; }
+  int64_t depth = 0;
+  int64_t axes() const { return depth > 0 ? 3 : 2; }
+  int64_t cells() const { return (depth > 0 ? depth : 1) * height * width; }
 };
 
-// D: how many parameters one problem has (HW, or 2 for the Gaussian's mean).
+// D: how many parameters one problem has (the cells, or the Gaussian's mean: one per grid axis).
 int64_t parameter_count(Constraint constraint, Grid grid);
 
 // g (HW) from f (D).

@@ -13,7 +13,6 @@
 #include "hadamard.h"
 #include "interrupt.h"
 #include "parallel.h"
-#include "projected_update.h"
 #include "solve_fused.h"
 
 namespace caffast {
@@ -42,8 +41,8 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
                          const py::handle& products_obj, const py::handle& bias_obj,
                          const py::handle& targets_obj, const py::handle& params_obj, const std::string& mode,
                          const std::string& constraint, const std::string& optimizer, int64_t height,
-                         int64_t width, int64_t classes, int64_t max_iter, double lr, double min_error,
-                         int64_t check_every, int threads) {
+                         int64_t width, int64_t depth, int64_t classes, int64_t max_iter, double lr,
+                         double min_error, int64_t check_every, int threads) {
   FusedSettings s{};
   s.mode = parse_choice<Mode>("mode", mode, {{"oblivious", Mode::Oblivious}, {"specific", Mode::Specific},
                                              {"log_softmax", Mode::LogSoftmax}});
@@ -51,11 +50,12 @@ py::tuple solve_fused_py(const py::handle& gram_obj, const py::handle& linear_ob
       "constraint", constraint,
       {{"l2norm", Constraint::L2Norm}, {"softmax", Constraint::Softmax}, {"gauss", Constraint::Gauss}});
   s.optimizer = parse_choice<Optimizer>("optimizer", optimizer, {{"sgd", Optimizer::Sgd}, {"adam", Optimizer::Adam}});
-  require(height >= 1 && width >= 1, "the grid must have at least one cell in each direction");
+  require(height >= 1 && width >= 1 && depth >= 0,
+          "the grid must have at least one cell in each direction (depth 0: a grid without depth)");
   require(classes >= 1, "classes must be at least 1");
   require(max_iter >= 0, "max_iter must be non-negative");
   require(check_every >= 1, "check_every must be at least 1");
-  s.grid = Grid{height, width};
+  s.grid = Grid{height, width, depth};
   s.classes = classes;
   s.max_iter = max_iter;
   s.lr = lr;
@@ -172,19 +172,6 @@ py::array hadamard_backward_py(const py::handle& features_obj, const py::handle&
   });
 }
 
-void projected_update_py(const py::handle& params_obj, const py::handle& grad_obj, double lr, int threads) {
-  dispatch_floating(params_obj, "params", [&](auto zero) {
-    using T = decltype(zero);
-    auto params = as_array<T>(params_obj, "params", 2, /*writable=*/true);
-    auto grad = as_array<T>(grad_obj, "grad", 2);
-    require_shape(grad, "grad", {params.shape(0), params.shape(1)});
-    T* f = params.mutable_data();
-    const T* g = grad.data();
-    py::gil_scoped_release release;
-    projected_update<T>(f, g, params.shape(0), params.shape(1), lr, threads);
-  });
-}
-
 py::array bundle_qp_py(const py::handle& gram_obj, const py::handle& alpha_obj, const py::handle& t_obj,
                        const py::handle& valid_obj, int64_t iterations) {
   auto gram = as_array<double>(gram_obj, "gram", 3);
@@ -220,18 +207,16 @@ py::array bundle_qp_py(const py::handle& gram_obj, const py::handle& alpha_obj, 
 PYBIND11_MODULE(_C, m) {
   using namespace caffast;
   namespace py = pybind11;
-  m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter, the projected update and the bundle QP of solver=\"fast\".";
+  m.doc() = "caffast's C++ CPU kernels: the fused-head L2-CAF solver, the Hadamard filter and the bundle QP of solver=\"fast\".";
   m.def("solve_fused", &solve_fused_py, py::arg("gram"), py::arg("linear"), py::arg("constant"), py::arg("image"),
         py::arg("products"), py::arg("bias"), py::arg("targets"), py::arg("params"), py::kw_only(), py::arg("mode"), py::arg("constraint"), py::arg("optimizer"),
-        py::arg("height"), py::arg("width"), py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
+        py::arg("height"), py::arg("width"), py::arg("depth") = 0, py::arg("classes"), py::arg("max_iter"), py::arg("lr"),
         py::arg("min_error"), py::arg("check_every"), py::arg("threads") = 0,
         "Optimize P fused-head problems; params (P, D) is updated in place. Returns (iterations, loss).");
   m.def("hadamard_forward", &hadamard_forward_py, py::arg("features"), py::arg("filter"), py::kw_only(),
         py::arg("threads") = 0, "features (P, C, H, W) * filter (P, H, W) / ||filter||.");
   m.def("hadamard_backward", &hadamard_backward_py, py::arg("features"), py::arg("filter"), py::arg("grad_out"),
         py::kw_only(), py::arg("threads") = 0, "The gradient of hadamard_forward with respect to filter.");
-  m.def("projected_update", &projected_update_py, py::arg("params"), py::arg("grad"), py::arg("lr"), py::kw_only(),
-        py::arg("threads") = 0, "params (P, D) -= lr * the sphere-projected gradient, in place.");
   m.def("bundle_qp", &bundle_qp_py, py::arg("gram"), py::arg("alpha"), py::arg("t"), py::arg("valid"),
         py::arg("iterations"), "solver='fast''s bundle QP: FISTA over the simplex of each problem's valid cuts.");
   m.def("openmp", &built_with_openmp, "Whether the module was built with OpenMP.");

@@ -1,6 +1,6 @@
 // The unit-sphere parameterization g = f / max(||f||, eps) (torch.nn.functional.normalize) and its
-// chain rule back to f. Kept in one place because the fused solver's l2norm constraint, the
-// Hadamard filter and the projected update must all round and clamp exactly alike.
+// chain rule back to f. Kept in one place because the fused solver's l2norm constraint and the
+// Hadamard filter must round and clamp exactly alike.
 #pragma once
 
 #include <algorithm>

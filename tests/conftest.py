@@ -1,15 +1,26 @@
-from urllib.error import URLError
-from urllib.parse import urlparse
+import os
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Threads of a parallel region that run out of work sleep instead of spinning: a spinning thread takes
+# a core from the processes that have work (the test workers share 2 cores), and on a busy machine
+# it made runs several times slower.  The OpenMP runtime reads this when torch is imported below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from urllib.error import URLError  # noqa: E402
+from urllib.parse import urlparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+# Two intra-op threads in all, whatever the machine's core count: pytest-xdist's workers share them.
+THREADS = max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 

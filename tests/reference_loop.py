@@ -4,7 +4,8 @@ This module deliberately does NOT import caffast.  It restates the reference rel
 (ahmdtaha/l2_caf_pytorch, class_oblivious.py / class_specific.py) as plainly as possible:
 one image, one target, a fresh filter, torch.optim + LambdaLR(polynomial decay), autograd
 through the *whole* model, the breakpoint output replaced by a forward hook.  It is slow
-but obviously right.
+but obviously right.  The filter has the breakpoint map's grid: (H, W), or (D, H, W) for a clip or
+a volume, normalized over all its cells.
 """
 
 import math
@@ -51,35 +52,43 @@ def get_module(model, layer):
     return model.get_submodule(layer)
 
 
-def gaussian_multiplier(mu, H, W):
-    """exp(-((x - mu0)^2 + (y - mu1)^2) / 2) normalized to sum 1.
+def gaussian_multiplier(mu, *grid):
+    """exp(-((x - mu0)^2 + (y - mu1)^2) / 2) normalized to sum 1, on an (H, W) grid; on a (D, H, W)
+    grid exp(-((x - mu0)^2 + (y - mu1)^2 + (z - mu2)^2) / 2).
 
-    x_j = j - (W - 1) / 2 for column j, y_i = i - (H - 1) / 2 for row i.
+    x_j = j - (W - 1) / 2 for column j, y_i = i - (H - 1) / 2 for row i, z_k = k - (D - 1) / 2 for
+    slice k.
     """
+    *depth, H, W = grid
     x = torch.arange(W, dtype=mu.dtype, device=mu.device) - (W - 1) / 2.0
     y = torch.arange(H, dtype=mu.dtype, device=mu.device) - (H - 1) / 2.0
-    g = torch.exp(-((x[None, :] - mu[0]) ** 2 + (y[:, None] - mu[1]) ** 2) / 2.0)
+    if not depth:
+        g = torch.exp(-((x[None, :] - mu[0]) ** 2 + (y[:, None] - mu[1]) ** 2) / 2.0)
+    else:
+        z = torch.arange(depth[0], dtype=mu.dtype, device=mu.device) - (depth[0] - 1) / 2.0
+        g = torch.exp(-((x[None, None, :] - mu[0]) ** 2 + (y[None, :, None] - mu[1]) ** 2
+                        + (z[:, None, None] - mu[2]) ** 2) / 2.0)
     return g / g.sum()
 
 
-def multiplier_of(param, constraint, H, W):
-    """The forward multiplier applied to A (broadcast over channels)."""
+def multiplier_of(param, constraint, *grid):
+    """The forward multiplier applied to A (broadcast over channels); grid is H, W or D, H, W."""
     if constraint == "l2norm":
-        return F.normalize(param, dim=[0, 1])
+        return F.normalize(param, dim=list(range(param.dim())))
     if constraint == "softmax":
-        return torch.softmax(param.flatten(), dim=0).view(H, W)
+        return torch.softmax(param.flatten(), dim=0).view(*grid)
     if constraint == "gauss":
-        return gaussian_multiplier(param, H, W)
+        return gaussian_multiplier(param, *grid)
     raise ValueError(constraint)
 
 
-def final_map(param, constraint, H, W):
+def final_map(param, constraint, *grid):
     """normalize_filter of the reference for l2norm; the softmax / gaussian for the others."""
     with torch.no_grad():
         if constraint == "l2norm":
             a = param.abs()
             return a / torch.linalg.norm(a)
-        return multiplier_of(param, constraint, H, W)
+        return multiplier_of(param, constraint, *grid)
 
 
 def capture(model, layer, image):
@@ -101,11 +110,12 @@ def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objec
                     constraint="l2norm", init=None, end_lr=1e-5):
     """Solve ONE L2-CAF problem exactly as the reference loop does.
 
-    image: (C, H, W) or (1, C, H, W).  target: int class (mode="specific").
+    image: (C, H, W) or (1, C, H, W), or a clip or a volume (1, C, D, H, W): the filter has the
+    breakpoint map's grid, (H, W) or (D, H, W).  target: int class (mode="specific").
     objective: optional callable(FT, NT) -> per-sample loss (shape (1,)); replaces the built-in
     loss (the problem's loss is its sum).
-    init: optional initial parameter ((H, W) for l2norm/softmax, (2,) for gauss); default ones /
-    zeros (gauss).  end_lr: where the schedule ends (the TensorFlow release's: 0).
+    init: optional initial parameter (the grid's shape for l2norm/softmax, (2,) or (3,) for gauss);
+    default ones / zeros (gauss).  end_lr: where the schedule ends (the TensorFlow release's: 0).
     Returns a dict: param (raw optimized variable), filter (raw filter; gaussian multiplier for
     gauss), map, iterations, loss (last computed loss), history [(i, loss_i)] at check iterations,
     NT, A, target.
@@ -115,13 +125,13 @@ def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objec
     assert image.shape[0] == 1
     module = get_module(model, layer)
     NT, A = capture(model, layer, image)
-    H, W = A.shape[-2], A.shape[-1]
+    grid = tuple(A.shape[2:])
     dtype = A.dtype
 
     if constraint == "gauss":
-        p0 = torch.zeros(2, dtype=dtype) if init is None else init
+        p0 = torch.zeros(len(grid), dtype=dtype) if init is None else init
     else:
-        p0 = torch.ones((H, W), dtype=dtype) if init is None else init
+        p0 = torch.ones(grid, dtype=dtype) if init is None else init
     param = torch.nn.Parameter(p0.detach().clone().to(dtype=dtype, device=A.device))
 
     if objective is not None:
@@ -165,7 +175,7 @@ def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objec
         prev_loss = float(MAX_INT16)
         i = 0
         while i < max_iter:
-            current["mult"] = multiplier_of(param, constraint, H, W)
+            current["mult"] = multiplier_of(param, constraint, *grid)
             FT = model(image)
             loss = loss_fn(FT)
             opt.zero_grad()
@@ -187,11 +197,11 @@ def reference_l2caf(model, image, layer, target=None, *, mode="oblivious", objec
 
     param = param.detach()
     with torch.no_grad():
-        filt = gaussian_multiplier(param, H, W) if constraint == "gauss" else param.clone()
+        filt = gaussian_multiplier(param, *grid) if constraint == "gauss" else param.clone()
     return {
         "param": param,
         "filter": filt,
-        "map": final_map(param, constraint, H, W),
+        "map": final_map(param, constraint, *grid),
         "iterations": taken,
         "loss": last_loss,
         "history": history,

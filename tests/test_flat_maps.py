@@ -13,7 +13,8 @@ from PIL import Image
 
 import caffast
 from caffast.apps.cli import main
-from caffast.apps.imagefiles import IMAGENET
+from caffast.models.preprocessing import IMAGENET
+from caffast.models.source import ModelSource
 
 
 class SaturatingNet(nn.Module):
@@ -105,10 +106,8 @@ def test_the_search_leaves_the_model_as_it_was(model):
 
 
 def test_command_line_says_it_and_counts_flat_maps(tmp_path, monkeypatch, capsys, model):
-    import caffast.apps.cli as cli
-
-    monkeypatch.setattr(cli, "load_model", lambda arch, weights, device: model)
-    monkeypatch.setattr(cli, "default_layer", lambda arch: "conv_head")
+    monkeypatch.setattr(ModelSource, "load", lambda self, device="cpu", dtype=None: model)
+    monkeypatch.setattr(ModelSource, "default_layer", lambda self: "conv_head")
     photo = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)).save(photo)
     code = main(["explain", str(photo), "--arch", "resnet18", "--weights", "random", "--max-iter", "5",
@@ -120,14 +119,13 @@ def test_command_line_says_it_and_counts_flat_maps(tmp_path, monkeypatch, capsys
 
 
 def test_a_run_marks_flat_maps_in_its_index(tmp_path, monkeypatch, capsys, model):
-    import caffast.apps.runner as runner
+    real_load = ModelSource.explainable
 
-    real_load = runner.load_run_model
+    def load_saturating(self, layer=None, device="cpu", dtype=None):
+        demo = real_load(ModelSource("demo", "random"), None, device, dtype)
+        return dataclasses.replace(demo, model=model, layer="conv_head")
 
-    def load_saturating(arch, weights, layer, device, dtype):
-        return dataclasses.replace(real_load("demo", "random", None, device, dtype), model=model, layer="conv_head")
-
-    monkeypatch.setattr(runner, "load_run_model", load_saturating)
+    monkeypatch.setattr(ModelSource, "explainable", load_saturating)
     data = tmp_path / "data"
     data.mkdir()
     for k in range(2):
@@ -142,10 +140,8 @@ def test_a_run_marks_flat_maps_in_its_index(tmp_path, monkeypatch, capsys, model
 
 
 def test_layers_command_marks_flat_layers(tmp_path, monkeypatch, capsys, model):
-    import caffast.apps.cli as cli
-
-    monkeypatch.setattr(cli, "load_model", lambda arch, weights, device: model)
-    monkeypatch.setattr(cli, "model_preprocessing", lambda arch, weights: IMAGENET)
+    monkeypatch.setattr(ModelSource, "load", lambda self, device="cpu", dtype=None: model)
+    monkeypatch.setattr(ModelSource, "preprocessing", lambda self: IMAGENET)
     photo = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)).save(photo)
     assert main(["layers", "--arch", "resnet18", "--size", "17", "--image", str(photo)]) == 0

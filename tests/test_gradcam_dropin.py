@@ -24,16 +24,30 @@ def resnet():
     return torchvision.models.resnet18(num_classes=120).eval()
 
 
+@pytest.fixture(scope="module")
+def untrained():
+    """`untrained(arch)`: its model with 120 classes, built once for the module (L2CAF hands a model
+    back unchanged, which the tests check)."""
+    built = {}
+
+    def model(arch):
+        if arch not in built:
+            torch.manual_seed(0)
+            built[arch] = getattr(torchvision.models, arch)(num_classes=120)
+        return built[arch]
+
+    return model
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
 @pytest.mark.parametrize("batch,height,width", [(2, 32, 32), (1, 40, 32)])
 @pytest.mark.parametrize("category", [None, 100])
 @pytest.mark.parametrize("eigen_smooth", [True, False])
-def test_its_run_all_models_situation(arch, batch, height, width, category, eigen_smooth):
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=120)
+def test_its_run_all_models_situation(arch, batch, height, width, category, eigen_smooth, untrained):
+    model = untrained(arch)
     layers = [model.layer4[-1], model.layer4[-2]] if arch == "resnet18" else [model.features[-1]]
-    images = torch.randn(1, 3, height, width).repeat(batch, 1, 1, 1)
-    cam = L2CAF(model=model, target_layers=layers, max_iter=30)
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).repeat(batch, 1, 1, 1)
+    cam = L2CAF(model=model, target_layers=layers, max_iter=10)
     cam.batch_size = 4
     targets = None if category is None else [ClassifierOutputTarget(category) for _ in range(batch)]
     maps = cam(input_tensor=images, targets=targets, aug_smooth=False, eigen_smooth=eigen_smooth)

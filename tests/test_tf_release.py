@@ -6,7 +6,7 @@ import torch
 import caffast
 from caffast.core.optimizers import make_optimizer
 from reference_loop import TF1Adam, reference_l2caf
-from test_heads import build
+from fused_models import build
 
 
 def run_rule(name, gradients):

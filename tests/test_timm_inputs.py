@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from caffast.apps.common import CliError, model_preprocessing
-from caffast.apps.imagefiles import IMAGENET, read_image
+from caffast.apps.common import CliError, model_errors
+from caffast.apps.imagefiles import read_image
+from caffast.models.preprocessing import IMAGENET
+from caffast.models.source import ModelSource
 
 timm = pytest.importorskip("timm")
 
@@ -29,7 +31,7 @@ def test_timm_models_get_timm_s_evaluation_transform(tmp_path, arch):
         path = write_photo(tmp_path, height, width, seed)
         with Image.open(path) as image:
             expected = expected_transform(image.convert("RGB"))
-        rgb, tensor = read_image(path, model_preprocessing(arch, "random"))
+        rgb, tensor = read_image(path, ModelSource(arch, "random").preprocessing())
         assert tensor.shape == expected.shape == (3, *config["input_size"][1:])
         # uint8 resampling in Pillow either way; the transforms differ only in float rounding
         assert torch.allclose(tensor, expected, atol=1e-5)
@@ -37,26 +39,26 @@ def test_timm_models_get_timm_s_evaluation_transform(tmp_path, arch):
 
 
 def test_torchvision_names_keep_the_reference_preprocessing():
-    assert model_preprocessing("resnet18", "random") == IMAGENET
-    assert model_preprocessing("vit_b_16", "DEFAULT") == IMAGENET
+    assert ModelSource("resnet18", "random").preprocessing() == IMAGENET
+    assert ModelSource("vit_b_16", "DEFAULT").preprocessing() == IMAGENET
 
 
 def test_a_pretrained_tag_brings_its_own_config():
     # resnet50's a1 weights were trained at crop 0.95, its tv weights (torchvision's) at 0.875
-    assert model_preprocessing("resnet50", "a1_in1k") == IMAGENET  # a torchvision name stays torchvision's
-    tagged = model_preprocessing("resnet50.tv_in1k", "random")
+    assert ModelSource("resnet50", "a1_in1k").preprocessing() == IMAGENET  # a torchvision name stays torchvision's
+    tagged = ModelSource("resnet50.tv_in1k", "random").preprocessing()
     assert tagged.crop_pct == pytest.approx(0.875) and tagged.interpolation == "bilinear"
-    assert model_preprocessing("resnet50.a1_in1k", "random").crop_pct == pytest.approx(0.95)
+    assert ModelSource("resnet50.a1_in1k", "random").preprocessing().crop_pct == pytest.approx(0.95)
 
 
 def test_a_non_square_timm_input_is_refused_clearly(monkeypatch):
-    from caffast.apps import common
+    from caffast.models import source
 
-    monkeypatch.setattr(common, "timm_preprocessing", lambda arch, weights: {
+    monkeypatch.setattr(source, "timm_preprocessing", lambda arch, weights: {
         "input_size": (3, 256, 320), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bicubic",
         "mean": (0.5,) * 3, "std": (0.5,) * 3})  # fmt: skip
-    with pytest.raises(CliError, match="256 x 320"):
-        model_preprocessing("some_timm_model", "random")
+    with pytest.raises(CliError, match="256 x 320"), model_errors():
+        ModelSource("some_timm_model", "random").preprocessing()
 
 
 def test_run_feeds_a_vit_its_own_input(tmp_path):
@@ -77,7 +79,7 @@ def test_run_feeds_a_vit_its_own_input(tmp_path):
 def test_the_default_preprocessing_is_recorded_as_before_so_older_runs_resume():
     # run folders made before crop_pct and interpolation existed hold these four keys only
     assert IMAGENET.record() == {"size": 224, "crop": True, "mean": IMAGENET.mean, "std": IMAGENET.std}
-    vit = model_preprocessing("vit_tiny_patch16_224", "random").record()
+    vit = ModelSource("vit_tiny_patch16_224", "random").preprocessing().record()
     assert vit["crop_pct"] == pytest.approx(0.9) and vit["interpolation"] == "bicubic"
 
 

@@ -151,11 +151,11 @@ def test_timm_architectures_on_the_command_line(tmp_path):
     code = main(["explain", str(photo), "--arch", "resnet18.a1_in1k", "--weights", "random", "--classes", "3",
                  "--max-iter", "5", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0 and any((tmp_path / "out").iterdir())
-    from caffast.apps.common import default_layer
+    from caffast.models.source import ModelSource
     from caffast.models.zoo import build_model, timm_preprocessing
 
-    assert default_layer("vit_tiny_patch16_224") == "blocks.11.norm1"
-    assert default_layer("swin_tiny_patch4_window7_224") == "layers.3"
+    assert ModelSource("vit_tiny_patch16_224").default_layer() == "blocks.11.norm1"
+    assert ModelSource("swin_tiny_patch4_window7_224").default_layer() == "layers.3"
     assert timm_preprocessing("vit_tiny_patch16_224")["mean"] == (0.5, 0.5, 0.5)
     assert timm_preprocessing("resnet18") is None  # torchvision's name: the reference's preprocessing
     assert type(build_model("resnet18.a1_in1k")).__module__.startswith("timm")

@@ -65,8 +65,10 @@ def fitting_name(start: str, rest: str) -> str:
     return f"{beginning}~{digest}{rest}"
 
 
-def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Create or replace `path` with what `write(file)` writes to a binary file object."""
+def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any], durable: bool = True) -> None:
+    """Create or replace `path` with what `write(file)` writes to a binary file object.  `durable`:
+    on the disk before this returns (fsync), so that it outlives a crash of the machine too; a file
+    whose loss in such a crash costs nothing can skip the two fsyncs (milliseconds each)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
@@ -75,7 +77,8 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         try:
@@ -85,15 +88,16 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
         if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name it
             raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
-def write_text(path: PathLike, text: str) -> None:
-    write_atomically(path, lambda file: file.write(text.encode("utf-8")))
+def write_text(path: PathLike, text: str, durable: bool = True) -> None:
+    write_atomically(path, lambda file: file.write(text.encode("utf-8")), durable)
 
 
-def write_json(path: PathLike, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
+def write_json(path: PathLike, value: Any, durable: bool = True) -> None:
+    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n", durable)
 
 
 def write_npz(path: PathLike, arrays: dict[str, np.ndarray]) -> None:

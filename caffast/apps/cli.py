@@ -6,41 +6,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections import Counter
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..cam import GradCAM
-from ..core.constraints import CONSTRAINTS, INITS, MAPS
-from ..core.losses import CLASS_LOSSES, DEFAULT_CLASS_LOSS
-from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
+from ..core.settings import FLAG_SETTINGS, RELEASE_SETTINGS, TF_RELEASE_SETTINGS, Settings
 from ..engine.explain import Explanation, explain
 from ..engine.flat import quiet_trial
+from ..engine.inputs import Targets
 from ..engine.solvers import SOLVERS
-from ..eval.localization import evaluate_scenes, scene_batch
+from ..eval.localization import SCENE_METRICS, evaluate_scenes, scene_batch, scene_records
+from ..eval.summary import format_table, summarize
+from ..models.source import SHIPPED_DEMO, ModelSource
 from ..models.zoo import RELEASE_WEIGHTS, feature_map_layers, release_labels
 from ..viz import apply_heatmap, save_gif, save_mask
 from .common import (
-    CliError, check_arguments, check_output_folder, class_names, default_layer, explain_options, flat_map_notes,
-    load_image, load_model, model_preprocessing, parse_classes, say, show_progress,
+    CliError, Progress, add_setting_flags, check_arguments, check_output_folder, command_settings, flat_map_notes,
+    load_image, model_errors, parse_classes, result_arrays, say, take_defaults,
 )  # fmt: skip
-from .atomic import fitting_name
+from .atomic import fitting_name, write_npz
 from .distributed import DEFAULT_RANK_TIMEOUT
 from .imagefiles import EXPLAIN_MARKER
 
-# The release's command-line defaults where they differ from caffast's, and the TensorFlow release's
-# (its scripts' fixed runs: TF1's Adam from a normal draw, lr 0.5, 1000 iterations, a schedule to 0).
-RELEASE_SETTINGS = {"max_iter": 500, "lr": 0.1, "optimizer": "sgd", "init": "ones", "end_lr": MIN_LEARNING_RATE}
-TF_RELEASE_SETTINGS = {"max_iter": 1000, "lr": 0.5, "optimizer": "adam_tf1", "init": "normal", "end_lr": 0.0}
+COMMAND_SETTINGS = Settings(mode="specific")  # the defaults of explain and run: class-specific maps
+RELEASE_COMMANDS = ("class_oblivious", "class_specific")
+# the release's own spellings of some flags, which its commands take too
+RELEASE_ALIASES = {"lr": ["--learning-rate"], "constraint": ["--filter_type"], "end_lr": ["--end_learning_rate"]}
 # what the release's scripts run when they are given no arguments at all
 RELEASE_NO_ARGUMENTS = {
     "class_oblivious": ["--output_dir", "./output_heatmaps/", "--max_iter", "1000", "--lr", "0.5", "--arch", "densenet169",
@@ -54,22 +56,39 @@ GIF_ALPHA, GIF_FRAME_MS = 0.7, 1000  # the TensorFlow release's GIF: a frame per
 
 
 
-def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Path], gif: bool) -> None:
-    """One overlay per target of image `index` (and a GIF of its convergence when asked)."""
+def _save_overlays(rgb: np.ndarray, exp: Explanation, index: int, paths: list[Path], gif: bool) -> list[Path]:
+    """One overlay per target of image `index`, and with `gif` a GIF of its convergence where the
+    history shows one (`convergence`); returns the files written."""
     symmetric = exp.map == "signed"
+    written = []
     for column, path in enumerate(paths):
         apply_heatmap(rgb, exp.maps[index, column].cpu().numpy(), alpha=0.6, save=str(path), cmap="bwr", symmetric=symmetric)
-        if gif and exp.history:
-            frames = [apply_heatmap(rgb, maps[index, column].cpu().numpy(), alpha=0.6, cmap="bwr", symmetric=symmetric)
-                      for _, maps in exp.history]
-            save_gif(frames, str(path.with_suffix(".gif")), duration_ms=300)
+        written.append(path)
+        frames = convergence(exp, index, column) if gif else []
+        if len(frames) > 1:
+            save_gif([apply_heatmap(rgb, heat, alpha=0.6, cmap="bwr", symmetric=symmetric) for heat in frames],
+                     str(path.with_suffix(".gif")), duration_ms=300)  # fmt: skip
+            written.append(path.with_suffix(".gif"))
+    return written
 
 
-def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, **options) -> Explanation:
+def convergence(exp: Explanation, index: int, column: int) -> list[np.ndarray]:
+    """The maps of problem (index, column) at each check of the loop, ending with its final map (the
+    loop records at checks, and may stop between two); one map where the solver left no history
+    (the closed form of "fast" and "exact", the bundle steps of "fast"): no convergence to show."""
+    frames = [maps[index, column].cpu().numpy() for _, maps in exp.history]
+    last_recorded = exp.history[-1][0] if exp.history else -1
+    if int(exp.iterations[index, column]) > last_recorded or not frames:
+        frames.append(exp.maps[index, column].cpu().numpy())
+    return frames
+
+
+def _explain(model: torch.nn.Module, images: torch.Tensor, layer: str, targets: Targets, settings: Settings,
+             progress: Optional[Callable[[float], None]] = None) -> Explanation:  # fmt: skip
     """explain, with its refusals as one-line errors and its flat-map warnings as lines."""
     try:
         with flat_map_notes(lambda message: say(f"caffast: warning: {message}")):
-            return explain(model, images, layer, **options)
+            return explain(model, images, layer, targets, settings=settings, progress=progress)
     except (ValueError, TypeError) as error:
         raise CliError(str(error)) from None
 
@@ -98,47 +117,76 @@ def output_stems(images: Sequence[str]) -> dict[str, str]:
     return {path: stem_of_file[os.path.realpath(path)] for path in images}
 
 
+@dataclass
+class ExplainOutputs:
+    """The files `caffast explain` wrote, by kind."""
+
+    overlays: list[Path] = field(default_factory=list)
+    gifs: list[Path] = field(default_factory=list)
+    results: list[Path] = field(default_factory=list)  # one .npz per input image
+
+    def __str__(self) -> str:
+        return f"{len(self.overlays)} overlays, {len(self.gifs)} GIFs and {len(self.results)} .npz files of maps"
+
+
 def _explain_files(
-    images: Sequence[str], arch: str, weights: Optional[str], layer: Optional[str], options: dict, out: Path,
-    gif: bool, device: str, name_of,
-) -> list[Path]:
-    """Explain each image file with caffast.explain(**options) and write its overlays; returns the files written."""
-    model = load_model(arch, weights, device)
-    preprocessing = model_preprocessing(arch, weights)
-    layer = layer or default_layer(arch)
+    images: Sequence[str], source: ModelSource, layer: Optional[str], targets: Targets, settings: Settings,
+    out: Path, gif: bool, device: str, name_of: Callable[[str, int, Optional[str]], str], quiet: bool,
+) -> ExplainOutputs:
+    """Explain each image file with caffast.explain; write its maps (.npz), its overlays and, with
+    `gif`, the GIFs of their convergence (explain then records the history)."""
+    with model_errors():
+        loaded = source.explainable(layer, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPLAIN_MARKER).write_text("overlays written by caffast explain: caffast run leaves this folder out\n")
-    written: list[Path] = []
-    flat = 0
+    settings = replace(settings, history=gif)
+    record = {"arch": source.arch, "weights": source.weights_identity(), "layer": loaded.layer,
+              "input": loaded.preprocessing.record(), "explain": {**settings.to_record(), "targets": targets}}  # fmt: skip
+    written = ExplainOutputs()
+    flat, stills = 0, 0
     stems = output_stems(images)
+    progress = Progress(len(images), "explaining", quiet=quiet)
     for done, path in enumerate(images):
-        show_progress(done, len(images), "explaining")
-        rgb, tensor = load_image(path, preprocessing)
-        exp = _explain(model, tensor[None].to(device), layer, history=gif, **options)
-        names = class_names(arch, exp.output.shape[1]) if exp.output.dim() == 2 else []
-        paths = [out / name_of(stems[path], int(target), names) for target in exp.targets[0].tolist()]
-        _save_overlays(rgb, exp, 0, paths, gif)
-        written += paths
+        rgb, tensor = load_image(path, loaded.preprocessing)
+        exp = _explain(loaded.model, tensor[None].to(device), loaded.layer, targets, settings,
+                       lambda share: progress.update(done, share))  # fmt: skip
+        classes = exp.output.shape[1] if exp.output.dim() == 2 else 0
+        paths = [out / name_of(stems[path], target, source.class_name(target, classes))
+                 for target in exp.targets[0].tolist()]  # fmt: skip
+        for saved in _save_overlays(rgb, exp, 0, paths, gif):
+            (written.gifs if saved.suffix == ".gif" else written.overlays).append(saved)
+        result = out / fitting_name(stems[path], f"_l2caf_{settings.mode}_{source.arch}.npz")
+        write_npz(result, {**result_arrays(exp, 0), "flat": exp.flat[0].cpu().numpy(),
+                           "settings": np.array(json.dumps({"image": path, **record}))})  # fmt: skip
+        written.results.append(result)
         flat += int(exp.flat.sum())
-    show_progress(len(images), len(images), "explaining")
+        stills += gif and any(len(convergence(exp, 0, column)) < 2 for column in range(len(paths)))
+        progress.update(done + 1)
+    progress.end()
+    if stills:
+        why = ("one iteration shows no convergence" if settings.solver == "gd" else f"solver {settings.solver} keeps "
+               "no history (a closed form or a few bundle steps); --solver gd draws the convergence")  # fmt: skip
+        say(f"caffast: no GIF for the maps of {stills} images, which have one frame: {why}")
     if flat:
         say(f"caffast: {flat} of the maps are flat and show nothing (the warnings above say why and where to look instead)")
-    return list(dict.fromkeys(written))  # an image given twice writes its files once
+    for kind in ("overlays", "gifs", "results"):  # an image given twice writes its files once
+        setattr(written, kind, list(dict.fromkeys(getattr(written, kind))))
+    return written
 
 
 def _command_explain(args: argparse.Namespace) -> None:
     mode = args.mode
 
-    def name_of(stem: str, target: int, names: list[str]) -> str:
+    def name_of(stem: str, target: int, label: Optional[str]) -> str:
+        """An overlay's name: the class once, with its name where the model has names."""
         if mode == "oblivious":
             return fitting_name(stem, f"_l2caf_oblivious_{args.arch}.png")
-        label = names[target] if target < len(names) else str(target)
-        return fitting_name(stem, f"_l2caf_{target}_{label.replace(' ', '_')}_{args.arch}.png")
+        named = f"_{label.replace(' ', '_')}" if label is not None else ""
+        return fitting_name(stem, f"_l2caf_{target}{named}_{args.arch}.png")
 
-    options = {**explain_options(args), "backend": args.backend}
-    written = _explain_files(args.images, args.arch, args.weights, args.layer, options, Path(args.out), args.gif,
-                             args.device, name_of)
-    print(f"wrote {len(written)} overlays to {args.out}")
+    written = _explain_files(args.images, ModelSource(args.arch, args.weights), args.layer, parse_classes(args.classes),
+                             command_settings(args), Path(args.out), args.gif, args.device, name_of, args.quiet)  # fmt: skip
+    print(f"wrote {written} to {args.out}")
 
 
 def _command_run(args: argparse.Namespace) -> int:
@@ -156,13 +204,11 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def _command_reference(args: argparse.Namespace, mode: str) -> None:
     """The release's class_oblivious.py / class_specific.py: its flags and defaults, file names, picture
-    and log file; --tf-release runs with the TensorFlow release's settings and writes its files."""
-    for key, value in (TF_RELEASE_SETTINGS if args.tf_release else RELEASE_SETTINGS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    and log file; --tf-release runs with the TensorFlow release's settings (`_release_defaults`) and
+    writes its files."""
     classes = parse_classes(args.cls_logits)
-    args.classes = args.cls_logits if mode == "specific" else None  # class_oblivious ignores them, as the release
-    options = {**explain_options(args), "backend": args.backend}
+    targets = classes if mode == "specific" else None  # class_oblivious ignores them, as the release
+    settings = replace(command_settings(args), mode=mode, history=args.gif)
     out = Path(args.output_dir)
     written: list[Path] = []
     with _release_log(out, args.log_file) as log:
@@ -173,16 +219,16 @@ def _command_reference(args: argparse.Namespace, mode: str) -> None:
                   "device", "tf_release")  # fmt: skip
         log.info("caffast: " + ", ".join(f"{key}={getattr(args, key)!r}" for key in extras))
         image = _release_image(args.input_img)
-        model = load_model(args.arch, args.weights, args.device)
-        layer = args.layer or default_layer(args.arch)
-        rgb, tensor = load_image(str(image), model_preprocessing(args.arch, args.weights))
-        exp = _explain(model, tensor[None].to(args.device), layer, history=args.gif, **options)
+        with model_errors():
+            loaded = ModelSource(args.arch, args.weights).explainable(args.layer, args.device)
+        rgb, tensor = load_image(str(image), loaded.preprocessing)
+        exp = _explain(loaded.model, tensor[None].to(args.device), loaded.layer, targets, settings)
         targets = exp.targets[0].tolist()
         labels = release_labels() if exp.output.dim() == 2 and exp.output.shape[1] == len(release_labels()) else None
         if mode == "specific":
             log.info("Top K={} {}".format(len(targets), [labels[t] if labels else str(t) for t in targets]))
         for column, target in enumerate(targets):
-            names = _release_names(args, mode, Path(args.input_img).stem, target, layer, labels)
+            names = _release_names(args, mode, Path(args.input_img).stem, target, loaded.layer, labels)
             written += _write_release_files(rgb, exp, column, out, *names, gif=args.gif)
             log.info(f"Done after {_release_count(int(exp.iterations[0, column]), args)} iterations")
     for path in written:
@@ -199,7 +245,7 @@ def _write_release_files(rgb: np.ndarray, exp: Explanation, column: int, out: Pa
     if mask is not None:
         save_mask(heat, out / mask)
         written.append(out / mask)
-    if gif and exp.history:
+    if gif and len(exp.history) > 1:  # a frame per check, as the release's; a single frame shows no convergence
         frames = [apply_heatmap(rgb, maps[0, column].cpu().numpy(), alpha=GIF_ALPHA, cmap="bwr", symmetric=symmetric,
                                 style="release") for _, maps in exp.history]  # fmt: skip
         save_gif(frames, out / gif_name, duration_ms=GIF_FRAME_MS)
@@ -268,17 +314,14 @@ def _release_count(steps: int, args: argparse.Namespace) -> int:
 def _command_layers(args: argparse.Namespace) -> None:
     """The candidate breakpoints of a model: every module whose output is a 4-D map, with its shape,
     the path explain takes there and whether the map comes back flat (on --image, or a noise image)."""
-    if args.arch == "demo":
-        from ..eval.demo_model import load_demo_model
-
-        model, size, default, preprocessing = load_demo_model(), args.size or 64, "features", None
-    else:
-        model, size = load_model(args.arch, args.weights, "cpu"), args.size or 224
-        preprocessing = model_preprocessing(args.arch, args.weights)
-        try:
-            default = default_layer(args.arch)
-        except CliError:
-            default = None
+    source = ModelSource(args.arch, args.weights)
+    if source.is_demo:  # listed with its shipped weights, whatever --weights says
+        source = SHIPPED_DEMO
+    with model_errors():
+        model = source.load()
+        preprocessing = source.preprocessing()
+    default = source.default_layer()
+    size = args.size or (preprocessing.size if source.is_demo else 224)
     if size < 1:
         raise CliError(f"--size must be a positive number of pixels, got {size}")
     try:
@@ -286,7 +329,7 @@ def _command_layers(args: argparse.Namespace) -> None:
     except RuntimeError as error:
         raise CliError(f"{args.arch} does not run on a {size} x {size} input: {str(error).splitlines()[0]}") from None
     if args.image:
-        if preprocessing is None:
+        if source.is_demo:
             raise CliError("--image needs a model with its preprocessing: not the demo model")
         images = load_image(args.image, replace(preprocessing, size=size))[1][None]
     else:  # noise: a blank image gives every cell the same features, hence flat maps everywhere
@@ -326,20 +369,34 @@ def _print_table(results: dict[str, dict[str, float]]) -> None:
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
+    """A table per solver, its three maps beside Grad-CAM, each metric with its bootstrap interval."""
     start = time.perf_counter()
-    results = evaluate_scenes(args.scenes, args.max_iter)
+    progress = Progress(args.scenes, "evaluating", unit="scenes", quiet=args.quiet)
+    records = scene_records(args.scenes, args.max_iter, progress=progress.update)
+    progress.end()
     print(f"{args.scenes} two-object scenes, class-specific maps scored against each class's mask "
           f"({time.perf_counter() - start:.1f} s)")
-    _print_table(results)
+    summaries = {method: summarize(values, SCENE_METRICS) for method, values in records.items()}
+    for solver in SOLVERS:
+        shown = {method: summary for method, summary in summaries.items() if method.startswith(f"L2-CAF {solver} ")}
+        print(f"\nsolver {solver}:\n{format_table({**shown, 'Grad-CAM': summaries['Grad-CAM']})}")
 
 
-def _command_real_demo(out: Path) -> None:
-    from ..eval.real_demo import write_real_demo
+def _command_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(Path(args.run_folder))}")
+
+
+def _command_real_demo(out: Path, quiet: bool) -> None:
+    from ..eval.real_demo import demo_steps, write_real_demo
 
     try:
-        path, rates = write_real_demo(out)
+        progress = Progress(demo_steps(), "demo --real", unit="steps", quiet=quiet)
+        path, rates = write_real_demo(out, progress.update)
     except ImportError as error:
         raise CliError(f"caffast demo --real: {error}") from None
+    progress.end()
     print(f"class-specific maps of an ImageNet-trained EfficientNet-Lite0 on real photos: {path}")
     print("pointing game over the real tier (the map's peak inside the object's box):")
     for method, rate in rates.items():
@@ -348,23 +405,26 @@ def _command_real_demo(out: Path) -> None:
 
 def _command_demo(args: argparse.Namespace) -> None:
     if args.real:
-        _command_real_demo(Path(args.out))
+        _command_real_demo(Path(args.out), args.quiet)
         return
     from PIL import Image
 
-    from ..eval.demo_model import CLASS_NAMES, load_demo_model
+    from ..eval.demo_model import CLASS_NAMES
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_demo_model()
+    progress = Progress(1 + args.scenes, "demo", unit="scenes", quiet=args.quiet)  # its own scene, then the scored ones
+    model = SHIPPED_DEMO.load()
     scenes, images = scene_batch(1, args.seed)
     scene = scenes[0]
     rgb = np.asarray(scene.image).transpose(1, 2, 0)
     big = np.kron(rgb, np.ones((4, 4, 1)))  # 4x larger pictures, pixels kept sharp
     Image.fromarray((big * 255).round().astype(np.uint8)).save(out / "scene.png")
-    oblivious = explain(model, images, "features", max_iter=args.max_iter, history=True)
+    oblivious = explain(model, images, "features", max_iter=args.max_iter, history=True,
+                        progress=lambda share: progress.update(0, share / 2))  # fmt: skip
     targets = torch.tensor([list(scene.labels)])
-    specific = explain(model, images, "features", mode="specific", targets=targets, max_iter=args.max_iter, history=True)
+    specific = explain(model, images, "features", mode="specific", targets=targets, max_iter=args.max_iter, history=True,
+                       progress=lambda share: progress.update(0, (1 + share) / 2))  # fmt: skip
     names = [CLASS_NAMES[k] for k in scene.labels]
     paths = [out / "l2caf_oblivious.png"] + [out / f"l2caf_{name}.png" for name in names]
     _save_overlays(big, oblivious, 0, paths[:1], gif=True)
@@ -373,12 +433,35 @@ def _command_demo(args: argparse.Namespace) -> None:
         for k, name in enumerate(names):
             heat = cam(input_tensor=images, targets=[scene.labels[k]])[0]
             apply_heatmap(big, heat, alpha=0.6, save=str(out / f"gradcam_{name}.png"), cmap="bwr")
+    progress.update(1)
+    results = evaluate_scenes(args.scenes, args.max_iter, first_seed=args.seed + 1,
+                              progress=lambda scored: progress.update(1 + scored))  # fmt: skip
+    progress.end()
     print(f"scene with a {names[0]} and a {names[1]}: pictures and GIFs in {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path}")
-    results = evaluate_scenes(args.scenes, args.max_iter, first_seed=args.seed + 1)
     print(f"\nlocalization on {args.scenes} two-object scenes (each class against its own mask):")
     _print_table(results)
+
+
+def _release_defaults(args: argparse.Namespace) -> None:
+    """The settings a release command was not given: the PyTorch release's, or with --tf-release the
+    TensorFlow release's."""
+    take_defaults(args, TF_RELEASE_SETTINGS if args.tf_release else RELEASE_SETTINGS)
+
+
+ARCH_HELP = ("a torchvision classifier name (resnet50, densenet169, ...), a timm one with timm installed "
+             "(vit_tiny_patch16_224, resnet50.a1_in1k, ...), or demo for the shipped model (default: resnet50)")
+WEIGHTS_HELP = ("a local state-dict file, DEFAULT (torchvision's or timm's pretrained weights; the shipped ones "
+                "for demo), torchvision weights (IMAGENET1K_V1, ...) or a timm tag, downloaded into the hub cache "
+                "when missing, or 'random' (seeded)")
+LAYER_HELP = "the breakpoint: a dotted module name (default: the model's own, marked '<- default' by caffast layers)"
+
+
+def add_quiet_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--quiet", action="store_true",
+                         help="no progress on stderr (a bar on a terminal, else a line every 10 s); warnings and "
+                              "errors are still said")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,64 +470,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="offline demo on the shipped model and synthetic scenes")
     demo.add_argument("--out", default="caffast-demo", help="output folder (default: caffast-demo)")
-    demo.add_argument("--seed", type=int, default=7, help="scene seed")
-    demo.add_argument("--scenes", type=int, default=50, help="scenes for the localization comparison")
-    demo.add_argument("--max-iter", type=int, default=1000)
+    demo.add_argument("--seed", type=int, default=7, help="the seed of the scene explained (default: 7)")
+    demo.add_argument("--scenes", type=int, default=50,
+                      help="synthetic scenes for the localization comparison with Grad-CAM (default: 50)")
+    add_setting_flags(demo, ["max_iter"], COMMAND_SETTINGS)
     demo.add_argument("--real", action="store_true",
                       help="an ImageNet-trained network on real photos beside Grad-CAM (needs caffast[real])")
+    add_quiet_flag(demo)
 
     def model_options(command: argparse.ArgumentParser, reference: bool) -> None:
-        """Shared flags; the reference's (class_*) spell them with underscores and take their defaults
-        (None: RELEASE_SETTINGS, or TF_RELEASE_SETTINGS with --tf-release)."""
-        dash = "_" if reference else "-"
+        """Shared flags: the model, the device, and explain's settings (but the mode); the reference's
+        (class_*) spell them with underscores, take the release's spellings too, and take the release's
+        defaults (None where --tf-release changes them: filled in by `_release_defaults`)."""
         weights = RELEASE_WEIGHTS if reference else "DEFAULT"
-        command.add_argument("--arch", default="resnet50", help="a torchvision classification architecture")
-        command.add_argument("--weights", default=weights,
-                             help="a local state-dict file, torchvision weights (DEFAULT, IMAGENET1K_V1, ...; downloaded "
-                                  f"into torch.hub's cache when missing), or 'random' (default: {weights})")
-        command.add_argument(f"--max{dash}iter", dest="max_iter", type=int, default=None if reference else 1000,
-                             help="default: 500, or 1000 with --tf-release" if reference else None)
-        command.add_argument("--lr", *(["--learning-rate"] if reference else []), dest="lr", metavar="LR", type=float,
-                             default=None if reference else 0.5,
-                             help="default: 0.1, or 0.5 with --tf-release" if reference else None)  # fmt: skip
-        command.add_argument(f"--min{dash}error", dest="min_error", type=float, default=1e-6)
-        command.add_argument("--constraint", *(["--filter_type"] if reference else []), dest="constraint",
-                             choices=list(CONSTRAINTS), default="l2norm", help="how the filter is kept normalized")
-        command.add_argument("--optimizer", choices=OPTIMIZERS, default=None if reference else "sgd",
-                             help="adam_tf1: TensorFlow 1's Adam (the TensorFlow release's); default: sgd"
-                                  + (", or adam_tf1 with --tf-release" if reference else ""))  # fmt: skip
-        command.add_argument("--init", choices=INITS, default=None if reference else "ones",
-                             help="the filter's start; default: ones" + (", or normal with --tf-release" if reference else ""))
-        command.add_argument("--seed", type=int, default=None, help="seed of --init normal (default: a fresh draw)")
-        command.add_argument(f"--end{dash}lr", *(["--end_learning_rate"] if reference else []), dest="end_lr", type=float,
-                             default=None if reference else MIN_LEARNING_RATE,
-                             help="where the learning rate's linear decay ends; default: 1e-5"
-                                  + (", or 0 with --tf-release" if reference else ""))  # fmt: skip
-        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        command.add_argument("--map", default="abs", choices=MAPS,
-                             help="abs: |f| (the reference); positive: the cells that raise the class; signed: f, "
-                                  "drawn around zero")
-        command.add_argument("--solver", default="gd", choices=SOLVERS,
-                             help="gd: the reference loop; fast: tens of evaluations to a lower loss; exact: the "
-                                  "minimizer (closed form for plain heads)")
-        command.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
-        command.add_argument("--loss", choices=list(CLASS_LOSSES), default="release" if reference else DEFAULT_CLASS_LOSS,
-                             help="the class-specific loss: " + "; ".join(f"{name}: {loss.summary}" for name, loss
-                                                                          in CLASS_LOSSES.items())
-                                  + "; default: "
-                                  + ("release, as the release" if reference else DEFAULT_CLASS_LOSS))  # fmt: skip
+        command.add_argument("--arch", default="resnet50", help=ARCH_HELP)
+        command.add_argument("--weights", default=weights, help=f"{WEIGHTS_HELP} (default: {weights})")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        command.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default here: {device})")
+        names = [name for name in FLAG_SETTINGS if name != "mode"]
+        if reference:
+            add_setting_flags(command, names, RELEASE_SETTINGS, dash="_", alternative=(TF_RELEASE_SETTINGS, "--tf-release"),
+                              aliases=RELEASE_ALIASES)  # fmt: skip
+        else:
+            add_setting_flags(command, names, COMMAND_SETTINGS)
 
     def explain_settings(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
-        command.add_argument("--mode", choices=["oblivious", "specific"], default="specific")
-        command.add_argument("--classes", help="comma-separated class indices (default: the top-1 class)")
+        command.add_argument("--layer", help=LAYER_HELP)
+        add_setting_flags(command, ["mode"], COMMAND_SETTINGS)
+        command.add_argument("--classes", help="comma-separated class indices, class-specific (default: each image's "
+                                               "top-1 class)")
 
-    explain_command = commands.add_parser("explain", help="explain image files")
-    explain_command.add_argument("images", nargs="+")
+    explain_command = commands.add_parser(
+        "explain", help="explain image files",
+        description="Explain each image file: a .npz of its maps (and targets, objectives, settings) and an "
+        "overlay PNG per class into --out.",
+    )  # fmt: skip
+    explain_command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     model_options(explain_command, reference=False)
     explain_settings(explain_command)
-    explain_command.add_argument("--out", default="caffast-out")
-    explain_command.add_argument("--gif", action="store_true", help="also write a GIF of the filter converging")
+    explain_command.add_argument("--out", default="caffast-out", help="output folder (default: caffast-out)")
+    explain_command.add_argument("--gif", action="store_true",
+                                 help="also write a GIF of each map converging: the history is recorded, a frame per "
+                                      "50 iterations and the final map (none where the solver leaves no history: "
+                                      "fast, and exact in closed form)")  # fmt: skip
+    add_quiet_flag(explain_command)
 
     run = commands.add_parser(
         "run", help="explain every image of a folder tree; resumable, and split over processes under torchrun",
@@ -456,9 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output folder; rerunning into it finishes an interrupted run")
     model_options(run, reference=False)
     explain_settings(run)
-    run.add_argument("--batch-size", type=int, default=16, help="images per explain call (halved on out-of-memory)")
+    run.add_argument("--batch-size", type=int, default=16,
+                     help="images per explain call, halved on out-of-memory (default: 16)")
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                     help="the model's precision (the filters are float32 whatever it is)")
+                     help="the model's precision (the filters are float32 whatever it is; default: float32)")
     run.add_argument("--overlays", action="store_true", help="also write an overlay PNG per image and target")
     run.add_argument("--retry-failed", action="store_true", help="explain again the images that failed before")
     run.add_argument("--wait", action="store_true",
@@ -466,6 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT.total_seconds(), metavar="SECONDS",
                      help="under torchrun, how long a rank waits for the others before it names the one that did "
                           "not answer and stops (default: 1800)")
+    run.add_argument("--annotations", metavar="PATH",
+                     help="score every map by the CAM localization protocol against these boxes: ImageNet XML or "
+                          "LOC_val_solution.csv, CUB-200-2011, Pascal VOC, or a CSV image,class,x0,y0,x1,y1; "
+                          "writes OUT/summary.json")
+    run.add_argument("--baseline", choices=["gradcam"],
+                     help="also compute this method's maps at the same layer and targets, saved and scored beside L2-CAF's")
+    run.add_argument("--threshold", type=float, metavar="FRACTION",
+                     help="with --annotations: the protocol's box is the largest region of the map at or above this "
+                          "fraction of its maximum (default: 0.2)")
+    add_quiet_flag(run)
 
     for name, mode in (("class_oblivious", "oblivious"), ("class_specific", "specific")):
         command = commands.add_parser(
@@ -480,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         model_options(command, reference=True)
         command.add_argument("--cls_logits", help="comma-separated classes (default: the top-1 class)"
                              + ("" if mode == "specific" else "; ignored here, as by the release"))
-        command.add_argument("--layer", help="breakpoint: a dotted module name (default: the last block)")
+        command.add_argument("--layer", help=LAYER_HELP)
         command.add_argument("--gif", "--save_gif", dest="gif", action="store_true",
                              help="also write a GIF of the filter converging: a frame per 50 iterations, 1 s each, "
                                   "alpha 0.7, as the TensorFlow release's")  # fmt: skip
@@ -490,16 +570,28 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(mode=mode)
 
     layers = commands.add_parser("layers", help="list a model's candidate breakpoints (modules that output a 4-D map)")
-    layers.add_argument("--arch", default="resnet50", help="a torchvision classification architecture, or demo")
+    layers.add_argument("--arch", default="resnet50", help=ARCH_HELP)
     layers.add_argument("--size", type=int, help="input side in pixels (default: 224; 64 for demo)")
     layers.add_argument("--weights", default="random",
-                        help="as for explain; flat maps show on trained weights (default: random)")
-    layers.add_argument("--image", help="an image to try the layers on (default: a blank image)")
-    layers.add_argument("--check", type=int, default=12, help="how many of the last layers to try (default: 12)")
+                        help="as for explain (demo: its shipped weights whatever this says); flat maps show on "
+                             "trained weights (default: random)")  # fmt: skip
+    layers.add_argument("--image", help="an image to try the layers on (default: a noise image, seeded: a blank "
+                                        "one gives every cell the same features, so flat maps everywhere)")
+    layers.add_argument("--check", type=int, default=12,
+                        help="how many of the last layers with a grid to try with one step of explain (default: 12)")
+
+    report = commands.add_parser(
+        "report", help="a static HTML page to browse a run: OUT/report.html, thumbnails in OUT/report/",
+        description="Write OUT/report.html, one self-contained page that opens offline: the run's settings and "
+        "localization summary, per-class figures, the worst and best maps, and every map in a table that sorts "
+        "and filters, with overlays (Grad-CAM's beside L2-CAF's where the run has them).",
+    )  # fmt: skip
+    report.add_argument("run_folder", metavar="OUT", help="the output folder of a caffast run")
 
     evaluate = commands.add_parser("evaluate", help="L2-CAF against Grad-CAM on synthetic scenes with masks")
-    evaluate.add_argument("--scenes", type=int, default=2000)
-    evaluate.add_argument("--max-iter", type=int, default=1000)
+    evaluate.add_argument("--scenes", type=int, default=2000, help="synthetic scenes to score (default: 2000)")
+    add_setting_flags(evaluate, ["max_iter"], COMMAND_SETTINGS)
+    add_quiet_flag(evaluate)
     return parser
 
 
@@ -510,6 +602,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv += RELEASE_NO_ARGUMENTS[argv[0]]
     args = build_parser().parse_args(argv)
     try:
+        if args.command in RELEASE_COMMANDS:
+            _release_defaults(args)
         check_arguments(args)
         for flag in ("out", "output_dir"):
             if getattr(args, flag, None) is not None:
@@ -520,10 +614,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _command_explain(args)
         elif args.command == "run":
             return _command_run(args)
-        elif args.command in ("class_oblivious", "class_specific"):
+        elif args.command in RELEASE_COMMANDS:
             _command_reference(args, args.mode)
         elif args.command == "layers":
             _command_layers(args)
+        elif args.command == "report":
+            _command_report(args)
         else:
             _command_evaluate(args)
     except CliError as error:

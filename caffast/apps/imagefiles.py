@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from ..eval import scenes
+from ..models.preprocessing import IMAGENET, Preprocessing
 from .runfolder import is_run_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,39 +44,6 @@ MAX_ASPECT_RATIO = 100  # the longer side over the shorter
 
 class ImageReadError(Exception):
     """An image file that is missing or cannot be decoded; the message names the file and the cause."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image file becomes a model input.
-
-    crop: the shorter side is resized to floor(size / crop_pct) as timm does (the reference's 256 for
-    224; other sizes may differ by a pixel from round(size * 256 / 224)), then a centre crop of size x
-    size is taken; otherwise the whole picture is resized to size x size.  Then each channel becomes
-    (x - mean) / std.  timm's models bring their own crop_pct, interpolation, mean and std.
-    """
-
-    size: int
-    crop: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 224 / 256
-    interpolation: str = "bilinear"  # a torchvision InterpolationMode value: "bilinear", "bicubic", ...
-
-    def record(self) -> dict[str, Any]:
-        """The settings as a run's config.json holds them.  crop_pct and interpolation came later and
-        are written only where they differ from their defaults, so that folders made before them
-        (with the same, default, preprocessing) still resume."""
-        settings = asdict(self)
-        for later in ("crop_pct", "interpolation"):
-            if settings[later] == getattr(Preprocessing, later):
-                del settings[later]
-        return settings
-
-
-IMAGENET = Preprocessing(224, crop=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-# the shipped demo model's input: a 64 x 64 scene normalized as caffast.eval.scenes.normalize does
-DEMO = Preprocessing(64, crop=False, mean=(scenes.MEAN,) * 3, std=(scenes.STD,) * 3)
 
 
 def find_images(
@@ -157,6 +121,25 @@ def _check_size(path: PathLike, width: int, height: int) -> None:
             f"image {os.fspath(path)!r} is {width} x {height} pixels, more than {MAX_ASPECT_RATIO} times longer "
             "than wide: resized to the model's input it would take huge memory; crop it first"
         )
+
+
+# EXIF orientations that turn the picture a quarter turn: its upright width is the stored height
+QUARTER_TURNS = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+
+
+def upright_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) of the picture as read_image reads it, upright, from the file's header alone:
+    boxes drawn on a picture are in these pixels.  Raises ImageReadError as read_image does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            turned = opened.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS
+    except Exception as error:  # as in read_image: decoders raise many kinds
+        raise ImageReadError(f"cannot read image {os.fspath(path)!r}: {error}") from None
+    return (height, width) if turned else (width, height)
 
 
 def read_image(path: PathLike, preprocessing: Preprocessing = IMAGENET) -> tuple[np.ndarray, torch.Tensor]:

@@ -2,11 +2,12 @@
 
     OUT/config.json              the settings the results depend on (written once, at the first start)
     OUT/results/REL.npz          per image: filters, maps (T, H, W) float32, iterations, loss, objective,
-                                 gradient_norm, targets (T,)
+                                 gradient_norm, targets (T,); with --baseline gradcam also gradcam_maps
     OUT/overlays/REL.TARGET.png  per image and target, with --overlays ("oblivious" in place of TARGET)
     OUT/records/REL.json         per image: its index rows; written last, so it marks the image finished
     OUT/records/REL.reading      while the image is decoded and resized: left only by a killed process
     OUT/index.jsonl              every image's rows in image order, rebuilt from the records at the end
+    OUT/summary.json             with --annotations: the localization scores (caffast.apps.runlocalization)
     OUT/.lock                    held (flock) by the run using the folder; holds its pid and host
 
 REL is the image's path relative to the data folder, suffix included (a.png and a.jpg stay apart);
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from ..core.settings import complete_record
 from ..models.zoo import file_sha256
 from .atomic import fitting_name, remove_temporaries, write_json, write_npz, write_text
 
@@ -98,12 +100,12 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """A config.json of an older caffast, with the settings it did not record set as it ran them: its
-    class-specific loss was the release's.  Where its named weights came from it did not record
+    """A config.json of an older caffast, with the settings it did not record set as it ran them
+    (caffast.core.settings.complete_record).  Where its named weights came from it did not record
     either, and that cannot be recovered: such a folder takes today's source."""
     explain_settings = stored.get("explain")
-    if isinstance(explain_settings, dict) and "loss" not in explain_settings:
-        stored = {**stored, "explain": {**explain_settings, "loss": "release"}}
+    if isinstance(explain_settings, dict):
+        stored = {**stored, "explain": complete_record(explain_settings)}
     if "weights_source" not in stored and "weights_source" in current:
         stored = {**stored, "weights_source": current["weights_source"]}
     return stored
@@ -112,9 +114,10 @@ def _with_recorded_defaults(stored: dict[str, Any], current: dict[str, Any]) -> 
 class RunFolder:
     """Paths and files of one output folder; every write is atomic."""
 
-    def __init__(self, root: Path, data: Optional[Path] = None) -> None:
+    def __init__(self, root: Path, data: Optional[Path] = None, extra_arrays: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.data = None if data is None else Path(data)  # the images: records of changed ones do not count
+        self.arrays = RESULT_ARRAYS + tuple(extra_arrays)  # a result file lacking one is broken (a baseline's maps)
 
     def result_path(self, image: str) -> Path:
         return self.root / "results" / _output_name(image, ".npz")
@@ -252,10 +255,10 @@ class RunFolder:
         result = self.result_path(image)
         try:
             with np.load(result, allow_pickle=False) as arrays:
-                missing = [name for name in RESULT_ARRAYS if name not in arrays.files]
+                missing = [name for name in self.arrays if name not in arrays.files]
                 if missing:
                     return f"its result file {self.relative(result)} lacks {', '.join(missing)}"
-                loaded = {name: arrays[name] for name in RESULT_ARRAYS}  # reads every array: a CRC check
+                loaded = {name: arrays[name] for name in self.arrays}  # reads every array: a CRC check
         except FileNotFoundError:
             return f"its result file {self.relative(result)} is missing"
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -267,12 +270,16 @@ class RunFolder:
                 return f"its overlay {row['overlay']} is missing"
         return None
 
-    def pending(self, images: list[str], retry_failed: bool) -> tuple[list[str], dict[str, str]]:
+    def pending(
+        self, images: list[str], retry_failed: bool, checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[list[str], dict[str, str]]:
         """The images still to explain: those with no whole record, and with `retry_failed` the failed
-        ones; and, among them, the images whose outputs are broken, with what is wrong."""
+        ones; and, among them, the images whose outputs are broken, with what is wrong.  `checked` is
+        told how many images were checked so far (reading every result file takes a while)."""
         pending, broken = [], {}
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows, problem = self.check_record(image)
+            checked(count)
             if problem:
                 broken[image] = problem
             if rows is None or (retry_failed and any(row["status"] != "done" for row in rows)):
@@ -304,19 +311,29 @@ class RunFolder:
     @contextlib.contextmanager
     def reading(self, image: str) -> Iterator[None]:
         """Mark `image` as being read while the block runs: only a process killed in the block (out of
-        memory, or kill -9) leaves the marker, which counts the attempts so far."""
-        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1})
+        memory, or kill -9) leaves the marker, which counts the attempts so far.  The marker is not
+        fsynced: a kill leaves it in the page cache, and a crash of the machine, which loses it, is no
+        fault of the image."""
+        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1}, durable=False)
         try:
             yield
         finally:
             self.reading_path(image).unlink(missing_ok=True)
 
-    def write_index(self, images: list[str]) -> tuple[int, list[str]]:
+    def read_index(self) -> list[dict[str, Any]]:
+        """The rows of index.jsonl, as the last run wrote it."""
+        text = (self.root / INDEX).read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def write_index(
+        self, images: list[str], checked: Callable[[int], None] = lambda count: None
+    ) -> tuple[int, list[str]]:
         """Rebuild index.jsonl from the whole records of `images`, in their order; returns the row
-        count and the images left out for want of a whole record."""
+        count and the images left out for want of a whole record.  `checked` as for `pending`."""
         lines, unfinished = [], []
-        for image in images:
+        for count, image in enumerate(images, 1):
             rows = self.read_record(image)
+            checked(count)
             if rows is None:
                 unfinished.append(image)
             lines += [json.dumps(row) for row in rows or []]

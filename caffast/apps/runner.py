@@ -15,99 +15,42 @@ import argparse
 import contextlib
 import errno
 import gc
-import os
 import signal
-import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .atomic import write_atomically
 from .common import (
-    CliError, default_layer, explain_options, flat_map_notes, load_model, model_preprocessing, say, show_progress,
-    weights_error,
+    CliError, Progress, command_settings, flat_map_notes, model_errors, parse_classes, result_arrays, say,
 )  # fmt: skip
 from .distributed import Processes, start_processes
+from ..core.loop import ProgressCallback
+from ..core.settings import Settings
 from ..engine.explain import Explanation, explain
-from ..models.zoo import file_sha256, weights_source
-from .imagefiles import DEMO, IMAGE_SUFFIXES, ImageReadError, Preprocessing, find_images, read_image
+from ..engine.flat import unwarned
+from ..engine.inputs import Targets
+from ..eval.gradcam import grad_cam
+from ..models.source import ExplainableModel, ModelSource
+from .imagefiles import IMAGE_SUFFIXES, ImageReadError, find_images, read_image, upright_size
 from .runfolder import INDEX, ConfigMismatch, FolderBusy, RunFolder, image_source, is_run_folder
+from .runlocalization import (
+    BASELINE_ARRAY, BASELINE_FIELD, MISSING_SHOWN, LocalizationError, RunLocalization, write_summary,
+)  # fmt: skip
 from ..viz import apply_heatmap
 
-DEMO_ARCH = "demo"
-# "--weights random" must give the same model in every process and in every rerun
-RANDOM_WEIGHTS_SEED = 0
 # a write that fails for want of space: the run stops (every later write would fail alike)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 KILLED_READS = 2  # an image that killed the process this often while it was read fails (a kill -9 may be one)
 BROKEN_SHOWN = 3  # broken images named at the start; the rest are counted
 RUN_FOLDERS_SHOWN = 3  # other runs' output folders left out of the data, named at the start
-
-
-@dataclass
-class RunModel:
-    """The model to explain, its breakpoint, the input it expects, and what its weights are."""
-
-    model: nn.Module
-    layer: str
-    preprocessing: Preprocessing
-    weights: str  # a name ("DEFAULT", "random", ...) or the sha256 of a weights file
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-def weights_identity(weights: str) -> str:
-    """What the results depend on: the content of a weights file (its sha256), else the name."""
-    return f"sha256:{file_sha256(weights)}" if os.path.isfile(weights) else weights
-
-
-def _demo_model(weights: str) -> nn.Module:
-    from ..eval.demo_model import DemoCNN, load_demo_model
-    from ..models.zoo import load_state_dict
-
-    if weights == "DEFAULT":
-        return load_demo_model()
-    model = DemoCNN()
-    if weights != "random":
-        if not os.path.isfile(weights):
-            raise CliError(
-                f"--arch demo takes --weights DEFAULT (the shipped weights), random, or a state-dict file; "
-                f"{weights!r} is none of these"
-            )
-        try:
-            model.load_state_dict(load_state_dict(DEMO_ARCH, weights))
-        except Exception as error:  # torch.load and load_state_dict raise many kinds
-            raise weights_error(weights, DEMO_ARCH, error) from None
-    return model.eval()
-
-
-def load_run_model(arch: str, weights: str, layer: Optional[str], device: str, dtype: torch.dtype) -> RunModel:
-    """The torchvision architecture `arch`, or the shipped demo model for arch 'demo', in `dtype`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        if arch == DEMO_ARCH:
-            model, preprocessing, layer = _demo_model(weights), DEMO, layer or "features"
-        else:
-            model, layer = load_model(arch, weights, "cpu"), layer or default_layer(arch)
-            preprocessing = model_preprocessing(arch, weights)
-    try:
-        model = model.to(device=device, dtype=dtype)
-    except (RuntimeError, AssertionError) as error:
-        raise CliError(f"cannot use device {device!r}: {error}") from None
-    return RunModel(model, layer, preprocessing, weights_identity(weights))
+CHECKS_SHOWN_AFTER = 2.0  # seconds: checking the records of finished images shows progress when it takes longer
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -134,6 +77,7 @@ class LoadedImage:
     tensor: torch.Tensor  # (3, H, W), the model input
     save: bool  # False: finished before, in the batch only so that the batch is the same as ever
     source: Optional[dict[str, Any]] = None  # what the image file was when read (runfolder.image_source)
+    size: Optional[tuple[int, int]] = None  # the picture's upright (width, height), read to score its maps
 
 
 @dataclass
@@ -155,18 +99,21 @@ class Runner:
     """Explains batches of images and writes each one's outputs; one per process."""
 
     def __init__(
-        self, folder: RunFolder, data_dir: Path, model: RunModel, options: dict[str, Any], backend: str,
-        batch_size: int, overlays: bool, tally: Tally,
+        self, folder: RunFolder, data_dir: Path, model: ExplainableModel, targets: Targets, settings: Settings,
+        batch_size: int, overlays: bool, tally: Tally, localization: Optional[RunLocalization] = None,
+        baseline: Optional[str] = None,
     ) -> None:  # fmt: skip
         self.folder = folder
         self.data_dir = data_dir
         self.model = model
-        self.options = options
-        self.backend = backend
+        self.targets = targets
+        self.settings = settings
         self.limit = batch_size  # the batch size, halved for good after an out-of-memory error
         self.overlays = overlays
         self.tally = tally
-        self.progress_bar = False
+        self.localization = localization  # score each map against these annotations
+        self.baseline = baseline  # "gradcam": its maps beside L2-CAF's, at the same layer and targets
+        self.progress: Optional[Progress] = None  # images finished of this process's, once it has some
 
     def check_settings(self) -> None:
         """One iteration on a blank image, so settings explain rejects (a target beyond the classes,
@@ -174,11 +121,17 @@ class Runner:
         size = self.model.preprocessing.size
         blank = torch.zeros(1, 3, size, size, dtype=self.model.dtype, device=self.model.device)
         try:
-            with flat_map_notes(lambda message: None):  # a blank image may well give a flat map
-                explain(self.model.model, blank, self.model.layer, backend=self.backend, **{**self.options, "max_iter": 1})
+            with unwarned():  # a blank image gives a flat map: no warning, and no search for a better layer
+                explain(self.model.model, blank, self.model.layer, self.targets, settings=replace(self.settings, max_iter=1))
         except (ValueError, TypeError, RuntimeError) as error:
             raise CliError(f"the model cannot be explained with these options ({error}): check --layer, --mode "
                            "and --classes") from None
+        if self.baseline is not None:
+            try:
+                self._baseline_maps(blank, None)
+            except (ValueError, TypeError, RuntimeError) as error:
+                raise CliError(f"--baseline {self.baseline} does not run at layer {self.model.layer!r} ({error}): "
+                               "pick a convolutional --layer, or leave --baseline out") from None
 
     def explain_batch(self, names: list[str], unfinished: set[str]) -> None:
         """Explain a batch of images (paths relative to the data folder) and save those in `unfinished`."""
@@ -187,11 +140,13 @@ class Runner:
             source = image_source(self.data_dir / name) if name in unfinished else None  # before it is read
             try:
                 rgb, tensor = self._read(name, name in unfinished)
+                scored = self.localization is not None and name in unfinished
+                size = upright_size(self.data_dir / name) if scored else None
             except ImageReadError as error:
                 if name in unfinished:
                     self._fail(name, str(error), source)
             else:
-                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished, source=source))
+                batch.append(LoadedImage(name, rgb, tensor, save=name in unfinished, source=source, size=size))
         start = 0
         while start < len(batch):  # after an out-of-memory error, in smaller parts
             part = batch[start : start + self.limit]
@@ -223,14 +178,16 @@ class Runner:
         try:
             images = torch.stack([item.tensor for item in batch]).to(self.model.device, self.model.dtype)
             with flat_map_notes(self._note_flat):
-                explanation = explain(self.model.model, images, self.model.layer, backend=self.backend, **self.options)
+                explanation = explain(self.model.model, images, self.model.layer, self.targets, settings=self.settings,
+                                      progress=self._under_way(batch))  # fmt: skip
+            baseline = self._baseline_maps(images, explanation.targets) if self.baseline is not None else None
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
             message = f"{type(error).__name__}: {error}"
         else:
             for index, item in enumerate(batch):
                 if item.save:
-                    self._save_or_stop(item, explanation, index)
+                    self._save_or_stop(item, explanation, index, baseline)
             return
         # outside the except clause the traceback, and the tensors its frames hold, are released
         images = None
@@ -248,34 +205,44 @@ class Runner:
             self._explain_part(part)
             start += len(part)
 
+    def _baseline_maps(self, images: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
+        """The baseline's (N, T, H, W) maps at the run's layer, for L2-CAF's targets."""
+        return grad_cam(self.model.model, images, self.model.layer, targets).maps.float()
+
+    def _under_way(self, batch: list[LoadedImage]) -> Optional[ProgressCallback]:
+        """What the solver's share of the batch's work moves: the progress of the images it will save."""
+        if self.progress is None:
+            return None
+        progress, finished, saved = self.progress, self.tally.done + self.tally.failed, sum(item.save for item in batch)
+        return lambda share: progress.update(finished, share * saved)
+
     def _note_flat(self, message: str) -> None:
         if self.tally.flat_note is None:
             self.tally.flat_note = message
             say(f"caffast: warning: {message} (such maps are marked \"flat\" in index.jsonl)")
 
-    def _save_or_stop(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
+    def _save_or_stop(
+        self, item: LoadedImage, explanation: Explanation, index: int, baseline: Optional[torch.Tensor]
+    ) -> None:
         try:
-            self._save(item, explanation, index)
+            self._save(item, explanation, index, baseline)
         except OSError as error:  # the output folder's storage, not the image: the run stops
             raise _cannot_write(error, self.folder.root) from None
 
-    def _save(self, item: LoadedImage, explanation: Explanation, index: int) -> None:
+    def _save(self, item: LoadedImage, explanation: Explanation, index: int, baseline: Optional[torch.Tensor]) -> None:
         """The image's arrays, then its overlays, then its record: the record marks it finished."""
         folder = self.folder
-
-        def array(tensor: torch.Tensor) -> np.ndarray:
-            return tensor[index].detach().cpu().numpy()
-
-        targets = array(explanation.targets)
-        result = folder.write_result(item.name, {
-            "filters": array(explanation.filters.float()),
-            "maps": array(explanation.maps.float()),
-            "iterations": array(explanation.iterations),
-            "loss": array(explanation.loss.float()),
-            "objective": array(explanation.objective),
-            "gradient_norm": array(explanation.gradient_norm),
-            "targets": targets,
-        })  # fmt: skip
+        arrays = result_arrays(explanation, index)
+        targets = arrays["targets"]
+        if baseline is not None:
+            arrays[BASELINE_ARRAY[self.baseline]] = baseline[index].detach().cpu().numpy()
+        top1, probabilities = _prediction(explanation.output, index)
+        try:
+            scores = self._score(item, arrays, targets.tolist(), top1)
+        except LocalizationError as error:
+            self._fail(item.name, str(error), item.source)
+            return
+        result = folder.write_result(item.name, arrays)
         rows = []
         for column, target in enumerate(targets.tolist()):
             row = {
@@ -289,6 +256,10 @@ class Runner:
                 "flat": bool(explanation.flat[index, column]),
                 "result": folder.relative(result),
             }
+            if top1 is not None:
+                row["top1"] = top1
+                row["probability"] = float(probabilities[target]) if 0 <= target < len(probabilities) else None
+            row.update(scores[column])
             if self.overlays:
                 specific = explanation.mode == "specific"
                 path = folder.overlay_path(item.name, target if specific else None)
@@ -303,6 +274,23 @@ class Runner:
             self.tally.flat += sum(row["flat"] for row in rows)
         self._report()
 
+    def _score(
+        self, item: LoadedImage, arrays: dict[str, np.ndarray], targets: list[int], top1: Optional[int]
+    ) -> list[dict[str, Any]]:
+        """Per target, the index row fields of the protocol's records of its maps, L2-CAF's and the
+        baseline's (runlocalization's docstring lists them); none without annotations."""
+        if self.localization is None or item.size is None:
+            return [{} for _ in targets]
+        maps = {"localization": arrays["maps"]}
+        if self.baseline is not None:
+            maps[BASELINE_FIELD[self.baseline]] = arrays[BASELINE_ARRAY[self.baseline]]
+        scores = self.localization.score(item.name, item.size, self.model.preprocessing, maps, targets, top1)
+        if scores is None:  # the annotations do not cover the image
+            return [dict.fromkeys(maps) for _ in targets]
+        shared = {"image_size": list(item.size), "objects": scores.objects}
+        return [{**shared, **{field: records[column] for field, records in scores.records.items()}}
+                for column in range(len(targets))]  # fmt: skip
+
     def _fail(self, name: str, error: str, source: Optional[dict[str, Any]]) -> None:
         """Record the image as failed; its `source` lets a rerun explain it again once the file is replaced."""
         try:
@@ -315,8 +303,17 @@ class Runner:
         self._report()
 
     def _report(self) -> None:
-        if self.progress_bar:
-            show_progress(self.tally.done + self.tally.failed, self.tally.planned, "explaining")
+        if self.progress is not None:
+            self.progress.update(self.tally.done + self.tally.failed)
+
+
+def _prediction(output: torch.Tensor, index: int) -> tuple[Optional[int], np.ndarray]:
+    """The model's top-1 class for image `index` and its class probabilities (softmax); (None, empty)
+    when the output is not one score per class."""
+    if output.dim() != 2:
+        return None, np.zeros(0)
+    scores = output[index].detach().float().cpu()
+    return int(scores.argmax()), torch.softmax(scores.double(), dim=0).numpy()
 
 
 def _cannot_write(error: OSError, root: Path) -> CliError:
@@ -348,13 +345,15 @@ class RunSummary:
     index: Path
     rows: int
     flat: int = 0  # maps of this run that came back flat
+    localization: Optional[str] = None  # with --annotations: the table of the whole folder's scores
 
     def __str__(self) -> str:
         rate = (self.done + self.failed) / max(self.seconds, 1e-9)
         flat = f", {self.flat} of their maps flat (marked \"flat\" in the index)" if self.flat else ""
+        table = f"\n{self.localization}" if self.localization else ""
         return (
             f"{self.done} images done{flat}, {self.failed} failed, {self.skipped} skipped (finished before) "
-            f"in {self.seconds:.1f} s ({rate:.2f} images/s)\nindex: {self.index} ({self.rows} rows)"
+            f"in {self.seconds:.1f} s ({rate:.2f} images/s)\nindex: {self.index} ({self.rows} rows){table}"
         )
 
 
@@ -466,13 +465,22 @@ def _images(data_dir: Path, folder: RunFolder) -> list[str]:
     return images
 
 
+def _say_missing(missing: list[str]) -> None:
+    """Name the images the annotations do not cover: they are explained, not scored."""
+    if missing:
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (" ..." if len(missing) > MISSING_SHOWN else "")
+        say(f"{len(missing)} images have no annotation and are explained but not scored: {shown}")
+
+
 def _plan(
-    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool
+    folder: RunFolder, images: list[str], config: dict[str, Any], retry_failed: bool, quiet: bool
 ) -> tuple[list[str], list[str]]:
     """All the images and the unfinished ones, after claiming the output folder for `config` (call it
     holding the folder's lock).  Says which images had broken outputs or changed, and are explained again."""
     folder.claim(config)
-    pending, broken = folder.pending(images, retry_failed)
+    checking = Progress(len(images), "checking earlier outputs", quiet=quiet, delay=CHECKS_SHOWN_AFTER)
+    pending, broken = folder.pending(images, retry_failed, checking.update)
+    checking.end()
     if broken:
         named = [f"{image} ({problem})" for image, problem in list(broken.items())[:BROKEN_SHOWN]]
         more = f" and {len(broken) - BROKEN_SHOWN} more" if len(broken) > BROKEN_SHOWN else ""
@@ -491,30 +499,45 @@ def _batches(images: list[str], pending: list[str], size: int) -> list[list[str]
 def _run(
     args: argparse.Namespace, data_dir: Path, processes: Processes, started: float, tally: Tally
 ) -> Optional[RunSummary]:
-    options = explain_options(args)
-    model = load_run_model(args.arch, args.weights, args.layer, processes.device(args.device), getattr(torch, args.dtype))
-    folder = RunFolder(Path(args.out), data_dir)
-    runner = Runner(folder, data_dir, model, options, args.backend, args.batch_size, args.overlays, tally)
+    settings, targets = command_settings(args), parse_classes(args.classes)
+    source = ModelSource(args.arch, args.weights)
+    with model_errors():
+        model = source.explainable(args.layer, processes.device(args.device), getattr(torch, args.dtype))
+    localization = RunLocalization.load(args.annotations, args.threshold) if args.annotations else None
+    if args.threshold is not None and localization is None:
+        raise CliError("--threshold sets where the CAM protocol cuts the maps of --annotations: pass --annotations "
+                       "PATH too, or leave --threshold out")
+    baseline_arrays = (BASELINE_ARRAY[args.baseline],) if args.baseline else ()
+    folder = RunFolder(Path(args.out), data_dir, baseline_arrays)
+    runner = Runner(folder, data_dir, model, targets, settings, args.batch_size, args.overlays, tally, localization,
+                    args.baseline)  # fmt: skip
     runner.check_settings()
     config = {
         "data": str(data_dir.resolve()),
         "arch": args.arch,
-        "weights": model.weights,
-        "weights_source": None if args.arch == DEMO_ARCH else weights_source(args.arch, args.weights),
+        "weights": model.source.weights_identity(),
+        "weights_source": model.source.weights_origin(),
         "layer": model.layer,
         "dtype": args.dtype,
         "input": model.preprocessing.record(),
-        "explain": options,
+        "explain": {**settings.to_record(), "targets": targets},
         "overlays": args.overlays,
     }
+    # written only when used, so that the folders of runs without them still resume
+    if localization is not None:
+        config["annotations"] = localization.record()
+    if args.baseline:
+        config["baseline"] = args.baseline
     with contextlib.ExitStack() as lock:
         # rank 0 locks and checks the folder; every rank gets its verdict, so a refusal stops all alike
         verdict: Any = None
         if processes.first:
             try:
                 images = _images(data_dir, folder)
+                if localization is not None:
+                    _say_missing(localization.missing(images))
                 lock.enter_context(folder.locked(args.wait, say))  # held until the run ends
-                verdict = _plan(folder, images, config, args.retry_failed)
+                verdict = _plan(folder, images, config, args.retry_failed, args.quiet)
             except (CliError, ConfigMismatch, FolderBusy) as error:
                 verdict = str(error)
             except OSError as error:
@@ -536,10 +559,12 @@ def _explain_plan(
     batches = _batches(images, pending, args.batch_size)
     mine = batches[processes.rank :: processes.world_size]
     tally.planned = sum(name in unfinished for batch in mine for name in batch)
-    if processes.first:
+    if processes.first and not args.quiet:
         on = f" on {processes.world_size} processes" if processes.world_size > 1 else ""
-        print(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}", file=sys.stderr)
-        runner.progress_bar = True
+        say(f"{len(images)} images: {skipped} finished before, {len(pending)} to explain{on}")
+    if tally.planned:
+        rank = processes.rank if processes.world_size > 1 else None
+        runner.progress = Progress(tally.planned, "explaining", quiet=args.quiet, rank=rank)
 
     # every rank takes part in every round, so that each waits for the others one batch at most
     problem, stopped = "", 0
@@ -552,6 +577,8 @@ def _explain_plan(
         stopped = processes.check_in(bool(problem))
         if stopped:
             break
+    if runner.progress is not None:
+        runner.progress.end()
     if problem:
         raise CliError(problem)
     if stopped:
@@ -560,10 +587,19 @@ def _explain_plan(
     done, failed, flat = processes.total([tally.done, tally.failed, tally.flat])
     if not processes.first:
         return None
-    rows, unfinished_now = folder.write_index(images)
+    indexing = Progress(len(images), "writing the index", quiet=args.quiet, delay=CHECKS_SHOWN_AFTER)
+    rows, unfinished_now = folder.write_index(images, indexing.update)
+    indexing.end()
     if unfinished_now:
         say(
             f"{len(unfinished_now)} images have no whole outputs (removed or damaged while the run went on?), "
             f"e.g. {unfinished_now[0]}: run the same command again to explain them"
         )
-    return RunSummary(done, failed, skipped, time.perf_counter() - started, folder.root / INDEX, rows, flat)
+    table = None
+    if runner.localization is not None:
+        try:
+            table = write_summary(folder.root, folder.read_index(), runner.localization.record())
+        except OSError as error:
+            raise _cannot_write(error, folder.root) from None
+    seconds = time.perf_counter() - started
+    return RunSummary(done, failed, skipped, seconds, folder.root / INDEX, rows, flat, table)

@@ -39,14 +39,15 @@ def global_hooks() -> bool:
 
 
 def map_layers(model: nn.Module, images: torch.Tensor) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """The candidate breakpoints: every named module whose output is a 4-D map, in the order their
-    calls end on `images`, each with the (C, H, W) of every call (a reused module, such as a ResNet
-    block's ReLU, runs more than once).  The hooks are removed again, also on an error."""
+    """The candidate breakpoints: every named module whose output is a 4-D map (5-D on clips and
+    volumes), in the order their calls end on `images`, each with the (C, H, W) (or (C, D, H, W)) of
+    every call (a reused module, such as a ResNet block's ReLU, runs more than once).  The hooks are
+    removed again, also on an error."""
     shapes: dict[str, list[tuple[int, ...]]] = {}
 
     def recorder(name: str) -> Callable[..., None]:
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
+            if isinstance(output, torch.Tensor) and output.dim() == images.dim():
                 shapes.setdefault(name, []).append(tuple(output.shape[1:]))
 
         return record
@@ -126,7 +127,7 @@ class Tail:
     kind: str
 
     def __call__(self, filtered: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-        """`filtered` (P, C, H, W) comes from images `image_index` (P,); returns the output (P, ...)."""
+        """`filtered` (P, C, *grid) comes from images `image_index` (P,); returns the output (P, ...)."""
         raise NotImplementedError
 
 
@@ -188,16 +189,19 @@ def _misfit(model: nn.Module, images: torch.Tensor, error: BaseException) -> Opt
     if convolution is not None and convolution.in_channels != channels:
         wanted = convolution.in_channels
         grayscale = channels == 1 and wanted == 3
-        fix = "repeat the grayscale channel with images.expand(-1, 3, -1, -1)" if grayscale else f"pass {wanted}-channel images"
+        spread = ", -1" * (images.dim() - 2)
+        fix = f"repeat the grayscale channel with images.expand(-1, 3{spread})" if grayscale else (
+            f"pass {wanted}-channel images")  # fmt: skip
         return f"the model's first convolution takes {wanted} channels, the images have {channels}: {fix}"
     weight = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
     if weight is not None and weight.dtype != images.dtype:
         return f"the images are {images.dtype}, the model's weights {weight.dtype}: convert them with images.to({weight.dtype})"
     if any(pattern in str(error).lower() for pattern in _TOO_SMALL):
-        height, width = images.shape[2:]
+        size = " x ".join(map(str, images.shape[2:]))
+        usual = "224 x 224 for ImageNet models" if images.dim() == 4 else "16 x 112 x 112 for torchvision's video models"
         return (
-            f"the images ({height} x {width}) are too small for the network, or not the size it was built for: "
-            "pass images of the size it takes (224 x 224 for ImageNet models)"
+            f"the images ({size}) are too small for the network, or not the size it was built for: "
+            f"pass images of the size it takes ({usual})"
         )
     return None
 
@@ -483,6 +487,6 @@ def split(
             )
         split_at = capture_with_hook(model, name, module, images), HookTail(model, module, images)
     capture, tail = split_at
-    image = (images.shape[-2], images.shape[-1])
+    image = tuple(images.shape[2:])
     capture.layout = resolve_layout(name, capture.features, image, model, module, layout, reshape_transform)
     return capture, tail

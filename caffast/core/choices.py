@@ -1,8 +1,22 @@
-"""Validation of the named options (mode, optimizer, map, backend, ...): one message for every one."""
+"""The named options (mode, optimizer, map, backend, ...): their valid values, and one message for
+every one that is refused.
+
+Each Literal type is the one list of its option's values: the modules that implement an option take
+their tuple from it with typing.get_args, and caffast.core.settings and the command line read it.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from typing import Literal, Sequence, TypeVar
+
+Mode = Literal["oblivious", "specific"]
+ConstraintName = Literal["l2norm", "softmax", "gauss"]
+InitName = Literal["ones", "normal"]
+MapName = Literal["abs", "positive", "signed"]
+OptimizerName = Literal["sgd", "adam", "adam_tf1"]
+SolverName = Literal["gd", "fast", "exact"]
+BackendName = Literal["auto", "torch", "cpp", "triton"]
+LossName = Literal["release", "margin", "logit", "log_softmax"]
 
 Choice = TypeVar("Choice")
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .constraints import ConstraintLike, as_constraint
+from .constraints import Constraint
 from .heads import FusedHead
 from .loop import Problem
 
@@ -37,10 +37,10 @@ _DEGENERATE = 1e-12  # eigenvalues this close (relative to the largest) count as
 DESCENT_STEPS_PER_ITERATION = 10  # the descent's step budget, in units of explain's max_iter
 
 
-def has_closed_form(head: FusedHead | None, constraint: ConstraintLike) -> bool:
+def has_closed_form(head: FusedHead | None, constraint: Constraint) -> bool:
     """Fused heads with the unit-sphere filter, with a linear class-specific loss or a plain head:
     solved without iterating."""
-    if head is None or not as_constraint(constraint).on_sphere:
+    if head is None or not constraint.on_sphere:
         return False
     return head.is_linear or (head.mode == "oblivious" and head.parts == 1)
 
@@ -126,7 +126,7 @@ def _sphere_quadratic_minimizer(gram: torch.Tensor) -> torch.Tensor:
 
 
 def descend(
-    problem: Problem, initial: torch.Tensor, constraint: ConstraintLike, tolerance: float, max_steps: int
+    problem: Problem, initial: torch.Tensor, constraint: Constraint, tolerance: float, max_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient descent from `initial` until the projected gradient is below `tolerance`.
 
@@ -143,7 +143,6 @@ def descend(
     This is not a second copy of the reference loop (caffast.core.loop, shared by every backend): it is
     the other solver, with its own steps and stopping rule, driven through the same Problem interface.
     """
-    constraint = as_constraint(constraint)
     params = constraint.retract(initial.clone())
     count = params.shape[0]
     everyone = torch.arange(count, device=params.device)
@@ -186,7 +185,7 @@ def descend(
 
 
 def stationarity(
-    problem: Problem, params: torch.Tensor, constraint: ConstraintLike, mirrored: Optional[Problem] = None
+    problem: Problem, params: torch.Tensor, constraint: Constraint, mirrored: Optional[Problem] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss at `params` and the norm of its projected gradient (the gradient on the sphere's
     tangent plane for l2norm, the plain gradient for the other parameterizations).
@@ -196,7 +195,7 @@ def stationarity(
     one of least magnitude between them (zero when they straddle zero), the minimal-norm subgradient,
     so that a minimizer with zero cells reports a vanishing norm too.
     """
-    at = as_constraint(constraint).retract(params.clone())
+    at = constraint.retract(params.clone())
     everyone = torch.arange(at.shape[0], device=at.device)
     loss, grad = problem.loss_and_grad(at, everyone)
     if mirrored is not None:

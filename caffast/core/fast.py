@@ -70,7 +70,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .constraints import ConstraintLike, as_constraint
+from .constraints import Constraint
 from .loop import Problem
 
 
@@ -91,7 +91,7 @@ _QP_ITERATIONS = 150  # accelerated projected-gradient iterations of the bundle'
 def fast_minimize(
     problem: Problem,
     initial: torch.Tensor,
-    constraint: ConstraintLike = "l2norm",
+    constraint: Constraint,
     tolerance: float = 1e-8,
     max_evaluations: int = 30,
     *,
@@ -126,7 +126,7 @@ def fast_minimize(
         raise ValueError(f"max_evaluations must be at least 1, got {max_evaluations}")
     if stall_window < 1:
         raise ValueError(f"stall_window must be at least 1, got {stall_window}")
-    sphere = as_constraint(constraint).on_sphere
+    sphere = constraint.on_sphere
     shape = initial.shape[1:]
     dtype, device = initial.dtype, initial.device
     work = torch.float64

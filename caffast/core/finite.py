@@ -33,7 +33,7 @@ class Suspects:
     lr: float
     layer: str
     features: torch.Tensor
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     objective: bool
     scorer: Callable[[int], Optional[str]] = lambda problem: None  # the callable target that scores it
 

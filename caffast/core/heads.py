@@ -2,8 +2,10 @@
 
 For such a tail the filtered output is an explicit function of the filter g (docs/design.md, 'The fused head'):
 FT = M_s g / HW + b, with M = W A (K x HW) and, after a ReLU, M_s choosing per cell between
-M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  One batched product and
-the HW x HW Grams are computed once; after that no iteration touches the C channels or the K outputs.
+M+ = W relu(A) (cells with g >= 0) and M- = W min(A, 0) (cells with g < 0).  On the (D, H, W) grid of
+a clip or a volume (a 3-D pool before the Linear) HW stands for its D * H * W cells: nothing else
+changes.  One batched product and the HW x HW Grams are computed once; after that no iteration
+touches the C channels or the K outputs.
 Everything here is float64: the Grams are small and the loss differences that decide stopping stay
 exact at the 1e-6 level.
 """
@@ -18,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constraints import ConstraintLike, Grid, as_constraint
+from .constraints import Grid
 from .breakpoints import FxTail, Tail, hooks_of
 from .losses import ClassLoss
 
@@ -42,22 +44,33 @@ _FUSED_FORMS = (
 
 
 def _is_unit(size: Any) -> bool:
-    return size == 1 or tuple(size) == (1, 1) if isinstance(size, (int, tuple, list)) else False
+    return size == 1 or all(s == 1 for s in size) if isinstance(size, (int, tuple, list)) else False
 
 
-def _is_spatial_dims(dims: Any) -> bool:
-    return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3]
+def _is_spatial_dims(dims: Any, grid: Grid) -> bool:
+    """Whether `dims` are the grid's axes of an (N, C, *grid) map, in any order or sign."""
+    rank = 2 + len(grid)
+    return isinstance(dims, (tuple, list)) and sorted(d % rank for d in dims) == list(range(2, rank))
+
+
+# the average pools of a map with a 2-D and a 3-D grid, as modules and as functions
+_ADAPTIVE_POOLS = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_AVERAGE_POOLS = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_ADAPTIVE_POOL_FUNCTIONS = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_AVERAGE_POOL_FUNCTIONS = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _classify(node: fx.Node, modules: dict[str, nn.Module], grid: Grid) -> Optional[str]:
     """The role of one tail node in a fused head: relu, pool, flatten, identity or linear."""
+    rank = len(grid)
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, nn.ReLU):
             return "relu"
-        if isinstance(module, nn.AdaptiveAvgPool2d) and _is_unit(module.output_size):
+        if isinstance(module, _ADAPTIVE_POOLS.get(rank, ())) and _is_unit(module.output_size):
             return "pool"
-        if isinstance(module, nn.AvgPool2d) and module.padding == 0 and tuple(_pair(module.kernel_size)) == grid:
+        if isinstance(module, _AVERAGE_POOLS.get(rank, ())) and module.padding == 0 \
+                and _sizes(module.kernel_size, rank) == grid:  # fmt: skip
             return "pool"
         if isinstance(module, nn.Flatten) and module.start_dim == 1:
             return "flatten"
@@ -71,13 +84,14 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], grid: Grid) -> Optio
     if node.op == "call_function":
         if node.target in _RELUS:
             return "relu"
-        if node.target is F.adaptive_avg_pool2d and _is_unit(args[0] if args else kwargs.get("output_size")):
+        size = args[0] if args else kwargs.get("output_size")
+        if node.target is _ADAPTIVE_POOL_FUNCTIONS.get(rank) and _is_unit(size):
             return "pool"
-        if node.target is torch.mean and _is_spatial_dims(args[0] if args else kwargs.get("dim")):
+        if node.target is torch.mean and _is_spatial_dims(args[0] if args else kwargs.get("dim"), grid):
             return "pool"
-        if node.target is F.avg_pool2d:
+        if node.target is _AVERAGE_POOL_FUNCTIONS.get(rank):
             kernel = args[0] if args else kwargs.get("kernel_size")
-            if tuple(_pair(kernel)) == grid and not kwargs.get("padding"):
+            if _sizes(kernel, rank) == grid and not kwargs.get("padding"):
                 return "pool"
         if node.target is torch.flatten and (args[0] if args else kwargs.get("start_dim", 0)) == 1:
             return "flatten"
@@ -87,15 +101,16 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], grid: Grid) -> Optio
     if node.op == "call_method":
         if node.target in ("relu", "relu_"):
             return "relu"
-        if node.target == "mean" and _is_spatial_dims(args[0] if args else kwargs.get("dim")):
+        if node.target == "mean" and _is_spatial_dims(args[0] if args else kwargs.get("dim"), grid):
             return "pool"
         if node.target == "flatten" and (args[0] if args else kwargs.get("start_dim", 0)) == 1:
             return "flatten"
     return None
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+def _sizes(value: Any, rank: int) -> tuple[int, ...]:
+    """A kernel size as one int per grid axis."""
+    return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
 def detect_head(tail: Tail, grid: Grid) -> Optional[HeadSpec]:
@@ -132,7 +147,7 @@ def detect_head(tail: Tail, grid: Grid) -> Optional[HeadSpec]:
 
 
 def _pool_drops_spatial(node: fx.Node) -> bool:
-    """A mean over (2, 3) without keepdim already gives (N, C): no flatten is needed."""
+    """A mean over the grid's axes without keepdim already gives (N, C): no flatten is needed."""
     keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
     return node.op in ("call_method", "call_function") and node.target in ("mean", torch.mean) and not keepdim
 
@@ -186,7 +201,6 @@ def precompute(
     """The truncated forward: M (or M+ and M-) by one batched product, then what the mode and the
     loss read: the Grams (class-oblivious), the linear terms (a linear class-specific loss) or the
     products themselves (a nonlinear one)."""
-    _, _, height, width = features.shape
     # M in the network's own precision (float32 for float32 features, as the tail would compute it);
     # the Grams, the loop and the stopping decisions in float64
     cells = features.flatten(2)
@@ -194,7 +208,7 @@ def precompute(
     parts = [cells.clamp_min(0), cells.clamp_max(0)] if spec.relu else [cells]
     products = torch.stack([weight @ part for part in parts], dim=1).to(torch.float64)  # (N, S, K, HW)
     classes = spec.weight.shape[0]
-    grid = (height, width)
+    grid = tuple(features.shape[2:])
     if mode == "oblivious":
         gram = torch.einsum("naki,nbkj->nabij", products, products)
         return FusedHead(gram, None, None, image_index, mode, classes, grid)
@@ -218,46 +232,3 @@ def filter_parts(g: torch.Tensor, parts: int, zeros_negative: bool = False) -> l
         return [g]
     positive = g > 0 if zeros_negative else g >= 0
     return [torch.where(positive, g, 0), torch.where(positive, 0, g)]
-
-
-class FusedProblem:
-    """The fused head's loss as an explicit function of the filter, differentiated by autograd.
-
-    This is the plain PyTorch twin of the compiled fused solvers.  `zeros_negative` differentiates
-    at zero cells from the negative side (see filter_parts).
-    """
-
-    def __init__(self, head: FusedHead, constraint: ConstraintLike, zeros_negative: bool = False):
-        self.head = head
-        self.constraint = as_constraint(constraint)
-        self.zeros_negative = zeros_negative
-
-    def loss_and_grad(self, params: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        head = self.head
-        cells = head.grid[0] * head.grid[1]
-        with torch.enable_grad():
-            params = params.detach().requires_grad_(True)
-            # the filter joins the float64 Grams and linear terms in their precision, whatever the
-            # constraint's own (the softmax and Gaussian filters follow the parameters' dtype)
-            g = self.constraint.multiplier(params, head.grid).flatten(1).to(torch.float64)
-            parts = filter_parts(g, head.parts, self.zeros_negative)
-            if head.mode == "specific" and head.linear is None:
-                products = head.products.index_select(0, head.image.index_select(0, active))
-                logits = sum(torch.einsum("pkj,pj->pk", products[:, a], part) for a, part in enumerate(parts))
-                output = logits / cells + head.bias
-                loss = head.class_loss(output, head.targets.index_select(0, active), None)
-            elif head.mode == "specific":
-                linear = head.linear.index_select(0, active)
-                projection = sum((part * linear[:, a]).sum(1) for a, part in enumerate(parts))
-                loss = projection / cells + head.constant.index_select(0, active)
-            else:
-                z = [parts[0] - 1, *parts[1:]]
-                gram = head.gram.index_select(0, head.image.index_select(0, active))
-                quadratic = sum(
-                    torch.einsum("pi,pij,pj->p", left, gram[:, a, b], right)
-                    for a, left in enumerate(z)
-                    for b, right in enumerate(z)
-                )
-                loss = quadratic / (head.classes * cells**2)
-            (grad,) = torch.autograd.grad(loss.sum(), params)
-        return loss.detach(), grad

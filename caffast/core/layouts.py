@@ -1,17 +1,21 @@
 """Where the spatial grid lies in a breakpoint's output, so that the filter multiplies the right cells.
 
-Convolutional layers give (N, C, H, W).  Transformers give channels-last maps (N, H, W, C)
-(torchvision's swin_t, timm's Swin) or tokens (N, L, C) with prefix tokens (a class token) before
-the H * W patch tokens (ViT).  A layout turns the layer's output into an (N, C, H, W) grid for the
-filter; the filter multiplies the patch cells where they lie, prefix tokens stay as they are, and the
-tail sees the layer's own layout.  pytorch-grad-cam's `reshape_transform` defines a layout too: any
-function that only selects and rearranges elements (slicing, reshape, permute) does.
+Convolutional layers give (N, C, H, W), or (N, C, D, H, W) on clips and volumes.  Transformers give
+channels-last maps (N, H, W, C) (torchvision's swin_t, timm's Swin; (N, D, H, W, C) for torchvision's
+swin3d_t) or tokens (N, L, C) with prefix tokens (a class token) before the H * W patch tokens (ViT).
+A layout turns the layer's output into an (N, C, *grid) map for the filter; the filter multiplies the
+patch cells where they lie, prefix tokens stay as they are, and the tail sees the layer's own layout.
+pytorch-grad-cam's `reshape_transform` defines a layout too: any function that only selects and
+rearranges elements (slicing, reshape, permute) does.
 
 A 4-D shape is read as channels-first or channels-last where the layer's last module says so (a
 convolution, normalization or pooling: channels-first; a Linear or LayerNorm over the last axis:
 channels-last, where its forward is the class's own or is seen to take that arrangement) and that
 reading fits the image, or else where only one reading fits (a (N, 7, 7, 768)
-map of a 224 x 224 image cannot be a 7 x 768 grid); otherwise the layout must be given.
+map of a 224 x 224 image cannot be a 7 x 768 grid); otherwise the layout must be given.  A 5-D map
+is read the same way against the clip's (D, H, W), its depth axis with a stride of its own (video
+networks subsample time and space differently).  Tokens of a clip or a volume are not factored into
+a (D, H, W) grid: a reshape_transform says how they lie.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import torch.nn as nn
 
 from .choices import check_choice
 
-LAYOUTS = ("nchw", "nhwc", "tokens")
+LAYOUTS = ("nchw", "nhwc", "tokens", "ncdhw", "ndhwc")
+# the channels-first and channels-last layouts of a map with 4 and 5 dimensions
+_CHANNEL_LAYOUTS = {4: ("nchw", "nhwc"), 5: ("ncdhw", "ndhwc")}
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
-Grid = tuple[int, int]
+Grid = tuple[int, ...]  # (H, W), or (D, H, W)
 
 
 @dataclass
@@ -36,8 +42,9 @@ class Layout:
     """How the grid sits in a layer's output of one image.
 
     `positions` (the output's per-image shape) holds, for every element, 0 where the filter leaves it
-    alone (a prefix token) and 1 + h * W + w where cell (h, w) multiplies it; None for channels-first,
-    where the filter simply broadcasts over channels.
+    alone (a prefix token) and 1 + h * W + w where cell (h, w) multiplies it (1 + the cell's row-major
+    index on a (D, H, W) grid); None for channels-first, where the filter simply broadcasts over
+    channels.
     """
 
     name: str
@@ -54,7 +61,7 @@ class Layout:
         return lambda features, params: self.apply(features, constraint.multiplier(params, self.grid)).to(features.dtype)
 
     def apply(self, features: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-        """`features` (P, ...) in the layer's layout times the filters `multiplier` (P, H, W)."""
+        """`features` (P, ...) in the layer's layout times the filters `multiplier` (P, *grid)."""
         if self.positions is None:
             return features * multiplier[:, None]
         cells = multiplier.flatten(1)
@@ -62,12 +69,19 @@ class Layout:
         return features * extended[:, self.positions.to(features.device)]
 
 
-def _nchw(features: torch.Tensor) -> Layout:
-    return Layout("nchw", (features.shape[2], features.shape[3]), lambda x: x)
+def _channels_first(features: torch.Tensor) -> Layout:
+    """(N, C, H, W) or (N, C, D, H, W): the grid is the trailing axes."""
+    return Layout(_CHANNEL_LAYOUTS[features.dim()][0], tuple(features.shape[2:]), lambda x: x)
 
 
-def _nhwc(features: torch.Tensor) -> Layout:
-    return _probed("nhwc", features, lambda x: x.permute(0, 3, 1, 2))
+def _channels_last(features: torch.Tensor) -> Layout:
+    """(N, H, W, C) or (N, D, H, W, C): the channels move before the grid."""
+    rank = features.dim() - 2
+
+    def channels_first(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, rank + 1, *range(1, rank + 1))
+
+    return _probed(_CHANNEL_LAYOUTS[features.dim()][1], features, channels_first)
 
 
 def _tokens(features: torch.Tensor, prefix: int, grid: Grid) -> Layout:
@@ -87,24 +101,25 @@ def _probed(name: str, features: torch.Tensor, to_grid: Callable[[torch.Tensor],
     probe = torch.arange(1, count + 1, dtype=torch.float64).view(1, *shape)
     explanation = (
         "reshape_transform must only select and rearrange the layer's elements (slicing, reshape, "
-        "permute, transpose), as pytorch-grad-cam's ViT and Swin transforms do, and return (N, C, H, W)"
+        "permute, transpose), as pytorch-grad-cam's ViT and Swin transforms do, and return (N, C, H, W) "
+        "(or (N, C, D, H, W) for a clip or a volume)"
     )
     try:
         grid = to_grid(probe)
     except Exception as error:
         raise ValueError(f"{explanation}; on the layer's output {tuple(features.shape)} it raised: {error}") from error
-    if not isinstance(grid, torch.Tensor) or grid.dim() != 4 or grid.shape[0] != 1:
+    if not isinstance(grid, torch.Tensor) or grid.dim() not in _CHANNEL_LAYOUTS or grid.shape[0] != 1:
         got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
         raise ValueError(f"{explanation}; it returned {got} for one image")
     values = grid.flatten()
     if grid.dtype != torch.float64 or (values != values.round()).any() or values.min() < 1 or values.max() > count \
             or values.unique().numel() != values.numel():  # fmt: skip
         raise ValueError(f"{explanation}; it changed or repeated the values")
-    _, channels, height, width = grid.shape
-    cells = torch.arange(height * width).repeat(channels)
+    _, channels, *cells_shape = grid.shape
+    cells = torch.arange(math.prod(cells_shape)).repeat(channels)
     positions = torch.zeros(count, dtype=torch.long)
     positions[values.long() - 1] = 1 + cells
-    return Layout(name, (height, width), to_grid, positions.view(shape))
+    return Layout(name, tuple(cells_shape), to_grid, positions.view(shape))
 
 
 def _fits(grid: Grid, image: Grid) -> bool:
@@ -116,6 +131,13 @@ def _fits(grid: Grid, image: Grid) -> bool:
         if cells > slack:
             high = min(high, pixels / (cells - slack))
     return low <= high and all(cells <= pixels for cells, pixels in zip(grid, image))
+
+
+def _fits_clip(grid: Grid, image: Grid) -> bool:
+    """Whether a (d, h, w) grid can be a clip or a volume (D, H, W) seen at one stride in H and W and
+    one of its own in D; against 2-D images the depth is not checked."""
+    frames = image[0] if len(image) == 3 else math.inf
+    return _fits(grid[1:], image[-2:]) and grid[0] <= frames
 
 
 _CHANNELS_FIRST = (
@@ -160,23 +182,28 @@ def _output_channels(leaf: nn.Module) -> Optional[int]:
     return None
 
 
+# torchvision's Permute modules that end a channels-last or a channels-first map
+_PERMUTES = {(0, 2, 3, 1): "last", (0, 3, 1, 2): "first", (0, 2, 3, 4, 1): "last", (0, 4, 1, 2, 3): "first"}
+
+
 def _leaf_says(module: nn.Module, channels_last_size: int) -> Optional[str]:
-    """What the layer's last layout-bearing module implies: "nchw", "nhwc" or None (undecided)."""
+    """What the layer's last layout-bearing module implies: "first" (channels first), "last" or None
+    (undecided)."""
     for leaf in reversed([m for m in module.modules() if not list(m.children())]):
         if isinstance(leaf, _CHANNELS_FIRST):
-            return "nchw"
+            return "first"
         channels = _output_channels(leaf)
         if channels is not None:
             on_last_axis = _last_axis_module(leaf)
             if on_last_axis is None:
                 return None
             if not on_last_axis:
-                return "nchw"
+                return "first"
             if channels == channels_last_size:
-                return "nhwc"
+                return "last"
         dims = getattr(leaf, "dims", None)
         if type(leaf).__name__ == "Permute" and dims is not None:
-            return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(dims))
+            return _PERMUTES.get(tuple(dims))
     return None
 
 
@@ -212,7 +239,8 @@ def resolve_layout(
     layout: Optional[str] = None,
     reshape_transform: Optional[ReshapeTransform] = None,
 ) -> Layout:
-    """The layout of layer `name`'s output `features` for images of size `image` (H, W)."""
+    """The layout of layer `name`'s output `features` for images of size `image` (H, W), or clips and
+    volumes of size (D, H, W)."""
     shape = tuple(features.shape)
     if reshape_transform is not None:
         if layout is not None:
@@ -220,20 +248,34 @@ def resolve_layout(
         return _probed("reshape_transform", features, reshape_transform)
     if layout is not None:
         check_choice("layout", layout, LAYOUTS)
-    if features.dim() == 4:
-        if layout == "tokens":
-            raise ValueError(f"layout='tokens' needs an (N, L, C) output; layer {name!r} outputs {shape}")
+    if features.dim() in _CHANNEL_LAYOUTS:
+        first, last = _CHANNEL_LAYOUTS[features.dim()]
+        if layout is not None and layout not in (first, last):
+            wanted = "an (N, L, C) output" if layout == "tokens" else f"a {5 if features.dim() == 4 else 4}-D output"
+            raise ValueError(
+                f"layout={layout!r} needs {wanted}; layer {name!r} outputs {shape}: pass layout={first!r} or {last!r}"
+            )
         if layout is not None:
-            return _nchw(features) if layout == "nchw" else _nhwc(features)
-        readings = [kind for kind, grid in (("nchw", shape[2:]), ("nhwc", shape[1:3])) if _fits(grid, image)]
-        said = _leaf_says(module, shape[3])
+            return _channels_first(features) if layout == first else _channels_last(features)
+        fits = _fits if features.dim() == 4 else _fits_clip
+        seen = image[-2:] if features.dim() == 4 else image
+        readings = [kind for kind, grid in ((first, shape[2:]), (last, shape[1:-1])) if fits(grid, seen)]
+        said = {"first": first, "last": last}.get(_leaf_says(module, shape[-1]))
         if said in readings:  # the layer's last module decides where its reading fits the image
             readings = [said]
         if len(readings) == 1:
-            return _nchw(features) if readings[0] == "nchw" else _nhwc(features)
+            return _channels_first(features) if readings[0] == first else _channels_last(features)
+        order = "C, H, W" if features.dim() == 4 else "C, D, H, W"
         raise ValueError(
-            f"layer {name!r} outputs {shape} for {image[0]} x {image[1]} images: it cannot be told whether "
-            "channels come first (N, C, H, W) or last (N, H, W, C); pass layout='nchw' or layout='nhwc'"
+            f"layer {name!r} outputs {shape} for {' x '.join(map(str, image))} inputs: it cannot be told "
+            f"whether channels come first (N, {order}) or last (N, {order[3:]}, C); pass layout={first!r} "
+            f"or layout={last!r}"
+        )
+    if features.dim() == 3 and len(image) > 2:
+        raise ValueError(
+            f"layer {name!r} outputs {shape} on inputs of {' x '.join(map(str, image))}: tokens of a clip or a "
+            "volume are not factored into a (D, H, W) grid here; pass reshape_transform= that returns "
+            "(N, C, D, H, W)"
         )
     if features.dim() == 3:
         if layout in ("nchw", "nhwc"):
@@ -253,6 +295,7 @@ def resolve_layout(
         prefix, grid = grids[0]
         return _tokens(features, prefix, grid)
     raise ValueError(
-        f"layer {name!r} outputs {shape}; L2-CAF needs a grid: a 4-D (N, C, H, W) or (N, H, W, C) feature map or "
-        "(N, L, C) tokens: pick a convolutional or transformer block, or pass reshape_transform="
+        f"layer {name!r} outputs {shape}; L2-CAF needs a grid: a 4-D (N, C, H, W) or (N, H, W, C) feature map, a "
+        "5-D (N, C, D, H, W) or (N, D, H, W, C) one, or (N, L, C) tokens: pick a convolutional or transformer "
+        "block, or pass reshape_transform="
     )

@@ -6,18 +6,22 @@ than `min_error` since the previous check (the first check compares with 32767).
 stopping iteration is kept.  A stopped problem leaves the batch; the others go on unchanged, so the
 batch gives what solving each problem alone would.  The first iteration at which a problem's loss is
 not finite is recorded, and the loop ends at the next check (caffast.core.finite reports it).
+A `progress` callback hears, at every check, how much of the loop's work is done (for progress bars).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
 from .optimizers import MIN_LEARNING_RATE, make_optimizer, polynomial_lr_decay
 
 INITIAL_PREVIOUS_LOSS = 32767.0
+
+# called at every check of the loop with the share of its work done, from 0 to 1
+ProgressCallback = Callable[[float], None]
 
 
 class Problem(Protocol):
@@ -59,7 +63,18 @@ class Solution:
             self.evaluations = self.iterations
 
 
-def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> Solution:
+def work_done(iteration: int, active: int, count: int, max_iter: int) -> float:
+    """The share of the loop's work done after `iteration` steps with `active` of `count` problems
+    still running: a stopped problem counts as done, a running one as far as it went.  The work left
+    is an upper bound (a running problem may stop at the next check), so the share only grows."""
+    return 1.0 - active * (max_iter - iteration) / (count * max_iter)
+
+
+def solve(
+    problem: Problem, initial: torch.Tensor, settings: LoopSettings, progress: Optional[ProgressCallback] = None
+) -> Solution:
+    """The loop on every problem from `initial` (module doc).  `progress` is told the share of the work
+    done at every check, where the loop synchronizes anyway: it costs nothing and changes nothing."""
     params = initial.clone()
     count = params.shape[0]
     device = params.device
@@ -88,6 +103,8 @@ def solve(problem: Problem, initial: torch.Tensor, settings: LoopSettings) -> So
             converged = (loss - previous.index_select(0, active)).abs() < settings.min_error
             previous.index_copy_(0, active, loss)
             active = active[~converged]
+            if progress is not None:
+                progress(work_done(step + 1, active.numel(), count, settings.max_iter))
             if active.numel() == 0:
                 break
     return Solution(params, iterations, last_loss, history, torch.where(first_non_finite == never, 0, first_non_finite))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, get_args
 
 import torch
 
+from .choices import LossName, Mode
 from .outputs import flat_rows, leaves, map_tensors, one_image, select_rows
 
-MODES = ("oblivious", "specific")
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 UserObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Score = Callable[[Any], torch.Tensor]
@@ -76,7 +77,7 @@ CLASS_LOSSES: dict[str, ClassLoss] = {
         LogSoftmaxLoss(),
     )
 }  # fmt: skip
-DEFAULT_CLASS_LOSS = "margin"
+DEFAULT_CLASS_LOSS: LossName = "margin"
 ClassLossLike = Union[str, ClassLoss]
 
 

@@ -7,9 +7,13 @@ the step count and the learning rate are scalars shared by the batch.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-OPTIMIZERS = ("sgd", "adam", "adam_tf1")
+from .choices import OptimizerName
+
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 COMPILED_OPTIMIZERS = ("sgd", "adam")  # what the compiled fused solvers (cpp, triton) implement
 MIN_LEARNING_RATE = 1e-5  # where the reference schedule ends (the TensorFlow release's ends at 0)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
@@ -84,5 +88,5 @@ class AdamTF1(Adam):
         _descend(params, active, first, second.sqrt().add_(self.eps), step_size)
 
 
-def make_optimizer(name: str, params: torch.Tensor) -> SGD | Adam:
+def make_optimizer(name: OptimizerName, params: torch.Tensor) -> SGD | Adam:
     return {"sgd": SGD, "adam": Adam, "adam_tf1": AdamTF1}[name](params)

@@ -1,13 +1,25 @@
-"""What the adapters to other libraries (caffast.captum, caffast.quantus) share: their optional
-library, checked with the extra that installs it, and autograd where the caller turned it off."""
+"""What the front ends (caffast.cam, caffast.captum, caffast.quantus) share: explain's keywords
+read as its Settings, the adapters' optional library checked with the extra that installs it, and
+autograd where the caller turned it off."""
 
 from __future__ import annotations
 
 import importlib.util
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
+
+from ..core.settings import SETTING_NAMES, Settings
+
+
+def settings_and_others(keywords: Mapping[str, Any], **defaults: Any) -> tuple[Settings, dict[str, Any]]:
+    """explain's `keywords` as its Settings (the caller's over the front end's `defaults`), checked
+    here, and the keywords that are not settings (layout, objective, ...), which go to explain beside
+    them."""
+    named = {name: value for name, value in keywords.items() if name in SETTING_NAMES}
+    others = {name: value for name, value in keywords.items() if name not in SETTING_NAMES}
+    return Settings(**{**defaults, **named}), others
 
 
 def require(library: str, extra: str) -> None:

@@ -9,31 +9,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import filter_multiply, resolve_backend
-from ..backends.torch.autograd import AutogradProblem
+from ..backends import resolve_backend
 from ..core.breakpoints import Layer, resolve_layer, split, unwrap
 from ..core.layouts import ReshapeTransform
-from ..core.choices import check_choice
-from ..core.constraints import INITS, MAPS, ConstraintLike, as_constraint, initial_parameters, normalize_filter
+from ..core.choices import BackendName, ConstraintName, InitName, LossName, MapName, Mode, OptimizerName, SolverName
+from ..core.constraints import initial_parameters, normalize_filter
 from ..core.exact import stationarity
 from ..core.finite import Suspects, check_loss
 from ..core.folds import fold_prefix
 from ..core.guard import frozen
-from ..core.heads import FusedProblem, detect_head, precompute
-from ..core.loop import LoopSettings
-from ..core.losses import DEFAULT_CLASS_LOSS, MODES, ClassLossLike, Objective, UserObjective, as_class_loss, as_dtype
-from ..core.optimizers import MIN_LEARNING_RATE, OPTIMIZERS
+from ..core.heads import detect_head, precompute
+from ..core.loop import ProgressCallback
+from ..core.losses import ClassLoss, Objective, UserObjective, as_dtype
 from ..core.outputs import primary_output, select_rows
+from ..core.problems import AutogradProblem, FusedProblem
+from ..core.settings import SETTING_NAMES, Settings
 from .flat import flat_maps, later_layers, quiet_trial, warn_flat
-from .inputs import Target, Targets, TargetTable, check_images, check_settings, model_device, target_table
-from .solvers import SOLVERS, SolverSettings, optimize
+from .inputs import Target, Targets, TargetTable, check_images, model_device, target_table
+from .solvers import optimize
 
 @dataclass
 class Explanation:
-    """The result for N images and T targets each; every tensor is on the model's device.
+    """The result for N images and T targets each; every tensor is on the model's device.  On clips
+    and volumes whose breakpoint map has a (D, H, W) grid, every (H, W) below is (D, H, W).
 
     filters: (N, T, H, W) the raw filter (for "gauss", the Gaussian it stands for);
-    parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,));
+    parameters: (N, T, *shape) the optimized variables ((H, W), or the Gaussian's mean (2,), (3,) on
+    a (D, H, W) grid);
     maps: (N, T, H, W) the attention maps, as normalize_filter gives them for `map`;
     iterations: (N, T) optimizer steps taken; evaluations: (N, T) evaluations of the loss and its
     gradient (a forward and backward pass of the tail on the generic path) the solver used;
@@ -70,19 +72,30 @@ class Explanation:
     class_loss: Optional[str] = None
     flat: Optional[torch.Tensor] = None
 
-    def upsample(self, size: Union[int, tuple[int, int]]) -> torch.Tensor:
-        """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map."""
+    def upsample(self, size: Union[int, tuple[int, ...]]) -> torch.Tensor:
+        """The maps at an image size, (N, T, h, w): bilinear, then min-max scaled to [0, 1] per map.
+        Maps of clips and volumes resize trilinearly to a (D, H, W) `size` (an int: a cube)."""
         return upsample_maps(self.maps, size)
 
 
-def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, int]]) -> torch.Tensor:
-    """(N, T, h, w) maps resized bilinearly to `size` and min-max scaled to [0, 1] per map."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    n, t, h, w = maps.shape
-    resized = F.interpolate(maps.reshape(n * t, 1, h, w), size=size, mode="bilinear", align_corners=False)
+_INTERPOLATIONS = {2: "bilinear", 3: "trilinear"}  # by the rank of the maps' grid
+
+
+def upsample_maps(maps: torch.Tensor, size: Union[int, tuple[int, ...]]) -> torch.Tensor:
+    """(N, T, h, w) maps resized bilinearly to `size` and min-max scaled to [0, 1] per map; (N, T, d,
+    h, w) maps of clips and volumes trilinearly, to a (D, H, W) size."""
+    if maps.dim() - 2 not in _INTERPOLATIONS:
+        raise ValueError(f"maps must be (N, T, H, W) or (N, T, D, H, W); got {tuple(maps.shape)}")
+    n, t, *grid = maps.shape
+    size = (size,) * len(grid) if isinstance(size, int) else tuple(size)
+    if len(size) != len(grid):
+        raise ValueError(f"size {size} has {len(size)} axes; the maps' grid {tuple(grid)} has {len(grid)}")
+    mode = _INTERPOLATIONS[len(grid)]
+    resized = F.interpolate(maps.reshape(n * t, 1, *grid), size=size, mode=mode, align_corners=False)
     resized = resized.reshape(n, t, *size)
-    low = resized.amin(dim=(-2, -1), keepdim=True)
-    high = resized.amax(dim=(-2, -1), keepdim=True)
+    axes = tuple(range(-len(grid), 0))
+    low = resized.amin(dim=axes, keepdim=True)
+    high = resized.amax(dim=axes, keepdim=True)
     return (resized - low) / (high - low).clamp_min(torch.finfo(resized.dtype).tiny)
 
 
@@ -119,48 +132,74 @@ def _problem_target(table: TargetTable, targets: torch.Tensor, problem: int) -> 
     return score if score is not None else int(targets.flatten()[problem])
 
 
-def _nearest_working_layer(model: nn.Module, image: torch.Tensor, layer: str, options: dict) -> Optional[str]:
-    """The first layer after `layer` whose map for `image` is not flat after one step of explain."""
+def _nearest_working_layer(model: nn.Module, image: torch.Tensor, layer: str, target: Optional[list[Target]],
+                           trial: Settings, objective: Optional[UserObjective]) -> Optional[str]:  # fmt: skip
+    """The first layer after `layer` whose map for `image` is not flat after the `trial` settings."""
     for candidate in later_layers(model, image, layer):
-        trial = quiet_trial(lambda: explain(model, image, candidate, max_iter=1, check_every=1, **options))
-        if trial is not None and not trial.flat.any():
+        result = quiet_trial(lambda: explain(model, image, candidate, target, settings=trial, objective=objective))
+        if result is not None and not result.flat.any():
             return candidate
     return None
+
+
+def _chosen_settings(keywords: dict[str, object], settings: Optional[Settings]) -> Settings:
+    """explain's settings: `settings`, or else its keywords; a keyword away from its default beside
+    `settings` would be ignored, and is refused."""
+    if settings is None:
+        return Settings(**keywords)
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a caffast.Settings, not {type(settings).__name__}")
+    defaults = Settings()
+    given = [name for name, value in keywords.items()
+             if type(value) is not type(getattr(defaults, name)) or value != getattr(defaults, name)]  # fmt: skip
+    if given:
+        raise TypeError(
+            f"explain takes its settings either as keywords or as settings=, not both: got settings= and "
+            f"{', '.join(given)}; pass dataclasses.replace(settings, {given[0]}=...) instead"
+        )
+    return settings
 
 
 def explain(
     model: nn.Module,
     images: torch.Tensor,
     layer: Layer,
-    mode: str = "oblivious",
     targets: Targets = None,
-    max_iter: int = 1000,
-    lr: float = 0.5,
-    min_error: float = 1e-6,
-    check_every: int = 50,
-    optimizer: str = "sgd",
-    end_lr: float = MIN_LEARNING_RATE,
-    constraint: ConstraintLike = "l2norm",
-    init: str = "ones",
-    seed: Optional[int] = None,
+    *,
+    mode: Mode = Settings.mode,
+    max_iter: int = Settings.max_iter,
+    lr: float = Settings.lr,
+    min_error: float = Settings.min_error,
+    check_every: int = Settings.check_every,
+    optimizer: OptimizerName = Settings.optimizer,
+    end_lr: float = Settings.end_lr,
+    constraint: ConstraintName = Settings.constraint,
+    init: InitName = Settings.init,
+    seed: Optional[int] = Settings.seed,
     objective: Optional[UserObjective] = None,
-    backend: str = "auto",
-    fused: bool = True,
-    history: bool = False,
-    map: str = "abs",
-    solver: str = "gd",
-    tolerance: float = 1e-8,
-    max_evaluations: int = 30,
-    cuda_graphs: bool = True,
+    backend: BackendName = Settings.backend,
+    fused: bool = Settings.fused,
+    history: bool = Settings.history,
+    map: MapName = Settings.map,
+    solver: SolverName = Settings.solver,
+    tolerance: float = Settings.tolerance,
+    max_evaluations: int = Settings.max_evaluations,
+    cuda_graphs: bool = Settings.cuda_graphs,
     layout: Optional[str] = None,
     reshape_transform: Optional[ReshapeTransform] = None,
-    loss: ClassLossLike = DEFAULT_CLASS_LOSS,
+    loss: Union[LossName, ClassLoss] = Settings.loss,
+    settings: Optional[Settings] = None,
+    progress: Optional[ProgressCallback] = None,
 ) -> Explanation:
     """Explain `model` on `images` at the breakpoint `layer` with L2-CAF.
 
     Every (image, target) pair is its own problem with its own filter, schedule and stopping rule, all
     solved in one batch; the result equals solving them one by one with the reference loop.  The model
-    is handed back unchanged.  `fused=False` runs the generic path through the whole tail even where
+    is handed back unchanged.  `targets` are the classes (or callables that score one image's output) of
+    mode='specific', in any form caffast.engine.inputs.target_table takes.
+    The keywords from `mode` on are the fields of caffast.Settings, checked there; `settings=` passes
+    them as one Settings instead (for tools that hold one; the keywords are then left out).
+    `fused=False` runs the generic path through the whole tail even where
     the head could be fused or the tail's affine prefix folded (caffast.core.folds);
     `history=True` keeps the maps at every check (every `check_every` iterations), for pictures of
     the convergence.  The learning rate decays linearly from `lr` to `end_lr` (1e-5 as in the PyTorch
@@ -180,35 +219,29 @@ def explain(
     (the default: the target logit against the mean of the others), "logit", "log_softmax", or
     "release", the official releases' (the target logit against the sum of the others, which on
     trained networks with many classes mostly explains the other classes: use it for parity).
-    `layout` ("nchw", "nhwc", "tokens") says where the grid lies in the layer's output where it cannot
-    be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
+    `objective(FT, NT)` replaces the class-oblivious loss (one loss per sample).
+    `progress(share)` is told, at every check of the reference loop, the share of its work done (0 to
+    1), for a progress bar; it changes no result.  The compiled fused loops (backends cpp and triton)
+    run whole in one call and do not report, nor do solver="fast" and the descent of "exact".
+    `layout` ("nchw", "nhwc", "tokens"; "ncdhw", "ndhwc" for clips and volumes) says where the grid
+    lies in the layer's output where it cannot be told from the shape and the model; `reshape_transform` (pytorch-grad-cam's, for ViT and Swin)
     defines it instead (caffast.core.layouts).
     """
+    arguments = dict(locals())  # the parameters, before any other name is bound
+    keywords = {name: arguments[name] for name in SETTING_NAMES}
     if torch.is_inference_mode_enabled():
         raise ValueError(
             "explain differentiates the network with respect to its filter, and torch.inference_mode() turns "
             "autograd off: call explain outside the inference_mode block, or inside "
             "`with torch.inference_mode(False):` (tensors made in inference mode may be passed)"
         )
-    check_choice("mode", mode, MODES)
-    class_loss = as_class_loss(loss)
-    constraint = as_constraint(constraint)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_choice("init", init, INITS)
-    check_choice("map", map, MAPS)
-    check_choice("solver", solver, SOLVERS)
+    chosen = _chosen_settings(keywords, settings)
+    mode, constraint, class_loss = chosen.mode, chosen.filter_constraint, chosen.class_loss
     if objective is not None and mode != "oblivious":
         raise ValueError("objective replaces the class-oblivious loss: use it with mode='oblivious'")
-    max_iter, lr, min_error, check_every, tolerance, seed = check_settings(
-        max_iter, lr, min_error, check_every, tolerance, seed
-    )
-    if not 0 <= end_lr < float("inf"):
-        raise ValueError(f"end_lr (where the schedule ends) must be zero or positive, got {end_lr!r}")
-    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
-        raise ValueError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
     images = check_images(images)
     device = model_device(model)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(chosen.backend, device)
 
     with frozen(model):
         images = images.to(device)
@@ -221,7 +254,6 @@ def explain(
         grid = grid_layout.grid
         dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
-        settings = LoopSettings(max_iter, lr, min_error, check_every, optimizer, record=history, end_lr=end_lr)
         reference = select_rows(as_dtype(capture.output, dtype), image_index)
         class_targets = targets.flatten()
         weights = None
@@ -229,32 +261,31 @@ def explain(
             weights = class_loss.weights(class_targets, primary_output(reference).shape[1], dtype)
         # the fused algebra holds for class targets on a channels-first map
         plain = objective is None and table.scores is None and grid_layout.channels_first
-        head = detect_head(tail, grid) if fused and plain else None
-        initial = initial_parameters(constraint, init, image_index.numel(), grid, seed, dtype, device)
+        head = detect_head(tail, grid) if chosen.fused and plain else None
+        initial = initial_parameters(constraint, chosen.init, image_index.numel(), grid, chosen.seed, dtype, device)
         fused_head = None if head is None else precompute(head, features, image_index, mode, class_loss, class_targets)
         if fused_head is not None:
             problem = FusedProblem(fused_head, constraint)
         else:
             scoring = Objective(mode, reference, class_loss, class_targets, weights, objective, table.scores)
             # the compiled filters take float32/64 features; half-precision ones get the torch multiply
-            multiply = filter_multiply(backend, constraint) if features.dtype == dtype else None
+            multiply = backend.filter_multiply(constraint) if features.dtype == dtype else None
             if not grid_layout.channels_first:
                 multiply = grid_layout.multiply_with(constraint)
-            folded = fold_prefix(tail, features) if fused and grid_layout.channels_first else None
+            folded = fold_prefix(tail, features) if chosen.fused and grid_layout.channels_first else None
             problem = AutogradProblem(tail, features, image_index, scoring, constraint, grid, multiply, folded)
 
         names = _problem_names(mode, image_index, targets, table.scores)
-        suspects = Suspects(names, lr, _layer_name(model, layer),
+        suspects = Suspects(names, chosen.lr, _layer_name(model, layer),
                             features, grid, objective is not None, _scorer_names(table.scores))  # fmt: skip
-        beyond = SolverSettings(tolerance, max_evaluations, cuda_graphs)
-        solution = optimize(solver, problem, fused_head, backend, constraint, initial, settings, beyond, suspects)
+        solution = optimize(problem, fused_head, backend, initial, chosen, suspects, progress)
         kinked = fused_head is not None and fused_head.parts == 2 and constraint.on_sphere
         mirrored = FusedProblem(fused_head, constraint, zeros_negative=True) if kinked else None
         final_objective, gradient_norm = stationarity(problem, solution.params, constraint, mirrored)
         check_loss(final_objective, suspects)
-        if solver != "gd":
+        if chosen.solver != "gd":
             solution.loss = final_objective
-            if settings.record:  # the answer is the last frame
+            if chosen.history:  # the answer is the last frame
                 solution.history.append((int(solution.iterations.max()), solution.params.clone()))
         params = solution.params.to(dtype)
         filters = constraint.filters(params, grid)
@@ -265,16 +296,18 @@ def explain(
             first = int(flat.nonzero()[0])
             target = None if mode == "oblivious" else [_problem_target(table, targets, first)]
             image = int(image_index[first])
-            options = dict(mode=mode, targets=target, lr=lr, constraint=constraint, init=init, seed=seed,
-                           objective=objective, loss=class_loss)  # fmt: skip
-            return _nearest_working_layer(model, images[image : image + 1], _layer_name(model, layer), options)
+            # one step, with the settings that decide whether the map moves at all
+            trial = Settings(mode=mode, max_iter=1, check_every=1, lr=chosen.lr, constraint=chosen.constraint,
+                             init=chosen.init, seed=chosen.seed, loss=chosen.loss)  # fmt: skip
+            return _nearest_working_layer(model, images[image : image + 1], _layer_name(model, layer), target, trial,
+                                          objective)  # fmt: skip
 
         warn_flat(flat, gradient_norm, names, _layer_name(model, layer), nearest_working_layer)
 
     shape = (batch, per_image)
 
     def final_maps(values: torch.Tensor) -> torch.Tensor:
-        return normalize_filter(values.to(dtype), constraint, shape=grid, map=map).reshape(*shape, *grid)
+        return normalize_filter(values.to(dtype), constraint, shape=grid, map=chosen.map).reshape(*shape, *grid)
 
     return Explanation(
         filters=filters.reshape(*shape, *grid),
@@ -289,11 +322,11 @@ def explain(
         evaluations=solution.evaluations.reshape(shape),
         mode=mode,
         constraint=constraint.name,
-        map=map,
-        solver=solver,
+        map=chosen.map,
+        solver=chosen.solver,
         tail=tail.kind,
         path="generic" if head is None else "fused",
-        backend=backend,
+        backend=backend.name,
         history=[(step, final_maps(values)) for step, values in solution.history],
         features=grid_layout.to_grid(features),
         class_loss=class_loss.name if mode == "specific" else None,

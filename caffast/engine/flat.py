@@ -9,8 +9,9 @@ warns with a FlatMapWarning, and names the nearest later layer whose map is not 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.nn as nn
@@ -73,13 +74,22 @@ def later_layers(model: nn.Module, images: torch.Tensor, layer: str) -> list[str
 
 
 
+@contextmanager
+def unwarned() -> Iterator[None]:
+    """explain calls inside neither warn of flat maps nor search for a layer that works (a search
+    runs the model on up to _CANDIDATES layers): for trials whose maps nobody looks at."""
+    token = _searching.set(True)
+    try:
+        yield
+    finally:
+        _searching.reset(token)
+
+
 def quiet_trial(trial: Callable[[], T]) -> Optional[T]:
     """A trial explanation (a step of explain at some layer, to see whether its map is flat) that
     warns of nothing and searches no further; None when the layer cannot be explained."""
-    token = _searching.set(True)
-    try:
-        return trial()
-    except (ValueError, TypeError, RuntimeError):
-        return None
-    finally:
-        _searching.reset(token)
+    with unwarned():
+        try:
+            return trial()
+        except (ValueError, TypeError, RuntimeError):
+            return None

@@ -1,9 +1,8 @@
-"""The inputs of an explanation, checked once: the images, the targets, the model's device."""
+"""The inputs of an explanation, checked once: the images, the targets, the model's device (its settings:
+caffast.core.settings)."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -15,9 +14,6 @@ from ..core.outputs import describe, leaves, primary_output
 
 Target = Union[int, Score]
 Targets = Union[None, Target, Sequence[Target], Sequence[Sequence[Target]], torch.Tensor, np.ndarray]
-
-MAX_COUNT = 2**63 - 1  # iterations are counted in int64, by the compiled solvers too
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -32,11 +28,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_images(images: object) -> torch.Tensor:
+    """A batch of images (N, C, H, W), or of clips or volumes (N, C, D, H, W): any rank with at
+    least two spatial axes after the channels, as the model takes it."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (N, C, H, W), not {type(images).__name__}")
-    if images.dim() != 4:
+    if images.dim() < 4:
         hint = " (add the batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
-        raise ValueError(f"images must have shape (N, C, H, W); got {tuple(images.shape)}{hint}")
+        raise ValueError(
+            f"images must have shape (N, C, H, W), or (N, C, D, H, W) for clips and volumes; got "
+            f"{tuple(images.shape)}{hint}"
+        )
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch; pass at least one image")
     if images.is_meta:
@@ -47,54 +48,6 @@ def check_images(images: object) -> torch.Tensor:
             "(and scale and normalize them as the model expects, e.g. / 255, then the mean and std)"
         )
     return images
-
-
-class Settings(NamedTuple):
-    """The numeric options of explain, checked: Python ints and floats."""
-
-    max_iter: int
-    lr: float
-    min_error: float
-    check_every: int
-    tolerance: float
-    seed: Optional[int]
-
-
-def _integer(name: str, value: object, low: int, high: int) -> int:
-    """An int in [low, high]; bools are refused (True would count as 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        kind = "a bool" if isinstance(value, bool) else type(value).__name__
-        raise ValueError(f"{name} must be an integer, got {value!r} ({kind})")
-    if not low <= int(value) <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return int(value)
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        kind = "a bool" if isinstance(value, bool) else type(value).__name__
-        raise ValueError(f"{name} must be a number, got {value!r} ({kind})")
-    return float(value)
-
-
-def check_settings(
-    max_iter: object, lr: object, min_error: object, check_every: object, tolerance: object, seed: object = None
-) -> Settings:
-    """The settings as Python numbers, or a ValueError naming the one that is wrong and why."""
-    max_iter = _integer("max_iter", max_iter, 1, MAX_COUNT)
-    check_every = _integer("check_every", check_every, 1, MAX_COUNT)
-    lr = _number("lr", lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
-    min_error = _number("min_error", min_error)
-    if not min_error >= 0:
-        raise ValueError(f"min_error must be zero or positive, got {min_error!r}")
-    tolerance = _number("tolerance", tolerance)
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be positive, got {tolerance!r}")
-    if seed is not None:
-        seed = _integer("seed", seed, *SEED_RANGE)
-    return Settings(max_iter, lr, min_error, check_every, tolerance, seed)
 
 
 class TargetError(TypeError, ValueError):

@@ -3,75 +3,79 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 
-from ..backends import bundle_qp, solve_fused
+from ..backends import Backend
 from ..backends.torch.graphs import GraphedProblem
+from ..core.choices import SolverName
 from ..core.constraints import Constraint
 from ..core.exact import DESCENT_STEPS_PER_ITERATION, closed_form, descend, has_closed_form
 from ..core.fast import fast_minimize
 from ..core.finite import Suspects, check_solution
 from ..core.heads import FusedHead
-from ..core.loop import LoopSettings, Problem, Solution, solve
+from ..core.loop import LoopSettings, Problem, ProgressCallback, Solution, solve
+from ..core.problems import FusedProblem
+from ..core.settings import Settings
 
-SOLVERS = ("gd", "fast", "exact")
-
-
-@dataclass(frozen=True)
-class SolverSettings:
-    """What the solvers beyond the loop read: the projected-gradient tolerance and fast's budget."""
-
-    tolerance: float
-    max_evaluations: int
-    cuda_graphs: bool = True  # the loop on a generic CUDA tail replays captured evaluations
+SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
 
 
 def optimize(
-    solver: str, problem: Problem, fused_head: Optional[FusedHead], backend: str, constraint: Constraint,
-    initial: torch.Tensor, settings: LoopSettings, beyond: SolverSettings, suspects: Suspects,
+    problem: Problem, fused_head: Optional[FusedHead], backend: Backend, initial: torch.Tensor, chosen: Settings,
+    suspects: Suspects, progress: Optional[ProgressCallback] = None,
 ) -> Solution:
-    """The answer of `solver` for every problem.
+    """The answer of the `chosen` solver for every problem.
 
     Where a fused head has a closed form, "fast" and "exact" return it.  "fast" otherwise runs the
     bundle method of caffast.core.fast from the reference start.  "exact" descends (caffast.core.exact)
     from the loop's answer, on a generic tail from the better of the loop's and fast's answers, so its
     objective is the lowest of the three.  A loss or filter that is not finite in the result's
-    precision (the dtype of `initial`) raises a NonFiniteError naming its cause.
+    precision (the dtype of `initial`) raises a NonFiniteError naming its cause.  `progress` hears the
+    reference loop's checks where it runs in Python (caffast.core.loop.solve); the compiled fused
+    loops run whole in one call, and "fast" and the descent of "exact" report nothing.
     """
+    solver, constraint, settings = chosen.solver, chosen.filter_constraint, chosen.loop_settings()
     if solver != "gd" and has_closed_form(fused_head, constraint):
         zeros = torch.zeros(initial.shape[0], dtype=torch.long, device=initial.device)
         solution = Solution(params=closed_form(fused_head).view(initial.shape), iterations=zeros, loss=zeros.double())
     elif solver == "fast":
-        solution = _fast(problem, initial, constraint, beyond, backend)
+        solution = _fast(problem, initial, chosen, backend)
     else:
         if fused_head is not None:
-            solution = solve_fused(backend, fused_head, constraint, initial.double(), settings)
+            solution = fused_loop(backend, fused_head, constraint, initial.double(), settings, progress)
         else:
-            graphed = beyond.cuda_graphs and initial.device.type == "cuda"
-            solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings)
+            graphed = chosen.cuda_graphs and initial.device.type == "cuda"
+            solution = solve(GraphedProblem(problem) if graphed else problem, initial, settings, progress)
         if solver == "exact":
             check_solution(solution, constraint, initial.dtype, suspects)  # the loop's own cause first
             start, evaluations = solution.params, solution.evaluations
             if fused_head is None:
                 start, evaluations = _better_of(
-                    problem, solution, _fast(problem, initial, constraint, beyond, backend)
+                    problem, solution, _fast(problem, initial, chosen, backend)
                 )
             budget = DESCENT_STEPS_PER_ITERATION * settings.max_iter
-            params, steps, descent = descend(problem, start, constraint, beyond.tolerance, budget)
+            params, steps, descent = descend(problem, start, constraint, chosen.tolerance, budget)
             solution.params, solution.iterations = params, solution.iterations + steps
             solution.evaluations = evaluations + descent
     check_solution(solution, constraint, initial.dtype, suspects)
     return solution
 
 
-def _fast(
-    problem: Problem, initial: torch.Tensor, constraint: Constraint, beyond: SolverSettings, backend: str
+def fused_loop(
+    backend: Backend, head: FusedHead, constraint: Constraint, initial: torch.Tensor, settings: LoopSettings,
+    progress: Optional[ProgressCallback] = None,
 ) -> Solution:
-    result = fast_minimize(problem, initial, constraint, beyond.tolerance, beyond.max_evaluations,
-                           qp=bundle_qp(backend))  # fmt: skip
+    """The reference loop on a fused head: the backend's own where it takes the problem, otherwise the
+    shared loop on the head's closed form (which alone reports to `progress`)."""
+    solution = backend.solve_fused(head, constraint, initial, settings)
+    return solution if solution is not None else solve(FusedProblem(head, constraint), initial, settings, progress)
+
+
+def _fast(problem: Problem, initial: torch.Tensor, chosen: Settings, backend: Backend) -> Solution:
+    result = fast_minimize(problem, initial, chosen.filter_constraint, chosen.tolerance, chosen.max_evaluations,
+                           qp=backend.bundle_qp)  # fmt: skip
     return Solution(params=result.params, iterations=result.evaluations, loss=result.loss)
 
 

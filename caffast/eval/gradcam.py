@@ -13,7 +13,7 @@ from ..core.breakpoints import Layer, check_capture, resolve_layer
 
 
 class GradCamResult(NamedTuple):
-    maps: torch.Tensor  # (N, T, H, W) at the breakpoint's resolution
+    maps: torch.Tensor  # (N, T, H, W) at the breakpoint's resolution ((N, T, D, H, W) for 3-D maps)
     output: torch.Tensor  # the model output
 
 
@@ -42,10 +42,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
         finally:
             handle.remove()
         check_capture(name, captured[0][0] if len(captured) == 1 else None, output)
-        if captured[0][0].dim() != 4:
+        if captured[0][0].dim() not in (4, 5):
             raise ValueError(
                 f"layer {name!r} outputs {tuple(captured[0][0].shape)}; the Grad-CAM baseline needs a 4-D "
-                "(N, C, H, W) feature map: pick a convolutional layer or block"
+                "(N, C, H, W) feature map, or a 5-D (N, C, D, H, W) one on clips and volumes: pick a "
+                "convolutional layer or block"
             )
         targets = resolve_targets("specific", targets, output.detach())
         leaf, activations = captured[0][0], captured[0][1].detach()
@@ -53,6 +54,6 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: Layer, targets: Targ
         for column in range(targets.shape[1]):
             score = output.gather(1, targets[:, column : column + 1]).sum()
             (grad,) = torch.autograd.grad(score, leaf, retain_graph=column + 1 < targets.shape[1])
-            weights = grad.mean(dim=(2, 3), keepdim=True)
+            weights = grad.mean(dim=tuple(range(2, grad.dim())), keepdim=True)
             maps.append(torch.relu((weights * activations).sum(dim=1)).detach())
     return GradCamResult(torch.stack(maps, dim=1), output.detach())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 
@@ -12,6 +14,12 @@ from .demo_model import load_demo_model
 from .gradcam import grad_cam
 from .metrics import iou_auc, mask_iou, pointing_game
 from .scenes import make_scene, normalize
+from .summary import Metric
+
+
+# the record fields of scene_records, as rows of caffast.eval.summary's tables
+SCENE_METRICS = (Metric("pointing game", "pointing"), Metric("IoU@0.5", "iou"), Metric("IoU AUC", "iou_auc"))
+SCENES_PER_BATCH = 100  # scenes explained in one call: progress after each, and memory bounded whatever the count
 
 
 def scene_batch(count: int, first_seed: int, objects: int = 2):
@@ -20,25 +28,48 @@ def scene_batch(count: int, first_seed: int, objects: int = 2):
     return scenes, images
 
 
-def localization(maps: torch.Tensor, scenes, targets: torch.Tensor) -> dict[str, float]:
-    """Pointing game, IoU at 0.5 and the IoU-curve area of (N, T, H, W) maps against each target's mask."""
-    hits, ious, aucs = [], [], []
+def localization_records(maps: torch.Tensor, scenes, targets: torch.Tensor) -> list[dict[str, float]]:
+    """Per map of (N, T, H, W) maps, its pointing game, IoU at 0.5 and IoU-curve area against its
+    target's mask: one record per (scene, target), as caffast.eval.summary takes them."""
+    records = []
     for n, scene in enumerate(scenes):
         for t, target in enumerate(targets[n].tolist()):
             mask = np.asarray(scene.masks[list(scene.labels).index(target)])
             heat = maps[n, t].cpu().numpy()
-            hits.append(pointing_game(heat, mask, tolerance=round(15 * mask.shape[0] / 224)))
-            ious.append(mask_iou(heat, mask, 0.5))
-            aucs.append(iou_auc(heat, mask))
-    return {"pointing game": float(np.mean(hits)), "IoU@0.5": float(np.mean(ious)), "IoU AUC": float(np.mean(aucs))}
+            records.append({
+                "pointing": pointing_game(heat, mask, tolerance=round(15 * mask.shape[0] / 224)),
+                "iou": mask_iou(heat, mask, 0.5),
+                "iou_auc": iou_auc(heat, mask),
+            })  # fmt: skip
+    return records
 
 
-def evaluate_scenes(
-    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2
-) -> dict[str, dict[str, float]]:
+def scene_records(
+    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict[str, list[dict[str, float]]]:
     """Class-specific L2-CAF with every solver and map, and Grad-CAM, on synthetic scenes: each class's
-    map scored against that class's mask."""
+    map scored against that class's mask, one record per map (`localization_records`), by method.
+
+    The scenes are explained SCENES_PER_BATCH at a time (each problem is solved on its own, so the
+    batches give what one call on every scene gives); `progress` is told after each batch how many
+    scenes are scored.
+    """
     model = load_demo_model()
+    records: dict[str, list[dict[str, float]]] = {}
+    for start in range(0, count, SCENES_PER_BATCH):
+        size = min(SCENES_PER_BATCH, count - start)
+        for method, batch in _batch_records(model, size, first_seed + start, max_iter, objects).items():
+            records.setdefault(method, []).extend(batch)
+        if progress is not None:
+            progress(start + size)
+    return records
+
+
+def _batch_records(
+    model: torch.nn.Module, count: int, first_seed: int, max_iter: int, objects: int
+) -> dict[str, list[dict[str, float]]]:
+    """Every method's records on the scenes of seeds first_seed, first_seed + 1, ..., per (scene, target)."""
     scenes, images = scene_batch(count, first_seed, objects)
     targets = torch.tensor([list(scene.labels) for scene in scenes], dtype=torch.long)
     size = tuple(images.shape[-2:])
@@ -47,7 +78,18 @@ def evaluate_scenes(
         l2caf = explain(model, images, "features", mode="specific", targets=targets, max_iter=max_iter, solver=solver)
         for kind in MAPS:
             maps = normalize_filter(l2caf.filters, map=kind)
-            results[f"L2-CAF {solver} {kind}"] = localization(upsample_maps(maps, size), scenes, targets)
+            results[f"L2-CAF {solver} {kind}"] = localization_records(upsample_maps(maps, size), scenes, targets)
     gradcam = grad_cam(model, images, "features", targets).maps
-    results["Grad-CAM"] = localization(upsample_maps(gradcam, size), scenes, targets)
+    results["Grad-CAM"] = localization_records(upsample_maps(gradcam, size), scenes, targets)
     return results
+
+
+def evaluate_scenes(
+    count: int, max_iter: int = 1000, first_seed: int = 1_000_000, objects: int = 2,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict[str, dict[str, float]]:
+    """The means of `scene_records`' metrics, by method."""
+    return {
+        method: {metric.label: float(np.mean([record[metric.field] for record in records])) for metric in SCENE_METRICS}
+        for method, records in scene_records(count, max_iter, first_seed, objects, progress).items()
+    }

@@ -9,6 +9,7 @@ each over the whole tier.  Needs the real tier's packages (pip install "caffast[
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from .gradcam import grad_cam
 from .metrics import pointing_game
 from .real import RealPhoto, box_mask, efficientnet_lite0, prepare, real_tier
 
+Progress = Callable[[int], None]  # told how many steps are done
 SCENES = ("chelsea+coffee",)
 LAYER = "bn2"
 _LABEL_HEIGHT = 18
@@ -67,27 +69,35 @@ def comparison_picture(model: torch.nn.Module) -> Image.Image:
     return sheet
 
 
-def pointing_rates(model: torch.nn.Module) -> dict[str, float]:
-    """The share of the tier's objects whose map peaks inside the object's box, per method."""
+def pointing_rates(model: torch.nn.Module, progress: Progress = lambda photos: None) -> dict[str, float]:
+    """The share of the tier's objects whose map peaks inside the object's box, per method;
+    `progress` is told how many photos are scored."""
     hits: dict[str, list[bool]] = {}
     methods = _methods(model)
-    for photo in real_tier():
+    for done, photo in enumerate(real_tier(), 1):
         images, objects = prepare(photo)
-        if not objects:
-            continue
-        classes = [o.class_index for o in objects]
-        for name, method in methods.items():
-            heat = upsample_maps(method(images[None], classes).float(), images.shape[1:])[0]
-            for k, obj in enumerate(objects):
-                mask = box_mask(obj.box, *images.shape[1:])
-                hits.setdefault(name, []).append(pointing_game(heat[k].numpy(), mask))
+        if objects:  # a photo whose objects the crop removed has nothing to score
+            classes = [o.class_index for o in objects]
+            for name, method in methods.items():
+                heat = upsample_maps(method(images[None], classes).float(), images.shape[1:])[0]
+                for k, obj in enumerate(objects):
+                    mask = box_mask(obj.box, *images.shape[1:])
+                    hits.setdefault(name, []).append(pointing_game(heat[k].numpy(), mask))
+        progress(done)
     return {name: float(np.mean(found)) for name, found in hits.items()}
 
 
-def write_real_demo(out: Path) -> tuple[Path, dict[str, float]]:
-    """The comparison picture in `out`, and the pointing game of each method over the tier."""
+def demo_steps() -> int:
+    """The steps `write_real_demo` reports: the comparison picture, then each photo of the tier."""
+    return 1 + len(real_tier())
+
+
+def write_real_demo(out: Path, progress: Progress = lambda steps: None) -> tuple[Path, dict[str, float]]:
+    """The comparison picture in `out`, and the pointing game of each method over the tier;
+    `progress` is told how many of the `demo_steps()` steps are done."""
     model = efficientnet_lite0()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "real_photos.png"
     comparison_picture(model).save(path)
-    return path, pointing_rates(model)
+    progress(1)
+    return path, pointing_rates(model, lambda photos: progress(1 + photos))

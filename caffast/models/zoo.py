@@ -30,6 +30,10 @@ Weights = Union[None, str, os.PathLike, WeightsEnum]
 RELEASE_WEIGHTS = "IMAGENET1K_V1"
 
 
+class UnknownArchitecture(ValueError):
+    """An architecture name that neither torchvision nor timm (when installed) knows."""
+
+
 # torch.hub's names for checked files: NAME-<first hex digits of the file's sha256>.EXT
 HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
@@ -129,10 +133,10 @@ def timm_name(arch: str) -> Optional[str]:
     """`arch` when it names a timm model that torchvision does not have ("vit_tiny_patch16_224",
     "resnet50.a1_in1k" with a pretrained tag) and timm is installed; None otherwise (torchvision's
     names stay torchvision's)."""
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        return None  # before importing timm, which takes seconds
     timm = _timm()
-    if timm is None or arch in torchvision.models.list_models(module=torchvision.models) or not timm.is_model(arch):
-        return None
-    return arch
+    return arch if timm is not None and timm.is_model(arch) else None
 
 
 def _build_timm(name: str, weights: Weights, **kwargs: Any) -> nn.Module:
@@ -280,6 +284,12 @@ def timm_preprocessing(arch: str, weights: Weights = None) -> Optional[dict[str,
     return {key: config.get(key) for key in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
 
 
+def timm_num_classes(arch: str) -> Optional[int]:
+    """How many classes timm's `arch` outputs (1000 for its ImageNet-1k models); None for torchvision's."""
+    name = timm_name(arch)
+    return None if name is None else int(_timm_skeleton(name).num_classes)
+
+
 def timm_default_layer(arch: str) -> Optional[str]:
     """The breakpoint for a timm model: the last block's first norm for ViTs (the last block's output
     patch tokens never reach a class-token head); for CNNs the last module that outputs the last
@@ -321,7 +331,7 @@ def build_model(arch: str, weights: Weights = None, **kwargs: Any) -> nn.Module:
     except ValueError:
         known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
         extra = "" if _timm() is not None else " (timm's models too after pip install 'caffast[timm]')"
-        raise ValueError(f"unknown architecture {arch!r}; torchvision classification models: {known}{extra}") from None
+        raise UnknownArchitecture(f"unknown architecture {arch!r}; torchvision classification models: {known}{extra}") from None
     state = load_state_dict(arch, weights)
     if arch in ("googlenet", "inception_v3"):
         kwargs.setdefault("aux_logits", False)

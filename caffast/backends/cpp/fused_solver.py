@@ -1,11 +1,13 @@
-"""The fused-head solver on the CPU (csrc/solve_fused.cpp); its twin is
-caffast.backends.torch.fused_solver."""
+"""The fused-head solver on the CPU (csrc/solve_fused.cpp); its twin is the shared loop
+(caffast.core.loop.solve) on caffast.core.problems.FusedProblem."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ...core.constraints import ConstraintLike, as_constraint
+from ...core.constraints import Constraint
 from ...core.heads import FusedHead
 from ...core.loop import LoopSettings
 from .library import kernels, threads, view
@@ -14,7 +16,7 @@ NONLINEAR_LOSSES = ("log_softmax",)  # the class-specific losses beyond the line
 
 
 def solve_fused(
-    head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
+    head: FusedHead, constraint: Constraint, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one call (docs/design.md, 'The fused head').
 
@@ -27,8 +29,9 @@ def solve_fused(
     """
     compiled = kernels()
     f64, i64 = (torch.float64,), (torch.int64,)
-    height, width = head.grid
-    cells = height * width
+    *depth, height, width = head.grid  # a (D, H, W) grid has a depth; an (H, W) one passes 0
+    depth = depth[0] if depth else 0
+    cells = math.prod(head.grid)
     problems = params.shape[0]
     gram, linear, constant, image = head.gram, head.linear, head.constant, head.image
     mode = head.mode
@@ -66,10 +69,11 @@ def solve_fused(
         view(targets, "targets", i64),
         result,
         mode=mode,
-        constraint=as_constraint(constraint).name,
+        constraint=constraint.name,
         optimizer=settings.optimizer,
         height=height,
         width=width,
+        depth=depth,
         classes=head.classes,
         max_iter=settings.max_iter,
         lr=settings.lr,

@@ -1,2 +1,3 @@
-"""The "torch" backend: autograd through the real tail (the oracle path), and every compiled op's
-plain PyTorch twin, which the tests hold the kernels equal to."""
+"""The "torch" backend: plain PyTorch on any device, the oracle path: the shared loop on autograd
+through the real tail or on a fused head's closed form (caffast.core.problems), each evaluation of a
+generic tail on a CUDA GPU replayed from a captured graph (graphs)."""

@@ -1,6 +1,7 @@
 """Device functions shared by the kernels: the unit sphere, the learning-rate schedule, SGD and Adam.
 
-Their plain PyTorch twins are caffast.core.optimizers and caffast.backends.torch.projected_update.
+Their plain PyTorch twins are caffast.core.optimizers and, for the sphere, one in tests/backends/test_triton.py,
+where a probe kernel (tests/backends/triton_probes.py) runs them on their own.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The persistent fused-head solver: the whole reference loop, one program per problem, one launch.
 
-Its twin is caffast.backends.torch.fused_solver.solve_fused_torch (the shared loop on the fused
-head's closed form).  The kernel branches on the constraint's and the optimizer's names, the
-compiled twin of caffast.core.constraints and caffast.core.optimizers.
+Its twin is the shared loop (caffast.core.loop.solve) on the fused head's closed form
+(caffast.core.problems.FusedProblem).  The kernel branches on the constraint's and the optimizer's
+names, the compiled twin of caffast.core.constraints and caffast.core.optimizers.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from ...core.choices import check_choice
-from ...core.constraints import ConstraintLike, as_constraint
+from ...core.constraints import Constraint
 from ...core.heads import FusedHead
 from ...core.loop import INITIAL_PREVIOUS_LOSS, LoopSettings
 from ...core.losses import MODES
 from ...core.optimizers import COMPILED_OPTIMIZERS
 from .device import BETA1, BETA2, optimizer_step, scheduled_lr, sphere, sphere_grad
+from .fused_head import head_gradient, head_logits, negative_cells
 from .runtime import (  # noqa: F401 (tl_core: see runtime)
     FLOATING, INTERPRETED, block_size, checked, constexpr, device_function, jit, require, scalars, tl, tl_core, tl_max,
     tl_sum,
@@ -34,9 +35,11 @@ TILE = 4096 if INTERPRETED else 1024
 
 
 @device_function
-def _constrain(f, cell, inside, x, y, CONSTRAINT: tl.constexpr):
-    """g from the parameters held in registers (the gauss mean in slots 0 and 1), zero off the grid.
-    The Gaussian is a softmax of its log-density, as caffast.core.constraints.gaussian_filter computes it."""
+def _constrain(f, cell, inside, x, y, z, CONSTRAINT: tl.constexpr):
+    """g from the parameters held in registers (the gauss mean in slots 0, 1 and, on a (D, H, W) grid,
+    2), zero off the grid.  The Gaussian is a softmax of its log-density, as
+    caffast.core.constraints.gaussian_filter computes it; on an (H, W) grid z and slot 2 are 0, so the
+    depth term adds an exact 0."""
     if CONSTRAINT == "l2norm":
         g, _ = sphere(f)
     else:
@@ -45,7 +48,8 @@ def _constrain(f, cell, inside, x, y, CONSTRAINT: tl.constexpr):
         else:
             dx = x - tl_sum(tl.where(cell == 0, f, 0.0), axis=0)
             dy = y - tl_sum(tl.where(cell == 1, f, 0.0), axis=0)
-            logits = -0.5 * (dy * dy + dx * dx)
+            dz = z - tl_sum(tl.where(cell == 2, f, 0.0), axis=0)
+            logits = -0.5 * (dz * dz + dy * dy + dx * dx)
         logits = tl.where(inside, logits, float("-inf"))
         e = tl.where(inside, tl.exp(logits - tl_max(logits, axis=0)), 0.0)
         g = e / tl_sum(e, axis=0)
@@ -53,7 +57,7 @@ def _constrain(f, cell, inside, x, y, CONSTRAINT: tl.constexpr):
 
 
 @device_function
-def _constrain_backward(f, g, grad_g, cell, x, y, CONSTRAINT: tl.constexpr):
+def _constrain_backward(f, g, grad_g, cell, x, y, z, CONSTRAINT: tl.constexpr):
     """The chain rule from g back to the parameters."""
     if CONSTRAINT == "l2norm":
         grad_f = sphere_grad(f, grad_g)
@@ -63,7 +67,8 @@ def _constrain_backward(f, g, grad_g, cell, x, y, CONSTRAINT: tl.constexpr):
         weight = g * grad_g
         grad_x = tl_sum(weight * (x - tl_sum(g * x, axis=0)), axis=0)
         grad_y = tl_sum(weight * (y - tl_sum(g * y, axis=0)), axis=0)
-        grad_f = tl.where(cell == 0, grad_x, tl.where(cell == 1, grad_y, 0.0))
+        grad_z = tl_sum(weight * (z - tl_sum(g * z, axis=0)), axis=0)
+        grad_f = tl.where(cell == 0, grad_x, tl.where(cell == 1, grad_y, tl.where(cell == 2, grad_z, 0.0)))
     return grad_f
 
 
@@ -79,25 +84,6 @@ def _column(z, cell, columns, ONE_TILE: tl.constexpr):
 
 
 @device_function
-def _negative_cells(g, cell, SIGNS: tl.constexpr):
-    """The cells that use part 1 (g < 0) after a ReLU; none for a plain head (S = 1)."""
-    negative = cell < 0
-    if SIGNS == 2:
-        negative = ~(g >= 0)
-    return negative
-
-
-@device_function
-def _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS: tl.constexpr):
-    """FT for the classes `ks` (a block; -inf past the last class): sum_j M[s_j, k, j] g_j / HW + b_k."""
-    present = ks < class_count
-    tile = tl.load(products + (part[None, :] * class_count + ks[:, None]) * CELLS + cell[None, :],
-                   mask=present[:, None] & inside[None, :], other=0.0)  # fmt: skip
-    logits = tl_sum(tile * g[None, :], axis=1) / CELLS + tl.load(bias + ks, mask=present, other=0.0)
-    return tl.where(present, logits, float("-inf")), tile
-
-
-@device_function
 def _log_softmax_objective(g, cell, inside, negative, products, bias, target, class_count, zero,
                            CELLS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """-log softmax(FT)_t and its gradient, the K classes read BLOCK_K at a time: a first pass for
@@ -109,7 +95,7 @@ def _log_softmax_objective(g, cell, inside, negative, products, bias, target, cl
     chosen = zero
     for start in range(0, class_count, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        logits, _ = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        logits, _ = head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
         new_largest = tl.maximum(largest, tl_max(logits, axis=0))
         total = total * tl.exp(largest - new_largest) + tl_sum(tl.exp(logits - new_largest), axis=0)
         largest = new_largest
@@ -118,22 +104,22 @@ def _log_softmax_objective(g, cell, inside, negative, products, bias, target, cl
     grad = tl.full(g.shape, 0, g.dtype)
     for start in range(0, class_count, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        logits, tile = _head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
+        logits, tile = head_logits(g, cell, inside, part, products, bias, ks, class_count, CELLS)
         weight = tl.exp(logits - log_total) - tl.where(ks == target, 1.0, 0.0)
-        grad += tl_sum(tile * weight[:, None], axis=0)
+        grad += head_gradient(tile, weight)
     return log_total - chosen, grad / CELLS
 
 
 @device_function
 def _fused_objective(g, cell, inside, gram, linear, constant, classes, CELLS: tl.constexpr, SIGNS: tl.constexpr,
                      MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """Loss and gradient in g of one problem (caffast.core.heads.FusedProblem, closed form).
+    """Loss and gradient in g of one problem (caffast.core.problems.FusedProblem, closed form).
 
     gram and linear point at this problem's Grams (S, S, HW, HW) and linear terms (S, HW). The
     oblivious loss is z . G z / (K HW^2), z = [g+ - 1, g-]; the Grams are read BLOCK_R columns at a
     time, so only a (HW x BLOCK_R) tile per block is live, whatever HW is.
     """
-    negative = _negative_cells(g, cell, SIGNS)
+    negative = negative_cells(g, cell, SIGNS)
     if MODE == "specific":
         grad = tl.load(linear + tl.where(negative, CELLS, 0) + cell, mask=inside, other=0.0) / CELLS
         loss = tl_sum(g * grad, axis=0) + constant
@@ -167,21 +153,25 @@ _LR, _MIN_ERROR, _MAX_ITER, _CHECK_EVERY, _CLASSES, _PREVIOUS, _NAN, _ZERO, _ONE
 @jit
 def kernel(
     gram, linear, constant, image, products, bias, targets, class_count, params, iterations, losses, settings,
-    HEIGHT: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, SIGNS: tl.constexpr, MODE: tl.constexpr,
-    CONSTRAINT: tl.constexpr, OPTIMIZER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    coordinates, HEIGHT: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, SIGNS: tl.constexpr,
+    MODE: tl.constexpr, CONSTRAINT: tl.constexpr, OPTIMIZER: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Program p runs problem p's loop to its end, the parameters and Adam's moments in registers.
 
-    Loop counters are floats of the compute dtype (exact integers): loop-carried values must be
-    tensors from the start, and no int-to-float conversion is then needed.
+    The grid is HEIGHT x WIDTH cells (a (D, H, W) grid comes flattened, as D * H x W);
+    `coordinates` (3, HEIGHT * WIDTH) holds each cell's centred column, row and slice, which the
+    Gaussian reads.  Loop counters are floats of the compute dtype (exact integers): loop-carried
+    values must be tensors from the start, and no int-to-float conversion is then needed.
     """
     p = tl.program_id(0).to(tl.int64)
     CELLS: tl.constexpr = HEIGHT * WIDTH
     cell = tl.arange(0, BLOCK_N)
     inside = cell < CELLS
     zero = tl.load(settings + _ZERO)
-    x = (cell % WIDTH) + zero - (WIDTH - 1) / 2
-    y = (cell // WIDTH) + zero - (HEIGHT - 1) / 2
+    x = tl.load(coordinates + cell, mask=inside, other=0.0)
+    y = tl.load(coordinates + CELLS + cell, mask=inside, other=0.0)
+    z = tl.load(coordinates + 2 * CELLS + cell, mask=inside, other=0.0)
     lr = tl.load(settings + _LR)
     min_error = tl.load(settings + _MIN_ERROR)
     total = tl.load(settings + _MAX_ITER)
@@ -204,17 +194,17 @@ def kernel(
     until_check = zero  # iterations left before the next check
     running = step == zero
     while running & (step < total):
-        g = _constrain(f, cell, inside, x, y, CONSTRAINT)
+        g = _constrain(f, cell, inside, x, y, z, CONSTRAINT)
         if MODE == "log_softmax":
             loss, grad_g = _log_softmax_objective(
-                g, cell, inside, _negative_cells(g, cell, SIGNS), products, bias, target, class_count, zero, CELLS,
+                g, cell, inside, negative_cells(g, cell, SIGNS), products, bias, target, class_count, zero, CELLS,
                 BLOCK_R,
             )  # fmt: skip
         else:
             loss, grad_g = _fused_objective(
                 g, cell, inside, gram, linear, constant, classes, CELLS, SIGNS, MODE, BLOCK_N, BLOCK_R
             )
-        grad_f = _constrain_backward(f, g, grad_g, cell, x, y, CONSTRAINT)
+        grad_f = _constrain_backward(f, g, grad_g, cell, x, y, z, CONSTRAINT)
         beta1_power = beta1_power * _BETA1
         beta2_power = beta2_power * _BETA2
         lr_t = scheduled_lr(lr, step, total)
@@ -228,6 +218,17 @@ def kernel(
     tl.store(params + p * DIM + cell, f, mask=cell < DIM)
     tl.store(iterations + p, step.to(tl.int64))
     tl.store(losses + p, last_loss)
+
+
+def centred_coordinates(grid: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(3, cells): the column, row and slice (0 on an (H, W) grid) of every cell, row-major, each
+    centred on the grid as caffast.core.constraints.gaussian_filter centres them."""
+    *depth, height, width = grid
+    cell = torch.arange(math.prod(grid), device=device)
+    column = (cell % width).double() - (width - 1) / 2
+    row = (cell // width % height).double() - (height - 1) / 2
+    slice_ = (cell // (width * height)).double() - (depth[0] - 1) / 2 if depth else torch.zeros_like(column)
+    return torch.stack([column, row, slice_]).to(dtype)
 
 
 def _part_count(tensor: Any, name: str, dims: int) -> int:
@@ -250,7 +251,7 @@ def warps(block_n: int) -> int:
 
 
 def solve_fused(
-    head: FusedHead, constraint: ConstraintLike, params: torch.Tensor, settings: LoopSettings
+    head: FusedHead, constraint: Constraint, params: torch.Tensor, settings: LoopSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the whole reference loop for P fused-head problems in one launch (docs/design.md, 'The fused head').
 
@@ -267,7 +268,6 @@ def solve_fused(
     optimizer, max_iter, check_every = settings.optimizer, settings.max_iter, settings.check_every
     lr, min_error = settings.lr, settings.min_error
     check_choice("mode", mode, MODES)
-    constraint = as_constraint(constraint)
     check_choice("optimizer", optimizer, COMPILED_OPTIMIZERS)
     if check_every < 1:
         raise ValueError(f"check_every must be at least 1, got {check_every}")
@@ -275,8 +275,7 @@ def solve_fused(
         raise TypeError(f"params must be a torch.Tensor, got {type(params).__name__}")
     device, dtype = params.device, params.dtype
     require(device)
-    height, width = grid
-    cells = height * width
+    cells = math.prod(grid)
     problems = params.shape[0]
     dim = math.prod(constraint.parameter_shape(grid))
     params = checked(params, "params", FLOATING, (problems, dim), device)
@@ -320,7 +319,8 @@ def solve_fused(
     block_n, block_r = tiles(cells)
     kernel[(problems,)](
         gram, linear, constant, image, products, bias, targets, classes, result, iterations, loss, settings,
-        HEIGHT=height, WIDTH=width, DIM=dim, SIGNS=signs, MODE=mode, CONSTRAINT=constraint.name, OPTIMIZER=optimizer,
-        BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps(block_n),
+        centred_coordinates(grid, dtype, device), HEIGHT=cells // grid[-1], WIDTH=grid[-1], DIM=dim, SIGNS=signs,
+        MODE=mode, CONSTRAINT=constraint.name, OPTIMIZER=optimizer, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=warps(block_n),
     )  # fmt: skip
     return result, iterations, loss

@@ -1,10 +1,12 @@
-"""The Hadamard filter: features (P, C, H, W) * f / ||f|| with f (P, H, W), and its gradient in f.
+"""The Hadamard filter: features (P, C, *grid) * f / ||f|| with f (P, *grid), and its gradient in f;
+the grid is (H, W), or (D, H, W) on clips and volumes, and the kernels see only its cells.
 
-The generic tail's filter multiply; its twin is caffast.backends.torch.hadamard.hadamard_torch.
+The generic tail's filter multiply; its plain PyTorch twin is in tests/backends/test_triton.py.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -51,39 +53,46 @@ def _hadamard_blocks(cells: int) -> tuple[int, int]:
     return max(1, 4096 // block_hw), block_hw
 
 
-def hadamard_forward(features: torch.Tensor, filter: torch.Tensor) -> torch.Tensor:
-    """features (P, C, H, W) * filter (P, H, W) / ||filter||, the norm per problem over H, W."""
+def _feature_maps(features: torch.Tensor) -> torch.Tensor:
+    """The features checked: (P, C, H, W) or (P, C, D, H, W)."""
     require(features.device)
     features = checked(features, "features", FLOATING, features.shape, features.device)
-    if features.dim() != 4:
-        raise ValueError(f"features must be (P, C, H, W), got shape {tuple(features.shape)}")
-    problems, channels, height, width = features.shape
-    filter = checked(filter, "filter", (features.dtype,), (problems, height, width), features.device)
+    if features.dim() not in (4, 5):
+        raise ValueError(f"features must be (P, C, H, W) or (P, C, D, H, W), got shape {tuple(features.shape)}")
+    return features
+
+
+def hadamard_forward(features: torch.Tensor, filter: torch.Tensor) -> torch.Tensor:
+    """features (P, C, *grid) * filter (P, *grid) / ||filter||, the norm per problem over the grid."""
+    features = _feature_maps(features)
+    problems, channels, *grid = features.shape
+    filter = checked(filter, "filter", (features.dtype,), (problems, *grid), features.device)
     out = torch.empty_like(features)
-    block_c, block_hw = _hadamard_blocks(height * width)
-    grid = (problems, triton.cdiv(channels, block_c))
-    forward_kernel[grid](features, filter, out, channels, height * width, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    cells = math.prod(grid)
+    block_c, block_hw = _hadamard_blocks(cells)
+    launch = (problems, triton.cdiv(channels, block_c))
+    forward_kernel[launch](features, filter, out, channels, cells, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out
 
 
 def hadamard_backward(features: torch.Tensor, filter: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """The gradient of hadamard_forward with respect to the filter, (P, H, W)."""
-    require(features.device)
-    features = checked(features, "features", FLOATING, features.shape, features.device)
-    problems, channels, height, width = features.shape
-    filter = checked(filter, "filter", (features.dtype,), (problems, height, width), features.device)
+    """The gradient of hadamard_forward with respect to the filter, (P, *grid)."""
+    features = _feature_maps(features)
+    problems, channels, *grid = features.shape
+    filter = checked(filter, "filter", (features.dtype,), (problems, *grid), features.device)
     grad_out = checked(grad_out, "grad_out", (features.dtype,), features.shape, features.device)
     grad_filter = torch.empty_like(filter)
-    block_c, block_hw = _hadamard_blocks(height * width)
+    cells = math.prod(grid)
+    block_c, block_hw = _hadamard_blocks(cells)
     backward_kernel[(problems,)](
-        features, filter, grad_out, grad_filter, channels, height * width, BLOCK_C=block_c, BLOCK_HW=block_hw
+        features, filter, grad_out, grad_filter, channels, cells, BLOCK_C=block_c, BLOCK_HW=block_hw
     )
     return grad_filter
 
 
 class Hadamard(torch.autograd.Function):
-    """features * F.normalize(filter over H, W), differentiable in the filter only: the features are
-    the captured breakpoint activations, which L2-CAF never trains."""
+    """features * F.normalize(filter over its grid), differentiable in the filter only: the features
+    are the captured breakpoint activations, which L2-CAF never trains."""
 
     @staticmethod
     def forward(ctx: Any, features: torch.Tensor, filter: torch.Tensor) -> torch.Tensor:

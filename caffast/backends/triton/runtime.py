@@ -109,15 +109,6 @@ def checked(
     return tensor.contiguous()
 
 
-def in_place(
-    tensor: Any, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
-    """checked for a tensor the kernel updates: it must be dense already, as a copy would drop the update."""
-    if checked(tensor, name, dtypes, shape, device) is not tensor:
-        raise ValueError(f"{name} is updated in place and must be contiguous; call .contiguous() first")
-    return tensor
-
-
 def block_size(count: int, least: int = 1) -> int:
     return max(triton.next_power_of_2(max(count, 1)), least)
 

@@ -211,3 +211,44 @@ def test_the_compiled_bundle_qp_refuses_an_empty_bundle():
         pytest.skip(f"caffast._C is not built: {cpp.import_error()}")
     with pytest.raises(ValueError, match="at least one cut"):
         cpp.bundle_qp(np.zeros((2, 0, 0)), np.zeros((2, 0)), np.ones(2), np.zeros((2, 0), dtype=bool), 5)
+
+
+class Recorder:
+    """A Problem that keeps every loss it evaluated, problem by problem, in evaluation order."""
+
+    def __init__(self, problem, count: int):
+        self.problem = problem
+        self.losses = [[] for _ in range(count)]
+
+    def loss_and_grad(self, params, active):
+        loss, grad = self.problem.loss_and_grad(params, active)
+        for index, value in zip(active.tolist(), loss.tolist()):
+            self.losses[index].append(value)
+        return loss, grad
+
+
+def stalled(losses: list, window: int, tolerance: float) -> bool:
+    """Whether the lowest loss fell by at most `tolerance` times its fall since the start over the
+    last `window` evaluations (the loss side of the stall test, written afresh)."""
+    lowest = np.minimum.accumulate(losses)
+    fall = lowest[0] - lowest[-1]
+    return len(losses) > window and fall > 0 and lowest[-1 - window] - lowest[-1] <= tolerance * fall
+
+
+@pytest.mark.parametrize("mode", ["oblivious", "specific"])
+def test_fast_returns_the_lowest_point_it_evaluated_and_stops_when_it_stalls(mode):
+    model = make_model(7)
+    images = torch.randn(4, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    problem, start, kind = _problem(model, images, "block1", mode, "l2norm")
+    recorder = Recorder(problem, images.shape[0])
+    window, tolerance, budget = 3, 1e-2, 60
+    result = fast_minimize(recorder, start, kind, max_evaluations=budget, stall_window=window,
+                           stall_tolerance=tolerance)  # fmt: skip
+    loss, _ = problem.loss_and_grad(result.params, torch.arange(images.shape[0]))
+    torch.testing.assert_close(loss, result.loss, rtol=1e-12, atol=1e-12)
+    for index, losses in enumerate(recorder.losses):
+        assert result.evaluations[index] == len(losses) <= budget
+        assert result.loss[index] == min(losses)
+        # these problems neither converge nor run out of model: each ends on a stall or at the budget
+        assert stalled(losses, window, tolerance) or len(losses) == budget, f"problem {index} stopped early"
+    assert (result.evaluations < budget).any()  # the rule was exercised

@@ -152,14 +152,18 @@ def check_path_length(
         )
 
 
+def temporary_name() -> str:
+    """A new random name of the kind `remove_temporaries` deletes and nothing reads."""
+    return f"{TEMPORARY_PREFIX}{os.urandom(TEMPORARY_RANDOM // 2).hex()}{TEMPORARY_SUFFIX}"
+
+
 def _create_temporary(folder: Path) -> tuple[int, str]:
     """A new temporary file in `folder`, open for writing: (descriptor, path).  Created with mode 0666,
     so the system applies the umask as to any new file (mkstemp's 0600 would need a chmod, and reading
     the umask, for every file)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
-        name = f"{TEMPORARY_PREFIX}{os.urandom(TEMPORARY_RANDOM // 2).hex()}{TEMPORARY_SUFFIX}"
-        temporary = os.path.join(folder, name)
+        temporary = os.path.join(folder, temporary_name())
         try:
             return os.open(temporary, flags, 0o666), temporary
         except FileExistsError:  # taken (one in four billion): another name
@@ -198,8 +202,13 @@ def write_text(path: PathLike, text: str, durable: bool = True) -> None:
     write_atomically(path, lambda file: file.write(text.encode("utf-8")), durable)
 
 
+def json_text(value: Any) -> str:
+    """A JSON file's text as write_json writes it."""
+    return json.dumps(value, indent=1, sort_keys=True) + "\n"
+
+
 def write_json(path: PathLike, value: Any, durable: bool = True) -> None:
-    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n", durable)
+    write_text(path, json_text(value), durable)
 
 
 def write_npz(path: PathLike, arrays: dict[str, np.ndarray], durable: bool = True) -> None:

@@ -9,8 +9,8 @@ which costs about what one fsync does where one fsync per file would cost millis
 writer leaves at most a hidden ``.caffast-*.tmp`` file (a short name, so any destination name that
 fits fits its temporary too), which `remove_temporaries` deletes and nothing ever reads.  A path
 longer than the system opens is refused before anything is written (PathTooLong), with the fix in
-its message.  Files get the permissions the umask gives a new file (0644 under the usual 022), not
-the temporary's private 0600.  An OSError names the file.
+its message.  Files get the permissions the umask gives a new file (0644 under the usual 022): the
+temporary is created with them.  An OSError names the file.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
@@ -33,23 +33,11 @@ PATH_MAX = 4096  # bytes in a path the system opens, its final NUL included (Lin
 NAME_HASH_CHARACTERS = 16
 TEMPORARY_PREFIX = ".caffast-"
 TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_RANDOM = 8  # hexadecimal characters between them
 
 PathLike = Union[str, os.PathLike]
 # the time stamp of every member of an .npz, so equal arrays give equal bytes
 NPZ_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-def _umask() -> int:
-    try:  # Linux says it without changing it
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o077)  # elsewhere it can only be read by setting it: briefly the strictest one
-    os.umask(umask)
-    return umask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -153,7 +141,7 @@ def check_path_length(
     that each fit NAME_MAX), before anything is written, with `fix` in the message; the temporary
     written beside the file must fit too."""
     encoded = os.fsencode(path)
-    temporary = len(TEMPORARY_PREFIX) + 8 + len(TEMPORARY_SUFFIX)  # mkstemp's random part is 8 characters
+    temporary = len(TEMPORARY_PREFIX) + TEMPORARY_RANDOM + len(TEMPORARY_SUFFIX)
     longest = len(encoded) + max(temporary - len(os.fsencode(os.path.basename(path))), 0)
     limit = path_limit(path)
     if longest >= limit:
@@ -164,6 +152,24 @@ def check_path_length(
         )
 
 
+def temporary_name() -> str:
+    """A new random name of the kind `remove_temporaries` deletes and nothing reads."""
+    return f"{TEMPORARY_PREFIX}{os.urandom(TEMPORARY_RANDOM // 2).hex()}{TEMPORARY_SUFFIX}"
+
+
+def _create_temporary(folder: Path) -> tuple[int, str]:
+    """A new temporary file in `folder`, open for writing: (descriptor, path).  Created with mode 0666,
+    so the system applies the umask as to any new file (mkstemp's 0600 would need a chmod, and reading
+    the umask, for every file)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temporary = os.path.join(folder, temporary_name())
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:  # taken (one in four billion): another name
+            continue
+
+
 def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any], durable: bool = True) -> None:
     """Create or replace `path` with what `write(file)` writes to a binary file object.  `durable`:
     on the disk before this returns (fsync), so that it outlives a crash of the machine too; a file
@@ -172,9 +178,8 @@ def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any], durable: 
     check_path_length(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
+    descriptor, temporary = _create_temporary(path.parent)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
@@ -197,20 +202,25 @@ def write_text(path: PathLike, text: str, durable: bool = True) -> None:
     write_atomically(path, lambda file: file.write(text.encode("utf-8")), durable)
 
 
+def json_text(value: Any) -> str:
+    """A JSON file's text as write_json writes it."""
+    return json.dumps(value, indent=1, sort_keys=True) + "\n"
+
+
 def write_json(path: PathLike, value: Any, durable: bool = True) -> None:
-    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n", durable)
+    write_text(path, json_text(value), durable)
 
 
 def write_npz(path: PathLike, arrays: dict[str, np.ndarray], durable: bool = True) -> None:
-    """What np.savez writes, with fixed time stamps: the same arrays give the same bytes."""
-
-    def write(file: BinaryIO) -> None:
-        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, array in arrays.items():
-                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_TIME), "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-
-    write_atomically(path, write, durable)
+    """What np.savez writes, with fixed time stamps: the same arrays give the same bytes.  The archive
+    is put together in memory and written at once: zipfile's many small writes and seeks on the file
+    cost more than the arrays of a map."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_TIME), "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    write_atomically(path, lambda file: file.write(buffer.getbuffer()), durable)
 
 
 def is_temporary(name: str) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -43,7 +44,10 @@ import numpy as np
 
 from ..core.settings import complete_record
 from ..models.zoo import file_sha256
-from .atomic import fitting_name, make_durable, remove_temporaries, write_atomically, write_json, write_npz, write_text
+from .atomic import (
+    check_path_length, fitting_name, json_text, make_durable, remove_temporaries, temporary_name, write_atomically,
+    write_json, write_npz, write_text,
+)  # fmt: skip
 
 try:
     import fcntl
@@ -171,6 +175,7 @@ class RunFolder:
         self.arrays = RESULT_ARRAYS + tuple(extra_arrays)  # a result file lacking one is broken (a baseline's maps)
         self.unsynced: list[Path] = []  # outputs written since the last commit, not yet durable
         self.uncommitted: dict[str, dict[str, Any]] = {}  # image: its record, written by the next commit
+        self.spare_marker: Optional[Path] = None  # the reading marker between two reads (`reading`)
 
     def result_path(self, image: str) -> Path:
         return self.root / "results" / _output_name(image, ".npz")
@@ -314,18 +319,23 @@ class RunFolder:
         return None if now["sha256"] == source.get("sha256") else "the image file changed since it was explained"
 
     def _check_outputs(self, image: str, rows: list[dict[str, Any]]) -> Optional[str]:
+        """What is wrong with the result and overlay files of a finished image's `rows`, or None.  Every
+        array of the result is read whole, which checks its CRC; only the targets are parsed (np.load
+        parsing each array cost more than reading it)."""
         result = self.result_path(image)
         try:
-            with np.load(result, allow_pickle=False) as arrays:
-                missing = [name for name in self.arrays if name not in arrays.files]
+            with zipfile.ZipFile(io.BytesIO(result.read_bytes())) as archive:  # zipfile reads in small pieces
+                members = set(archive.namelist())
+                missing = [name for name in self.arrays if f"{name}.npy" not in members]
                 if missing:
                     return f"its result file {self.relative(result)} lacks {', '.join(missing)}"
-                loaded = {name: arrays[name] for name in self.arrays}  # reads every array: a CRC check
+                stored = {name: archive.read(f"{name}.npy") for name in self.arrays}
+            targets = np.lib.format.read_array(io.BytesIO(stored["targets"]), allow_pickle=False)
         except FileNotFoundError:
             return f"its result file {self.relative(result)} is missing"
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             return f"its result file {self.relative(result)} does not load ({error})"
-        if loaded["targets"].tolist() != [row.get("target") for row in rows]:
+        if targets.tolist() != [row.get("target") for row in rows]:
             return f"its result file {self.relative(result)} holds other targets than its record"
         for row in rows:
             for kind in ("overlay", "overlay_gif"):
@@ -397,12 +407,38 @@ class RunFolder:
         """Mark `image` as being read while the block runs: only a process killed in the block (out of
         memory, or kill -9) leaves the marker, which counts the attempts so far.  The marker is not
         fsynced: a kill leaves it in the page cache, and a crash of the machine, which loses it, is no
-        fault of the image."""
-        write_json(self.reading_path(image), {"image": image, "attempts": self.killed_reads(image) + 1}, durable=False)
+        fault of the image.
+
+        One file serves as the marker of every read, under a temporary's name between two reads (which
+        nothing reads and a claim removes; `end_reads` removes it): it is written there, then renamed to
+        the image's marker, and back after the read.  Creating a file, or emptying one, costs more than
+        reading a small image on some disks; renaming one costs little."""
+        path = self.reading_path(image)
+        check_path_length(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker = json_text({"image": image, "attempts": self.killed_reads(image) + 1})
+        spare = self.spare_marker = self.spare_marker or self.root / "records" / temporary_name()
+        descriptor = os.open(spare, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(descriptor, "wb") as file:  # no O_TRUNC: emptying a file first costs more than the write
+            file.write(marker.encode("utf-8"))
+            file.truncate()  # after the marker: the end of a longer one before
+        os.replace(spare, path)
+        self.spare_marker = None
         try:
             yield
         finally:
-            self.reading_path(image).unlink(missing_ok=True)
+            try:
+                os.replace(path, spare)
+                self.spare_marker = spare
+            except FileNotFoundError:  # removed meanwhile: the next read makes another
+                pass
+
+    def end_reads(self) -> None:
+        """Remove the marker file kept between reads (`reading`); call it when no more images are read."""
+        if self.spare_marker is not None:
+            with contextlib.suppress(OSError):  # a temporary: the next claim removes it
+                self.spare_marker.unlink(missing_ok=True)
+            self.spare_marker = None
 
     def read_index(self) -> list[dict[str, Any]]:
         """The rows of index.jsonl, as the last run wrote it."""

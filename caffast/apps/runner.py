@@ -355,13 +355,16 @@ class Runner:
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:
         """Commit when the block ends, also on an error or a signal: the files written so far are
-        whole and need not be redone.  A commit that fails then leaves the error that ended the block."""
+        whole and need not be redone.  A commit that fails then leaves the error that ended the block.
+        No image is read after it: the reading marker's file goes too."""
         try:
             yield
         except BaseException:
             with contextlib.suppress(CliError):
                 self.commit()
             raise
+        finally:
+            self.folder.end_reads()
         self.commit()
 
     def _report(self) -> None:

@@ -3,6 +3,7 @@ caffast.core.settings)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -17,7 +18,8 @@ Targets = Union[None, Target, Sequence[Target], Sequence[Sequence[Target]], torc
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
+    """The device of the model's first parameter or buffer (found without listing them all)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_meta:
             raise ValueError(
                 "the model is on the meta device: its weights have no values; build it on a real device, "

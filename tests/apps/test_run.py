@@ -706,7 +706,7 @@ def test_an_image_that_killed_the_process_twice_while_it_was_read_fails(dataset,
 
     monkeypatch.setattr(runner, "read_input", read_and_look)
     assert main(_run_args(data, out, "--max-iter", "2")) == 0
-    assert marks == {"a.png": 1, "b.png": 1} and not list(out.rglob("*.reading"))
+    assert marks == {"a.png": 1, "b.png": 1} and not list(out.rglob("*.reading")) and not list(out.rglob("*.tmp"))
     for kills, status in ((1, "done"), (2, "failed")):
         shutil.rmtree(out / "records")  # as a process killed while it read both images leaves the folder
         for name in ("a.png", "b.png"):

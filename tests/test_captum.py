@@ -152,7 +152,7 @@ def test_two_inputs_and_additional_forward_args_are_matched_per_example(images):
 
 def test_a_single_additional_argument_and_the_image_second(images):
     model = ImageAndSide().eval()
-    side = torch.randn(3, 2)
+    side = torch.randn(3, 2, generator=torch.Generator().manual_seed(5))
 
     def side_first(side, image, scale):
         return model(image, side, None, scale)
@@ -162,7 +162,8 @@ def test_a_single_additional_argument_and_the_image_second(images):
     for row in range(3):
         one = OneImage(model, side[row : row + 1], None, 3.0)
         expected = caffast.explain(one, images[row : row + 1], model.features, mode="specific", loss="logit", targets=[2], **FAST)
-        torch.testing.assert_close(maps[row : row + 1], expected.maps, rtol=0, atol=1e-6)
+        # a batch of three and one image alone round float32 sums differently
+        torch.testing.assert_close(maps[row : row + 1], expected.maps, rtol=0, atol=1e-5)
 
 
 def test_a_batch_is_one_explain_call(images, monkeypatch):
